@@ -1,0 +1,274 @@
+"""
+Speed of this implementation against Hugging Face transformers, side by side in one process, on the
+same random weights (converted from the Hugging Face models with weights.py's rules).
+
+    python bench.py                            # paper sizes on CUDA, bf16 autocast: the README's table
+    python bench.py --device cpu --preset tiny # a smoke run in seconds
+
+Three measurements:
+1. stage 2 training step: 64 precomputed 512-d text embeddings -> mapping network -> 10-vector prefix +
+   mBART-50, source 32 tokens, target 32 tokens, fused AdamW step included. Hugging Face's side is
+   MBartForConditionalGeneration (sdpa) fed the same prefix through `decoder_inputs_embeds` (with its
+   own causal mask: the same work up to the prefix mask).
+2. beam search, 5 beams, 128 sources of 20 tokens, exactly 32 new tokens (min = max = 32).
+3. the frozen towers: XLM-R large + mean pooling on 256 sentences of 32 tokens; ViT-B/32 on 256 images.
+Prints one table (ratios: Hugging Face time / our time, higher is better) and writes the figures to JSON.
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+
+import torch
+
+import weights
+from cliptrans import CLIPTrans, CLIPTransConfig, TextTower, VisionTower
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
+
+
+def hf_models(cfg: CLIPTransConfig):
+    """Hugging Face models with the sizes of `cfg`, randomly initialised (transformers' own init)."""
+    import transformers as tf
+    m, t, v = cfg.mbart, cfg.text, cfg.vision
+    mbart = tf.MBartForConditionalGeneration(tf.MBartConfig(
+        vocab_size=m.vocab_size, d_model=m.d_model, encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
+        encoder_attention_heads=m.heads, decoder_attention_heads=m.heads, encoder_ffn_dim=m.ffn,
+        decoder_ffn_dim=m.ffn, max_position_embeddings=m.max_positions, dropout=m.dropout, attention_dropout=0.0,
+        activation_dropout=0.0, activation_function="gelu", scale_embedding=m.scale_embedding, pad_token_id=m.pad_id,
+        bos_token_id=m.bos_id, eos_token_id=m.eos_id, decoder_start_token_id=m.decoder_start_id,
+        forced_eos_token_id=m.eos_id, attn_implementation="sdpa"))
+    xlmr = tf.XLMRobertaModel(tf.XLMRobertaConfig(
+        vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers, num_attention_heads=t.heads,
+        intermediate_size=t.mlp, max_position_embeddings=t.max_positions, type_vocab_size=t.type_vocab_size,
+        pad_token_id=t.pad_id, layer_norm_eps=t.eps, attn_implementation="sdpa"), add_pooling_layer=False)
+    head = torch.nn.Linear(t.width, t.embed_dim)  # M-CLIP's LinearTransformation
+    vision = tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(
+        hidden_size=v.width, num_hidden_layers=v.layers, num_attention_heads=v.heads, intermediate_size=v.mlp,
+        image_size=v.image_size, patch_size=v.patch_size, projection_dim=v.embed_dim, hidden_act="quick_gelu",
+        layer_norm_eps=v.eps, attn_implementation="sdpa"))
+    return mbart, xlmr, head, vision
+
+
+def convert_from_hf(model, mbart, xlmr, head, vision):
+    """Copy the Hugging Face weights into our model with the converter's own rules."""
+    state = {}
+    state.update(weights.convert(mbart.state_dict(), weights.MBART_RULES, _shapes(model, "mbart."), "hf mbart"))
+    mclip = {f"transformer.{k}": v for k, v in xlmr.state_dict().items()}
+    mclip.update({f"LinearTransformation.{k}": v for k, v in head.state_dict().items()})
+    state.update(weights.convert(mclip, weights.MCLIP_RULES, _shapes(model, "text."), "hf xlmr"))
+    state.update(weights.convert(vision.state_dict(), weights.CLIP_RULES, _shapes(model, "vision."), "hf clip"))
+    state.update({f"mapping.{k}": v for k, v in model.mapping.state_dict().items()})
+    model.load_state_dict(state)
+
+
+def _shapes(model, prefix):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+def timed(fn, device, iters, warmup=2):
+    """Median wall time of fn() in seconds, synchronising the GPU around each call."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory(device, fn):
+    if device != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def train_flops(cfg, B, S, T, n_labels):
+    """Model FLOPs of one training step (forward + backward = 3 x forward), matmuls and attention only."""
+    m, P = cfg.mbart, cfg.mapping.prefix_len
+    d, f = m.d_model, m.ffn
+    enc = B * S * m.encoder_layers * 2 * (4 * d * d + 2 * d * f) + B * m.encoder_layers * 4 * S * S * d
+    dec = B * T * m.decoder_layers * 2 * (6 * d * d + 2 * d * f)  # self q,k,v,out + cross q,out + MLP
+    dec += B * S * m.decoder_layers * 2 * 2 * d * d  # cross-attention keys and values of the source
+    dec += B * m.decoder_layers * 4 * (T * T + T * S) * d
+    head = 2 * n_labels * d * m.vocab_size + 2 * B * cfg.vision.embed_dim * P * d
+    return 3 * (enc + dec + head)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="paper", choices=["paper", "tiny"])
+    p.add_argument("--iters", type=int, default=None, help="timed repetitions (default: 10 on CUDA, 2 on CPU)")
+    p.add_argument("--only", default="towers,generate,train", help="comma-separated subset")
+    p.add_argument("--out", default="bench.json")
+    a = p.parse_args()
+    dev, iters = a.device, a.iters or (10 if a.device == "cuda" else 2)
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else nullcontext()
+    torch.manual_seed(0)
+    cfg = CLIPTransConfig.preset(a.preset)
+    # Small shapes on CPU keep the smoke run to seconds; the paper's shapes on CUDA.
+    small = dev == "cpu"
+    TB, TS, TT = (4, 12, 12) if small else (64, 32, 32)  # training batch, source and target lengths
+    GB, GS, GN = (4, 10, 8) if small else (128, 20, 32)  # generation batch, source length, new tokens
+    XB = 8 if small else 256  # tower batch
+
+    mbart_hf, xlmr_hf, head_hf, vision_hf = hf_models(cfg)
+    ours = CLIPTrans(cfg)
+    convert_from_hf(ours, mbart_hf, xlmr_hf, head_hf, vision_hf)
+    for module in (mbart_hf, xlmr_hf, head_hf, vision_hf, ours):
+        module.to(dev).eval()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    V, lang = cfg.mbart.vocab_size, cfg.mbart.vocab_size - 48
+    rand_ids = lambda B, T: torch.randint(4, V - 60, (B, T), generator=g)  # noqa: E731
+    rows, results = [], {"device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu",
+                         "torch": torch.__version__, "preset": a.preset}
+    import transformers
+    results["transformers"] = transformers.__version__
+
+    def row(name, hf_s, ours_s, unit_count, unit, **extra):
+        rows.append((name, hf_s * 1e3, ours_s * 1e3, unit_count / hf_s, unit_count / ours_s, hf_s / ours_s, unit))
+        results[name] = {"hf_ms": hf_s * 1e3, "ours_ms": ours_s * 1e3, f"hf_{unit}_per_s": unit_count / hf_s,
+                         f"ours_{unit}_per_s": unit_count / ours_s, "speedup": hf_s / ours_s, **extra}
+        print(f"{name}: {results[name]}", flush=True)
+
+    only = set(a.only.split(","))
+    # ---------------------------------------------------------------- 3. towers (inference)
+    if "towers" in only:
+        ids = rand_ids(XB, 32)
+        ids[:, 0], ids[:, -1] = 0, 2
+        mask = torch.ones_like(ids)
+        ids, mask = ids.to(dev), mask.to(dev)
+        size = cfg.vision.image_size
+        pixels = torch.randn(XB, 3, size, size, generator=g).to(dev)
+        with torch.no_grad(), amp:
+            def hf_text():
+                h = xlmr_hf(input_ids=ids, attention_mask=mask).last_hidden_state
+                m = mask.unsqueeze(-1).to(h.dtype)
+                return head_hf((h * m).sum(1) / m.sum(1))
+            diff = (hf_text().float() - ours.encode_text(ids, mask).float()).abs().max().item()
+            row("text tower (XLM-R + pooling)", timed(hf_text, dev, iters), timed(lambda: ours.encode_text(ids, mask),
+                dev, iters), XB, "sentences", max_abs_diff=diff)
+            hf_img = lambda: vision_hf(pixel_values=pixels).image_embeds  # noqa: E731
+            diff = (hf_img().float() - ours.encode_image(pixels).float()).abs().max().item()
+            row("image tower (ViT)", timed(hf_img, dev, iters), timed(lambda: ours.encode_image(pixels), dev, iters),
+                XB, "images", max_abs_diff=diff)
+    for module in (xlmr_hf, head_hf, vision_hf):
+        module.cpu()
+    ours.text, ours.vision = ours.text.cpu(), ours.vision.cpu()  # frozen towers: features are precomputed
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- 2. beam search
+    if "generate" in only:
+        src = rand_ids(GB, GS)
+        src[:, 0], src[:, -1] = V - 51, 2
+        src, src_mask = src.to(dev), torch.ones(GB, GS, dtype=torch.long, device=dev)
+        mbart_hf.eval(), ours.eval()
+        args = dict(num_beams=5, max_new_tokens=GN, min_new_tokens=GN, forced_bos_token_id=lang, length_penalty=1.0,
+                    early_stopping=True)
+        with torch.no_grad(), amp:
+            hf_gen = lambda: mbart_hf.generate(input_ids=src, attention_mask=src_mask, do_sample=False, **args)  # noqa
+            ours_gen = lambda: ours.mbart.generate(src, src_mask, **args)  # noqa: E731
+            a_hf, a_ours = hf_gen(), ours_gen()
+            same = (a_hf == a_ours).float().mean().item() if a_hf.shape == a_ours.shape else 0.0
+            assert a_ours.shape == (GB, GN + 1), a_ours.shape
+            row("beam-5 generation (mBART)", timed(hf_gen, dev, max(2, iters // 3)),
+                timed(ours_gen, dev, max(2, iters // 3)), GB, "sentences", same_tokens_bf16=same)
+            clip = torch.randn(GB, cfg.text.embed_dim, generator=g).to(dev)
+            t = timed(lambda: ours.generate(clip, src, src_mask, lang, num_beams=5, max_new_tokens=GN,
+                                            min_new_tokens=GN), dev, max(2, iters // 3))
+            results["beam-5 generation (CLIPTrans, prefix)"] = {"ours_ms": t * 1e3, "ours_sentences_per_s": GB / t}
+
+    # ---------------------------------------------------------------- 1. stage 2 training step
+    if "train" in only:
+        src = rand_ids(TB, TS)
+        src[:, 0], src[:, -1] = V - 51, 2
+        tgt = rand_ids(TB, TT)
+        tgt[:, 0], tgt[:, -1] = lang, 2
+        src, tgt = src.to(dev), tgt.to(dev)
+        src_mask = torch.ones_like(src)
+        clip = torch.randn(TB, cfg.text.embed_dim, generator=g).to(dev)
+        mapping_hf = type(ours.mapping)(cfg.mapping, cfg.text.embed_dim, cfg.mbart.d_model).to(dev)
+        mapping_hf.load_state_dict(ours.mapping.state_dict())
+
+        _, labels = ours.decoder_inputs(clip, tgt)  # the same layout for both
+
+        def hf_loss():
+            tok = mbart_hf.model.shared(torch.cat([torch.full_like(tgt[:, :1], 2), tgt[:, :-1]], 1))  # scaled
+            embeds = torch.cat([tok[:, :1], mapping_hf(clip).to(tok.dtype), tok[:, 1:]], 1)
+            return mbart_hf(input_ids=src, attention_mask=src_mask, decoder_inputs_embeds=embeds, labels=labels).loss
+
+        ours_loss = lambda: ours(clip, src, src_mask, tgt)  # noqa: E731
+        with torch.no_grad(), amp:  # same weights, no dropout: the two losses agree
+            mbart_hf.eval(), ours.eval()
+            loss_diff = abs(hf_loss().item() - ours_loss().item())
+
+        def trainer(params, loss_fn, modules):
+            opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0,
+                                    fused=dev == "cuda")
+            for mod in modules:
+                mod.train()
+
+            def step():
+                with amp:
+                    loss = loss_fn()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return step, opt
+
+        n_labels = TB * TT  # <lang> y1 .. </s>: every target token is predicted once
+        flops = train_flops(cfg, TB, TS, 1 + cfg.mapping.prefix_len + TT - 1, n_labels)
+        peak = next((v for k, v in PEAK_BF16.items() if k in results["device"]), None)
+
+        ours.mbart.cpu(), ours.mapping.cpu()  # one model on the GPU at a time: peak memory is its own
+        hf_step, hf_opt = trainer(list(mbart_hf.parameters()) + list(mapping_hf.parameters()), hf_loss,
+                                  [mbart_hf, mapping_hf])
+        hf_mem = peak_memory(dev, lambda: [hf_step() for _ in range(2)])
+        hf_t = timed(hf_step, dev, iters)
+        del hf_opt, hf_step
+        mbart_hf.cpu(), mapping_hf.cpu()
+        ours.mbart.to(dev), ours.mapping.to(dev)
+        ours_step, ours_opt = trainer(list(ours.mbart.parameters()) + list(ours.mapping.parameters()), ours_loss,
+                                      [ours])
+        ours_mem = peak_memory(dev, lambda: [ours_step() for _ in range(2)])
+        ours_t = timed(ours_step, dev, iters)
+        mfu = (lambda t: None if peak is None else flops / t / peak)
+        row("stage 2 training step", hf_t, ours_t, TB, "sentences", hf_peak_gib=hf_mem, ours_peak_gib=ours_mem,
+            hf_mfu=mfu(hf_t), ours_mfu=mfu(ours_t), model_tflop_per_step=flops / 1e12,
+            first_loss_abs_diff=loss_diff)
+
+    print(f"\n{results['device']}, torch {results['torch']}, transformers {results['transformers']}, "
+          f"preset {a.preset}, {'bf16 autocast' if dev == 'cuda' else 'fp32'}")
+    print(f"{'':32s} {'HF ms':>9s} {'ours ms':>9s} {'HF /s':>9s} {'ours /s':>9s} {'speed-up':>9s}")
+    for name, hf_ms, ours_ms, hf_rate, ours_rate, ratio, unit in rows:
+        print(f"{name:32s} {hf_ms:9.1f} {ours_ms:9.1f} {hf_rate:9.0f} {ours_rate:9.0f} {ratio:8.2f}x  ({unit})")
+    for name, r in results.items():
+        if isinstance(r, dict):
+            extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
+                     if not k.startswith(("hf_ms", "ours_ms", "speedup")) and "per_s" not in k}
+            if extra:
+                print(f"  {name}: {extra}")
+    with open(a.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

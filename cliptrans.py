@@ -1,0 +1,647 @@
+"""
+CLIPTrans in one file of pure PyTorch.
+
+Gupta, Mittal, Shreyas, Bhatt, Goyal, "CLIPTrans: Transferring Visual Knowledge with Pre-trained Models
+for Multimodal Machine Translation", ICCV 2023 (arXiv 2308.15226).
+
+    image  --CLIP ViT-B/32------\
+                                 >-- 512-d vector --mapping network--> 10 prefix vectors --> mBART-50 decoder
+    source --M-CLIP (XLM-R)-----/                                                              ^
+    source --------------------------------------------------------------> mBART-50 encoder --/
+
+"We use M-CLIP ... whose text and image encoders share one embedding space": stage 1 (captioning)
+trains the mapping network and the mBART decoder from the image embedding; stage 2 (translation) swaps
+the image tower for the text tower, so no image is needed at test time.
+
+Everything here is written from scratch and matches the Hugging Face models number for number:
+- image tower:  transformers/models/clip/modeling_clip.py   (CLIPModel.get_image_features)
+- text tower:   transformers/models/xlm_roberta/modeling_xlm_roberta.py + multilingual_clip's mean pooling
+- translation:  transformers/models/mbart/modeling_mbart.py (MBartForConditionalGeneration)
+- search:       transformers/generation/utils.py            (greedy and beam search)
+
+Weights come from `weights.py` (`python weights.py --help`); training from `train.py`.
+"""
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Configuration. The `paper` preset has the exact sizes of the public checkpoints; weights.py reads the
+# sizes from the Hugging Face configs and checks them against these classes, never assumes them.
+
+
+@dataclass
+class VisionConfig:
+    """OpenAI CLIP ViT (image tower). Defaults: ViT-B/32."""
+    image_size: int = 224
+    patch_size: int = 32
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp: int = 3072
+    embed_dim: int = 512  # the shared CLIP space
+    eps: float = 1e-5
+
+
+@dataclass
+class TextConfig:
+    """M-CLIP text tower: XLM-R (post-LN BERT) + mean pooling + a linear map into the CLIP space."""
+    vocab_size: int = 250002
+    width: int = 1024
+    layers: int = 24
+    heads: int = 16
+    mlp: int = 4096
+    max_positions: int = 514  # includes the 2 rows skipped by padding-aware position ids
+    type_vocab_size: int = 1
+    pad_id: int = 1
+    embed_dim: int = 512
+    dropout: float = 0.1
+    eps: float = 1e-5  # the XLM-R config says 1e-12 by default; the checkpoint uses 1e-5
+
+
+@dataclass
+class MBartConfig:
+    """mBART-50 encoder-decoder. Defaults: facebook/mbart-large-50."""
+    vocab_size: int = 250054
+    d_model: int = 1024
+    encoder_layers: int = 12
+    decoder_layers: int = 12
+    heads: int = 16
+    ffn: int = 4096
+    max_positions: int = 1024  # the position table has 2 more rows (fairseq's offset)
+    dropout: float = 0.1
+    scale_embedding: bool = True  # token embeddings * sqrt(d_model)
+    pad_id: int = 1
+    bos_id: int = 0
+    eos_id: int = 2
+    decoder_start_id: int = 2  # mBART starts decoding from </s>
+    eps: float = 1e-5
+
+
+@dataclass
+class MappingConfig:
+    """The mapping network: one CLIP vector -> `prefix_len` vectors of the decoder's width."""
+    kind: str = "mlp"  # "mlp" (the paper's default), "hidden_mlp" or "transformer"
+    prefix_len: int = 10
+
+
+@dataclass
+class CLIPTransConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    mbart: MBartConfig = field(default_factory=MBartConfig)
+    mapping: MappingConfig = field(default_factory=MappingConfig)
+
+    @classmethod
+    def preset(cls, name):
+        if name == "paper":  # mbart-large-50, XLM-R large + 512 projection, ViT-B/32
+            return cls()
+        if name == "tiny":  # trains on a CPU in minutes; the vocabulary size comes from the tokenizer
+            return cls(
+                vision=VisionConfig(image_size=32, patch_size=4, width=64, layers=2, heads=4, mlp=256, embed_dim=64),
+                text=TextConfig(vocab_size=1024, width=64, layers=2, heads=4, mlp=256, max_positions=66, embed_dim=64),
+                mbart=MBartConfig(vocab_size=1024, d_model=128, encoder_layers=2, decoder_layers=2, heads=4,
+                                  ffn=512, max_positions=128),
+                mapping=MappingConfig(kind="mlp", prefix_len=10),
+            )
+        raise ValueError(f"unknown preset {name!r}: expected 'paper' or 'tiny'")
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]),
+                   mbart=MBartConfig(**d["mbart"]), mapping=MappingConfig(**d["mapping"]))
+
+
+# -----------------------------------------------------------------------------
+# Building blocks shared by all four networks.
+
+ACTIVATIONS = {
+    "gelu": F.gelu,  # exact erf GELU (mBART, XLM-R)
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # OpenAI CLIP
+    "relu": F.relu,  # the transformer mapping network (nn.TransformerEncoderLayer's default)
+}
+
+
+class KVCache:
+    """Keys and values of one attention layer, kept between decoding steps.
+
+    Self-attention: a buffer (B, H, max_len, Dh) allocated once and filled step by step, so a decoding
+    step neither re-allocates nor copies the past. Cross-attention (max_len=None): the encoder's keys
+    and values, computed at the first step and reused for the whole sentence.
+    """
+
+    def __init__(self, max_len=None):
+        self.max_len, self.k, self.v, self.len = max_len, None, None, 0
+
+    def append(self, k, v):  # k, v: (B, H, T, Dh)
+        if self.k is None:
+            B, H, _, Dh = k.shape
+            self.k = k.new_empty(B, H, self.max_len, Dh)
+            self.v = v.new_empty(B, H, self.max_len, Dh)
+        end = self.len + k.shape[2]
+        self.k[:, :, self.len:end] = k
+        self.v[:, :, self.len:end] = v
+        self.len = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index):  # beam search: row i continues the hypothesis of row index[i]
+        if self.max_len is not None and self.k is not None:
+            self.k[:, :, :self.len] = self.k[index, :, :self.len]
+            self.v[:, :, :self.len] = self.v[index, :, :self.len]
+
+
+class Attention(nn.Module):
+    """Multi-head attention for all uses: self-attention (q, k, v from x), cross-attention (q from x,
+    k and v from `memory`), with or without a KV cache. The q, k, v projections are fused into one
+    (3C, C) matrix: self-attention does one matmul instead of three, cross-attention slices it."""
+
+    def __init__(self, dim, heads, bias=True, dropout=0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x, memory=None, mask=None, causal=False, cache=None):
+        # x: (B, T, C); memory: (B, S, C) for cross-attention; mask: bool, True = may attend, broadcast to (B, H, T, S)
+        B, T, C = x.shape
+        H = self.heads
+        if memory is None:
+            q, k, v = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+            if cache is not None:
+                k, v = cache.append(k, v)  # (B, H, past + T, Dh)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[:C], None if b is None else b[:C]).view(B, T, H, C // H).transpose(1, 2)
+            if cache is not None and cache.k is not None:
+                k, v = cache.k, cache.v
+            else:
+                S = memory.shape[1]
+                kv = F.linear(memory, w[C:], None if b is None else b[C:])
+                k, v = kv.view(B, S, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, Dh)
+                if cache is not None:
+                    cache.k, cache.v = k, v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, act):
+        super().__init__()
+        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), ACTIVATIONS[act]
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """A transformer layer. Pre-LN (`x + f(ln(x))`: CLIP, mBART) or post-LN (`ln(x + f(x))`: XLM-R, the
+    transformer mapping network); with a cross-attention sub-layer in the mBART decoder."""
+
+    def __init__(self, dim, heads, mlp, act, pre_norm=True, cross=False, dropout=0.0, attn_dropout=0.0, eps=1e-5):
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.attn, self.ln_attn = Attention(dim, heads, dropout=attn_dropout), nn.LayerNorm(dim, eps=eps)
+        if cross:
+            self.cross, self.ln_cross = Attention(dim, heads, dropout=attn_dropout), nn.LayerNorm(dim, eps=eps)
+        self.mlp, self.ln_mlp = MLP(dim, mlp, act), nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def residual(self, x, ln, f):
+        if self.pre_norm:
+            return x + self.drop(f(ln(x)))
+        return ln(x + self.drop(f(x)))
+
+    def forward(self, x, mask=None, causal=False, memory=None, memory_mask=None, cache=None):
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+        x = self.residual(x, self.ln_attn, lambda h: self.attn(h, mask=mask, causal=causal, cache=self_cache))
+        if memory is not None:
+            x = self.residual(x, self.ln_cross, lambda h: self.cross(h, memory, mask=memory_mask, cache=cross_cache))
+        return self.residual(x, self.ln_mlp, self.mlp)
+
+
+def key_padding_mask(attention_mask):
+    """(B, S) with 1 for tokens, 0 for padding -> bool (B, 1, 1, S) for SDPA (True = may attend)."""
+    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+
+
+# -----------------------------------------------------------------------------
+# The frozen towers of (M-)CLIP.
+
+
+class VisionTower(nn.Module):
+    """CLIP ViT: patches + CLS + positions -> pre-LN transformer -> LayerNorm of the CLS token -> projection.
+    Output = `CLIPModel.get_image_features` (512-d for ViT-B/32, not normalised)."""
+
+    def __init__(self, c: VisionConfig):
+        super().__init__()
+        n_patches = (c.image_size // c.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, c.width, c.patch_size, stride=c.patch_size, bias=False)
+        self.cls = nn.Parameter(torch.zeros(c.width))
+        self.pos = nn.Parameter(torch.zeros(n_patches + 1, c.width))
+        self.ln_pre = nn.LayerNorm(c.width, eps=c.eps)
+        self.blocks = nn.ModuleList(Block(c.width, c.heads, c.mlp, "quick_gelu", eps=c.eps) for _ in range(c.layers))
+        self.ln_post = nn.LayerNorm(c.width, eps=c.eps)
+        self.proj = nn.Linear(c.width, c.embed_dim, bias=False)
+
+    def forward(self, pixel_values):  # (B, 3, H, W), CLIP-normalised
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], dim=1) + self.pos  # (B, 1 + N, C)
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj(self.ln_post(x[:, 0]))  # (B, embed_dim): only the CLS token is pooled
+
+
+class TextTower(nn.Module):
+    """M-CLIP's text encoder: XLM-R -> mean over real tokens -> Linear into the CLIP space."""
+
+    def __init__(self, c: TextConfig):
+        super().__init__()
+        self.pad_id = c.pad_id
+        self.tok_embed = nn.Embedding(c.vocab_size, c.width)
+        self.pos_embed = nn.Embedding(c.max_positions, c.width)
+        self.type_embed = nn.Embedding(c.type_vocab_size, c.width)  # one type: a learned constant
+        self.ln_embed = nn.LayerNorm(c.width, eps=c.eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.width, c.heads, c.mlp, "gelu", pre_norm=False, dropout=c.dropout, attn_dropout=c.dropout, eps=c.eps)
+            for _ in range(c.layers))
+        self.proj = nn.Linear(c.width, c.embed_dim)
+
+    def forward(self, input_ids, attention_mask):  # (B, T) each, `<s> x </s>` right-padded
+        # Padding-aware positions as in fairseq: real tokens count up from pad_id + 1, padding sits at pad_id.
+        real = (input_ids != self.pad_id).long()
+        positions = torch.cumsum(real, dim=1) * real + self.pad_id
+        x = self.tok_embed(input_ids) + self.pos_embed(positions) + self.type_embed.weight[0]
+        x = self.drop(self.ln_embed(x))
+        mask = key_padding_mask(attention_mask)
+        for block in self.blocks:
+            x = block(x, mask=mask)
+        m = attention_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        pooled = (x * m).sum(1) / m.sum(1)  # (B, C): mean over real tokens, as multilingual_clip does
+        return self.proj(pooled)
+
+
+# -----------------------------------------------------------------------------
+# mBART-50.
+
+
+class Embeddings(nn.Module):
+    """Token embeddings (scaled by sqrt(d)) or given vectors, + learned positions, + LayerNorm, + dropout."""
+
+    def __init__(self, c: MBartConfig):
+        super().__init__()
+        self.pos_embed = nn.Embedding(c.max_positions + 2, c.d_model)  # fairseq offset: position p is row p + 2
+        self.ln_embed = nn.LayerNorm(c.d_model, eps=c.eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.max_positions = c.max_positions
+
+    def forward(self, x, start=0):  # x: (B, T, d) already scaled; start: positions already in the cache
+        T = x.shape[1]
+        if start + T > self.max_positions:
+            raise ValueError(f"sequence of {start + T} positions exceeds mBART's {self.max_positions}: "
+                             f"shorten the input or lower max_new_tokens")
+        return self.drop(self.ln_embed(x + self.pos_embed.weight[start + 2:start + 2 + T]))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: MBartConfig):
+        super().__init__()
+        self.embed = Embeddings(c)
+        self.layers = nn.ModuleList(Block(c.d_model, c.heads, c.ffn, "gelu", dropout=c.dropout, eps=c.eps)
+                                    for _ in range(c.encoder_layers))
+        self.ln_final = nn.LayerNorm(c.d_model, eps=c.eps)
+
+    def forward(self, x, attention_mask=None):  # x: (B, S, d) scaled token embeddings
+        x = self.embed(x)
+        mask = key_padding_mask(attention_mask)
+        for layer in self.layers:
+            x = layer(x, mask=mask)
+        return self.ln_final(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: MBartConfig):
+        super().__init__()
+        self.embed = Embeddings(c)
+        self.layers = nn.ModuleList(Block(c.d_model, c.heads, c.ffn, "gelu", cross=True, dropout=c.dropout, eps=c.eps)
+                                    for _ in range(c.decoder_layers))
+        self.ln_final = nn.LayerNorm(c.d_model, eps=c.eps)
+
+    def forward(self, x, memory, memory_mask=None, mask=None, cache=None):
+        # x: (B, T, d) decoder input vectors; mask: (T, T) bool, or None for plain causal attention.
+        # With a cache, x holds only the new positions and they may see every cached one (mask=None, causal=False).
+        start = 0 if cache is None else cache[0][0].len
+        x = self.embed(x, start)
+        memory_mask = key_padding_mask(memory_mask)
+        causal = mask is None and start == 0 and x.shape[1] > 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask,
+                      cache=None if cache is None else cache[i])
+        return self.ln_final(x)
+
+    def new_cache(self, max_len):
+        return [(KVCache(max_len), KVCache()) for _ in self.layers]
+
+
+class MBart(nn.Module):
+    """mBART-50: pre-LN encoder-decoder with a shared, tied vocabulary. `forward` = the logits of
+    `MBartForConditionalGeneration`; `generate` = its greedy and beam search."""
+
+    def __init__(self, c: MBartConfig):
+        super().__init__()
+        self.config = c
+        self.embed_scale = math.sqrt(c.d_model) if c.scale_embedding else 1.0
+        self.shared = nn.Embedding(c.vocab_size, c.d_model)  # encoder input, decoder input and output projection
+        self.encoder, self.decoder = Encoder(c), Decoder(c)
+        self.register_buffer("final_logits_bias", torch.zeros(c.vocab_size))
+
+    def embed_tokens(self, ids):  # (B, T) -> (B, T, d)
+        return self.shared(ids) * self.embed_scale
+
+    def encode(self, input_ids, attention_mask=None):  # (B, S) -> (B, S, d)
+        return self.encoder(self.embed_tokens(input_ids), attention_mask)
+
+    def logits(self, h):  # (..., d) -> (..., V): the output projection is the token embedding itself
+        return F.linear(h, self.shared.weight, self.final_logits_bias)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids):  # -> (B, T, V)
+        memory = self.encode(input_ids, attention_mask)
+        return self.logits(self.decoder(self.embed_tokens(decoder_input_ids), memory, attention_mask))
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, num_beams=5, max_new_tokens=60, forced_bos_token_id=None,
+                 **search_args):
+        """mBART alone, with Hugging Face's semantics: returns (B, 1 + n) = [decoder start, tokens...], padded."""
+        memory = self.encode(input_ids, attention_mask)
+        start = torch.full((input_ids.shape[0], 1), self.config.decoder_start_id, device=input_ids.device)
+        tokens = search(self, memory, attention_mask, self.embed_tokens(start), None, num_beams=num_beams,
+                        max_new_tokens=max_new_tokens, forced_bos_token_id=forced_bos_token_id, **search_args)
+        return torch.cat([start, tokens], dim=1)
+
+
+# -----------------------------------------------------------------------------
+# Decoding: greedy and beam search, Hugging Face's algorithm, with a static KV cache and no host sync per step.
+
+
+def _force(scores, token):  # every row may produce only `token`
+    forced = torch.full_like(scores, -math.inf)
+    forced[:, token] = 0.0
+    return forced
+
+
+@torch.no_grad()
+def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new_tokens=60, min_new_tokens=0,
+           forced_bos_token_id=None, forced_eos=True, length_penalty=1.0, early_stopping=True, check_every=4):
+    """Continue the decoder prompt `prompt` (B, P, d) (already embedded: `</s>` for mBART, `</s> P1..P10` for
+    CLIPTrans; `prompt_mask` its (P, P) self-attention mask or None) by up to `max_new_tokens` tokens.
+
+    Follows transformers' generation loop step for step: the forced first token (target language) and the
+    forced `</s>` at the last step replace the whole distribution (log-probability 0); finished beams score
+    `sum log p / n ** length_penalty` with n the number of generated tokens; `early_stopping` True, False
+    (its heuristic) or "never". The stopping test needs the GPU's answer, so it runs every `check_every`
+    steps only: steps taken after every sentence has finished change nothing (finished sentences are masked).
+    Returns the new tokens (B, n), padded with pad_id after `</s>`."""
+    c = mbart.config
+    B, P, _ = prompt.shape
+    nb, dev = num_beams, prompt.device
+    # Each sentence gets nb rows: (B * nb, ...) with the beams of a sentence next to each other.
+    memory = memory.repeat_interleave(nb, dim=0)
+    memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(nb, dim=0)
+    cache = mbart.decoder.new_cache(P + max_new_tokens)
+    h = mbart.decoder(prompt.repeat_interleave(nb, dim=0), memory, memory_mask, mask=prompt_mask, cache=cache)
+    h = h[:, -1]  # (B * nb, d): only the last position predicts the next token
+
+    # The output projection, cast once for the whole search and padded to a multiple of 64 rows: 250054 is
+    # not a multiple of 8, and misaligned logits rows keep the GPU's matrix units off their fast kernels.
+    # The padding logits are -inf: they are never chosen and add nothing to a softmax.
+    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else mbart.shared.weight.dtype
+    V = c.vocab_size
+    weight = F.pad(mbart.shared.weight.to(dtype), (0, 0, 0, -V % 64))
+    bias = F.pad(mbart.final_logits_bias.to(dtype), (0, -V % 64), value=-math.inf)
+
+    def logits_at(step, h):
+        """(B * nb, d) -> fp32 logits with transformers' processors applied, and the log-normaliser to
+        subtract from them (log-softmax = logits - logsumexp; a forced token has log-probability 0)."""
+        logits = F.linear(h.to(dtype), weight, bias).float()  # (B * nb, V + pad)
+        lse = torch.logsumexp(logits, -1, keepdim=True) if nb > 1 else 0.0
+        if step < min_new_tokens:
+            logits[:, c.eos_id] = -math.inf
+        if step == 0 and forced_bos_token_id is not None:
+            logits, lse = _force(logits, forced_bos_token_id), 0.0
+        if step == max_new_tokens - 1 and forced_eos:
+            logits, lse = _force(logits, c.eos_id), 0.0
+        return logits, lse
+
+    def step_decoder(tokens):  # (B * nb,) -> (B * nb, d)
+        return mbart.decoder(mbart.embed_tokens(tokens[:, None]), memory, memory_mask, cache=cache)[:, -1]
+
+    if nb == 1:  # greedy
+        out = torch.full((B, max_new_tokens), c.pad_id, dtype=torch.long, device=dev)
+        running = torch.ones(B, dtype=torch.bool, device=dev)
+        for step in range(max_new_tokens):
+            tok = logits_at(step, h)[0].argmax(-1)
+            tok = torch.where(running, tok, c.pad_id)  # finished sentences emit padding
+            out[:, step] = tok
+            running = running & (tok != c.eos_id)
+            if step + 1 < max_new_tokens:
+                if (step + 1) % check_every == 0 and not running.any():
+                    break
+                h = step_decoder(tok)
+        # Hugging Face stops when every sentence has ended: the output is as long as the longest sentence.
+        ended = out == c.eos_id
+        lengths = torch.where(ended.any(1), ended.int().argmax(1) + 1, max_new_tokens)
+        return out[:, :int(lengths.max())]
+
+    # Beam search. Running beams (B, nb) and finished hypotheses (B, nb), all in static tensors.
+    k = 2 * nb  # keep 2 nb candidates so nb survive even if nb of them just ended
+    seqs = torch.full((B, nb, max_new_tokens), c.pad_id, dtype=torch.long, device=dev)
+    run_scores = torch.zeros(B, nb, device=dev)
+    run_scores[:, 1:] = -1e9  # at the first step all beams are equal: expand only the first
+    fin_seqs = seqs.clone()
+    fin_scores = torch.full((B, nb), -1e9, device=dev)
+    fin_lens = torch.zeros(B, nb, dtype=torch.long, device=dev)
+    fin_done = torch.zeros(B, nb, dtype=torch.bool, device=dev)
+    open_ = torch.ones(B, 1, dtype=torch.bool, device=dev)  # could a running beam still beat a finished one?
+    top_nb = torch.arange(k, device=dev) < nb
+    rows = torch.arange(B, device=dev)[:, None] * nb
+    for step in range(max_new_tokens):
+        # The 2 nb best of all nb x V continuations are among the 2 nb best of each beam: a top-k per beam,
+        # then over the nb x 2 nb survivors (the same set as transformers' top-k over nb x V, far cheaper).
+        logits, lse = logits_at(step, h)
+        top_logits, top_tok = torch.topk(logits, k)  # (B * nb, 2 nb)
+        scores = (top_logits - lse).view(B, nb, k) + run_scores[:, :, None]  # log-probabilities of whole sequences
+        cand_scores, cand = torch.topk(scores.view(B, nb * k), k)  # (B, 2 nb)
+        cand_beam, cand_tok = cand // k, torch.take_along_dim(top_tok.view(B, nb * k), cand, dim=1)
+        cand_seqs = torch.take_along_dim(seqs, cand_beam[:, :, None], dim=1)
+        cand_seqs[:, :, step] = cand_tok
+        ended = (cand_tok == c.eos_id) | (step == max_new_tokens - 1)  # (B, 2 nb)
+
+        # The nb best candidates that did not end continue.
+        alive = cand_scores + ended.float() * -1e9
+        keep = torch.topk(alive, nb)[1]
+        seqs = torch.take_along_dim(cand_seqs, keep[:, :, None], dim=1)
+        run_scores = torch.take_along_dim(alive, keep, dim=1)
+        parent = torch.take_along_dim(cand_beam, keep, dim=1)
+
+        # Candidates among the top nb that ended compete with the finished hypotheses.
+        just_ended = ended & top_nb[None, :]
+        new = cand_scores / ((step + 1) ** length_penalty)
+        new = new + (fin_done.all(-1, keepdim=True) & (early_stopping is True)).float() * -1e9
+        new = new + (~open_).float() * -1e9
+        new = new + (~just_ended) * -1e9
+        merged = torch.cat([fin_scores, new], dim=1)
+        best = torch.topk(merged, nb)[1]
+        fin_scores = torch.take_along_dim(merged, best, dim=1)
+        fin_seqs = torch.take_along_dim(torch.cat([fin_seqs, cand_seqs], 1), best[:, :, None], dim=1)
+        fin_lens = torch.take_along_dim(torch.cat([fin_lens, torch.full_like(cand_tok, step + 1)], 1), best, dim=1)
+        fin_done = torch.take_along_dim(torch.cat([fin_done, just_ended], 1), best, dim=1)
+
+        # transformers' stopping heuristic (early_stopping=False) or its exact bound ("never").
+        n = max_new_tokens if (early_stopping == "never" and length_penalty > 0) else step + 1
+        best_possible = run_scores[:, :1] / (n ** length_penalty)
+        worst = torch.where(fin_done, fin_scores.min(1, keepdim=True)[0], -1e9)
+        open_ = open_ & (best_possible > worst).any(-1, keepdim=True)
+
+        if step + 1 < max_new_tokens:
+            if (step + 1) % check_every == 0:
+                done = ~open_.any() | (fin_done.all() & (early_stopping is True))
+                if done:
+                    break
+            for layer_cache in cache:
+                layer_cache[0].reorder((rows + parent).view(-1))
+            h = step_decoder(seqs[:, :, step].reshape(-1))
+    out = fin_seqs[:, 0]  # the best finished hypothesis of each sentence
+    out = torch.where(torch.arange(max_new_tokens, device=dev) < fin_lens[:, :1], out, c.pad_id)
+    return out[:, :int(fin_lens[:, 0].max())]
+
+
+# -----------------------------------------------------------------------------
+# The mapping network and CLIPTrans.
+
+
+class MappingNetwork(nn.Module):
+    """One CLIP vector (B, D) -> the prefix (B, prefix_len, d_model). "A lightweight mapping network
+    ... projects the CLIP embedding into a sequence of prefix embeddings." Variants of the official code:
+    mlp: Linear(D, P d) + PReLU; hidden_mlp: Linear(D, d), ReLU, Linear(d, P d), PReLU;
+    transformer: Linear(D, P d) then one post-LN transformer layer (2 heads, ffn d // 3, ReLU)."""
+
+    def __init__(self, c: MappingConfig, clip_dim, d_model):
+        super().__init__()
+        self.kind, self.prefix_len, self.d_model = c.kind, c.prefix_len, d_model
+        P = c.prefix_len
+        if c.kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(clip_dim, P * d_model), nn.PReLU())
+        elif c.kind == "hidden_mlp":
+            self.net = nn.Sequential(nn.Linear(clip_dim, d_model), nn.ReLU(), nn.Linear(d_model, P * d_model), nn.PReLU())
+        elif c.kind == "transformer":
+            self.net = nn.Linear(clip_dim, P * d_model)
+            self.block = Block(d_model, 2, d_model // 3, "relu", pre_norm=False, dropout=0.1, attn_dropout=0.1)
+        else:
+            raise ValueError(f"unknown mapping network {c.kind!r}: expected 'mlp', 'hidden_mlp' or 'transformer'")
+
+    def forward(self, clip_embeds):  # (B, D) -> (B, P, d)
+        dtype = next(self.parameters()).dtype
+        prefix = self.net(clip_embeds.to(dtype)).view(-1, self.prefix_len, self.d_model)
+        return self.block(prefix) if self.kind == "transformer" else prefix
+
+
+def init_weights(module):
+    """Fresh weights for what no checkpoint provides (the mapping network, the tiny preset): N(0, 0.02) as in
+    mBART and BERT, LayerNorms at identity, PReLU at its default slope 0.25."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+    elif isinstance(module, VisionTower):
+        nn.init.normal_(module.cls, std=0.02)
+        nn.init.normal_(module.pos, std=0.02)
+
+
+def prefix_mask(prefix_len, length, device=None):
+    """Decoder self-attention mask for `</s> P1..Pp <lang> y1..yn` (True = may attend), (length, length).
+    Causal, except that the prefix is bidirectional: every prefix vector sees all the others.
+    Position 0 (`</s>`) sees only itself; every later position sees the whole prefix."""
+    i = torch.arange(length, device=device)
+    in_prefix = (i >= 1) & (i <= prefix_len)
+    return (i[None, :] <= i[:, None]) | (in_prefix[:, None] & in_prefix[None, :])
+
+
+class CLIPTrans(nn.Module):
+    """The two towers, the mapping network and mBART-50.
+
+    Decoder layout, the same for training and generation:
+
+        input:  </s>      P1 .. P10   <lang>  y1 .. yn
+        label:  <lang>    -100 x 10   y1      y2 .. </s>
+
+    The official code generates from `P1..P10 </s>` although it trains on the layout above; here one
+    layout serves both, so generation continues exactly the sequences training saw.
+    The prefix vectors are not scaled by sqrt(d) (token embeddings are); positions are added to all."""
+
+    def __init__(self, config: CLIPTransConfig):
+        super().__init__()
+        if config.vision.embed_dim != config.text.embed_dim:
+            raise ValueError(f"the towers must share one space: image {config.vision.embed_dim}-d, "
+                             f"text {config.text.embed_dim}-d")
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.text = TextTower(config.text)
+        self.mapping = MappingNetwork(config.mapping, config.vision.embed_dim, config.mbart.d_model)
+        self.mbart = MBart(config.mbart)
+        self.apply(init_weights)
+
+    def encode_image(self, pixel_values):  # (B, 3, H, W) -> (B, D)
+        return self.vision(pixel_values)
+
+    def encode_text(self, input_ids, attention_mask):  # (B, T) `<s> x </s>` -> (B, D)
+        return self.text(input_ids, attention_mask)
+
+    def decoder_inputs(self, clip_embeds, targets):
+        """clip_embeds (B, D); targets (B, L) = `<lang> y1..yn </s>` right-padded.
+        Returns the decoder input vectors (B, 1 + P + L - 1, d) and the labels (B, 1 + P + L - 1)."""
+        c = self.config.mbart
+        B, P = targets.shape[0], self.config.mapping.prefix_len
+        eos = torch.full((B, 1), c.eos_id, dtype=targets.dtype, device=targets.device)
+        tokens = self.mbart.embed_tokens(torch.cat([eos, targets[:, :-1]], dim=1))  # (B, L, d): </s> <lang> y1..
+        prefix = self.mapping(clip_embeds).to(tokens.dtype)  # (B, P, d)
+        embeds = torch.cat([tokens[:, :1], prefix, tokens[:, 1:]], dim=1)
+        labels = targets.masked_fill(targets == c.pad_id, -100)
+        labels = torch.cat([labels[:, :1], labels.new_full((B, P), -100), labels[:, 1:]], dim=1)
+        return embeds, labels
+
+    def forward(self, clip_embeds, input_ids, attention_mask, targets):
+        """One training step of either stage: the mean cross-entropy over the target tokens.
+        clip_embeds (B, D): image (stage 1) or source-sentence (stage 2) embeddings;
+        input_ids / attention_mask (B, S): the encoder input (`<lang> </s>` in stage 1, the source in stage 2)."""
+        P = self.config.mapping.prefix_len
+        embeds, labels = self.decoder_inputs(clip_embeds, targets)
+        memory = self.mbart.encode(input_ids, attention_mask)
+        h = self.mbart.decoder(embeds, memory, attention_mask, mask=prefix_mask(P, embeds.shape[1], embeds.device))
+        # The vocabulary projection only where a loss can be: position 0 and the targets, not the prefix.
+        h, labels = torch.cat([h[:, :1], h[:, P + 1:]], 1), torch.cat([labels[:, :1], labels[:, P + 1:]], 1)
+        logits = self.mbart.logits(h)  # (B, L, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())  # ignores -100; fp32 under autocast
+
+    @torch.no_grad()
+    def generate(self, clip_embeds, input_ids, attention_mask, tgt_lang_id, num_beams=5, max_new_tokens=60,
+                 **search_args):
+        """Translate (stage 2) or caption (stage 1): returns the new tokens (B, n), `<lang> y1 .. </s>`, padded."""
+        c = self.config.mbart
+        B, P = clip_embeds.shape[0], self.config.mapping.prefix_len
+        memory = self.mbart.encode(input_ids, attention_mask)
+        eos = self.mbart.embed_tokens(torch.full((B, 1), c.eos_id, device=input_ids.device))
+        prompt = torch.cat([eos, self.mapping(clip_embeds).to(eos.dtype)], dim=1)  # (B, 1 + P, d): `</s> P1..P10`
+        mask = prefix_mask(P, 1 + P, prompt.device)
+        return search(self.mbart, memory, attention_mask, prompt, mask, num_beams=num_beams,
+                      max_new_tokens=max_new_tokens, forced_bos_token_id=tgt_lang_id, **search_args)

@@ -1,0 +1,358 @@
+"""Parity of cliptrans.py + weights.py with Hugging Face, on tiny random models built from explicit configs.
+
+Each Hugging Face model is saved with `save_pretrained`, converted by weights.py, loaded by weights.load and
+compared in fp32 with eager attention on the same inputs."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+import weights
+from cliptrans import CLIPTrans, CLIPTransConfig, prefix_mask
+from conftest import assert_close, hf_param_counts, mclip_reference
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir):
+    out = tmp_path_factory.mktemp("converted")
+    weights.convert_all(hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model(converted, device):
+    return weights.load(converted, device=device)
+
+
+@pytest.fixture(scope="session")
+def hf_mbart(hf_mbart_dir, device):
+    return transformers.MBartForConditionalGeneration.from_pretrained(
+        hf_mbart_dir, attn_implementation="eager", dtype=torch.float32).eval().to(device)
+
+
+@pytest.fixture(scope="session")
+def peaked_pair(tmp_path_factory, hf_mbart, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, device):
+    """mBART with large random weights (std 0.3), so that what it generates depends on its input: with a small
+    init every sentence decodes alike. Returns (Hugging Face model, ours), converted through weights.py."""
+    folder = tmp_path_factory.mktemp("peaked")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        state = {k: (torch.randn(v.shape, generator=g) * 0.3 if v.dim() == 2 else v.clone())
+                 for k, v in hf_mbart.cpu().state_dict().items()}
+    hf_mbart.to(device)
+    peaked = transformers.MBartForConditionalGeneration(hf_mbart.config)
+    peaked.load_state_dict(state, strict=False)
+    peaked.tie_weights()
+    peaked.save_pretrained(folder / "mbart")
+    weights.convert_all(folder / "mbart", hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, folder / "ours")
+    hf = transformers.MBartForConditionalGeneration.from_pretrained(
+        folder / "mbart", attn_implementation="eager", dtype=torch.float32).eval().to(device)
+    return hf, weights.load(folder / "ours", device=device)
+
+
+def padded_batch(vocab_size, lengths, pad_id=1, lang_id=None, seed=0, device="cpu"):
+    """Right-padded (B, T) ids `[lang] x </s>` (or `<s> x </s>` when lang_id is None) and their mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad_id)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        body = torch.randint(4, vocab_size - 60, (n - 2,), generator=g)  # ordinary pieces, no special tokens
+        ids[i, :n] = torch.cat([torch.tensor([0 if lang_id is None else lang_id]), body, torch.tensor([2])])
+        mask[i, :n] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ----------------------------------------------------------------------------- towers
+
+
+def test_image_embeddings_equal_hf(model, hf_clip_dir, device):
+    hf = transformers.CLIPModel.from_pretrained(hf_clip_dir, attn_implementation="eager", dtype=torch.float32)
+    hf = hf.eval().to(device)
+    size = model.config.vision.image_size
+    pixels = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        ref = hf.get_image_features(pixel_values=pixels)
+        ref = ref if torch.is_tensor(ref) else ref.pooler_output
+        assert_close(model.encode_image(pixels), ref, name="image embedding")
+
+
+def test_vision_only_folder_converts_to_the_same_tower(tmp_path, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir,
+                                                       hf_clip_vision_dir, device):
+    weights.convert_all(hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_vision_dir, tmp_path)
+    hf = transformers.CLIPVisionModelWithProjection.from_pretrained(
+        hf_clip_vision_dir, attn_implementation="eager", dtype=torch.float32).eval().to(device)
+    ours = weights.load(tmp_path, device=device)
+    size = ours.config.vision.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        assert_close(ours.encode_image(pixels), hf(pixel_values=pixels).image_embeds, name="vision-only tower")
+
+
+def test_text_embeddings_equal_mclip_on_padded_batch(model, hf_mclip, device):
+    ids, mask = padded_batch(model.config.text.vocab_size, [9, 4, 6, 3], device=device)
+    with torch.no_grad():
+        ref = mclip_reference(hf_mclip.to(device), ids, mask)
+        assert_close(model.encode_text(ids, mask), ref, name="text embedding")
+
+
+# ----------------------------------------------------------------------------- mBART
+
+
+def test_encoder_states_and_logits_equal_hf_on_padded_batch(model, hf_mbart, device):
+    V = model.config.mbart.vocab_size
+    ids, mask = padded_batch(V, [8, 5, 3], lang_id=V - 51, device=device)  # a language code, then the sentence
+    dec, _ = padded_batch(V, [7, 7, 7], lang_id=V - 48, seed=1, device=device)
+    with torch.no_grad():
+        ref_enc = hf_mbart.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        ours_enc = model.mbart.encode(ids, mask)
+        assert_close(ours_enc[mask.bool()], ref_enc[mask.bool()], name="encoder states (real tokens)")
+        ref = hf_mbart(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        assert_close(model.mbart(ids, mask, dec), ref, name="mBART logits")
+
+
+def hf_generate_with_eos_boost(hf_mbart, boost, **kw):
+    with torch.no_grad():
+        hf_mbart.final_logits_bias[0, 2] += boost
+        try:
+            return hf_mbart.generate(do_sample=False, **kw)
+        finally:
+            hf_mbart.final_logits_bias[0, 2] -= boost
+
+
+def ours_generate_with_eos_boost(model, boost, *args, **kw):
+    with torch.no_grad():
+        model.mbart.final_logits_bias[2] += boost
+        try:
+            return model.mbart.generate(*args, **kw)
+        finally:
+            model.mbart.final_logits_bias[2] -= boost
+
+
+def boost_for_varied_lengths(hf_mbart, **kw):
+    """The smallest raise of the </s> logit at which Hugging Face ends the sentences at different lengths."""
+    for boost in torch.arange(0.0, 10.0, 0.25).tolist():
+        lengths = (hf_generate_with_eos_boost(hf_mbart, boost, **kw) != 1).sum(1)
+        if len(set(lengths.tolist())) > 1:
+            return boost
+    raise AssertionError("no </s> bias makes these sentences end at different lengths")
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+@pytest.mark.parametrize("vary_lengths", [False, True])
+def test_generate_equals_hf(peaked_pair, num_beams, vary_lengths, device):
+    hf_mbart, model = peaked_pair
+    V = model.config.mbart.vocab_size
+    ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=3, device=device)
+    lang = V - 48
+    args = dict(num_beams=num_beams, max_new_tokens=12, forced_bos_token_id=lang)
+    hf_args = dict(input_ids=ids, attention_mask=mask, early_stopping=True, length_penalty=1.0, **args)
+    boost = boost_for_varied_lengths(hf_mbart, **hf_args) if vary_lengths else 0.0
+    ref = hf_generate_with_eos_boost(hf_mbart, boost, **hf_args)
+    ours = ours_generate_with_eos_boost(model, boost, ids, mask, **args)
+    assert ours[:, 1].eq(lang).all(), "the target language is forced as the first generated token"
+    assert torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
+
+
+@pytest.mark.parametrize("early_stopping,length_penalty", [(False, 1.0), ("never", 1.0), (True, 0.6), (True, 2.0)])
+def test_beam_search_options_equal_hf(peaked_pair, early_stopping, length_penalty, device):
+    hf_mbart, model = peaked_pair
+    V = model.config.mbart.vocab_size
+    ids, mask = padded_batch(V, [5, 8, 6, 9, 4], lang_id=V - 51, seed=4, device=device)
+    args = dict(num_beams=3, max_new_tokens=10, early_stopping=early_stopping, length_penalty=length_penalty)
+    boost = boost_for_varied_lengths(hf_mbart, input_ids=ids, attention_mask=mask, **args)
+    ref = hf_generate_with_eos_boost(hf_mbart, boost, input_ids=ids, attention_mask=mask, **args)
+    ours = ours_generate_with_eos_boost(model, boost, ids, mask, **args)
+    assert torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
+
+
+# ----------------------------------------------------------------------------- CLIPTrans: prefix, cache, loss
+
+
+def test_prefix_mask_matches_its_definition():
+    P, T = 3, 9
+    mask = prefix_mask(P, T)
+    for i in range(T):
+        for j in range(T):
+            if i == 0:
+                allowed = j == 0  # </s> sees only itself
+            elif 1 <= i <= P:
+                allowed = j <= P  # a prefix vector sees </s> and the whole prefix, in both directions
+            else:
+                allowed = j <= i  # causal
+            assert mask[i, j].item() == allowed, (i, j)
+
+
+def test_prefix_is_bidirectional_and_targets_causal(model, device):
+    """Perturb one input vector and see which decoder outputs move."""
+    c = model.config
+    P, d = c.mapping.prefix_len, c.mbart.d_model
+    ids, mask = padded_batch(c.mbart.vocab_size, [6], lang_id=5, device=device)
+    T = 1 + P + 5
+    x = torch.randn(1, T, d, generator=torch.Generator().manual_seed(5)).to(device)
+    with torch.no_grad():
+        memory = model.mbart.encode(ids, mask)
+        run = lambda x: model.mbart.decoder(x, memory, mask, mask=prefix_mask(P, T, device))  # noqa: E731
+        base = run(x)
+        y = x.clone()
+        bump = torch.randn(d, generator=torch.Generator().manual_seed(6)).to(device)  # not a constant: LayerNorm removes those
+        y[0, P] += bump  # the last prefix vector
+        moved = (run(y) - base).abs().amax(-1)[0] > 1e-6
+        assert not moved[0] and moved[1:].all(), "all prefix vectors and every later position see the last prefix vector"
+        y = x.clone()
+        y[0, P + 2] += bump  # a target token
+        moved = (run(y) - base).abs().amax(-1)[0] > 1e-6
+        assert not moved[:P + 2].any() and moved[P + 2:].all(), "target positions are causal"
+
+
+def test_loss_ignores_prefix_positions(model, device):
+    c = model.config
+    P, V = c.mapping.prefix_len, c.mbart.vocab_size
+    src, src_mask = padded_batch(V, [7, 5], lang_id=V - 51, seed=6, device=device)
+    tgt, _ = padded_batch(V, [6, 4], lang_id=V - 48, seed=7, device=device)
+    clip = torch.randn(2, c.vision.embed_dim, generator=torch.Generator().manual_seed(8)).to(device)
+    with torch.no_grad():
+        embeds, labels = model.decoder_inputs(clip, tgt)
+        assert embeds.shape[1] == labels.shape[1] == 1 + P + tgt.shape[1] - 1
+        assert torch.equal(labels[:, 0], tgt[:, 0]), "position 0 (</s>) predicts the language code"
+        assert (labels[:, 1:P + 1] == -100).all(), "prefix positions predict nothing"
+        assert torch.equal(labels[:, P + 1:], tgt[:, 1:].masked_fill(tgt[:, 1:] == 1, -100))
+        # Direct computation: all logits, then the mean of -log p over labelled positions.
+        memory = model.mbart.encode(src, src_mask)
+        h = model.mbart.decoder(embeds, memory, src_mask, mask=prefix_mask(P, embeds.shape[1], device))
+        logp = F.log_softmax(model.mbart.logits(h), -1)
+        terms = [-logp[b, t, labels[b, t]] for b in range(2) for t in range(labels.shape[1]) if labels[b, t] != -100]
+        assert_close(model(clip, src, src_mask, tgt), torch.stack(terms).mean(), atol=1e-5, name="loss")
+
+
+def test_kv_cache_decoding_equals_full_recomputation(peaked_pair, device):
+    model = peaked_pair[1]
+    c = model.config
+    P, V = c.mapping.prefix_len, c.mbart.vocab_size
+    src, src_mask = padded_batch(V, [7, 4], lang_id=V - 51, seed=9, device=device)
+    clip = torch.randn(2, c.vision.embed_dim, generator=torch.Generator().manual_seed(10)).to(device)
+    with torch.no_grad():
+        out = model.generate(clip, src, src_mask, tgt_lang_id=V - 48, num_beams=1, max_new_tokens=8)
+        # Greedy decoding again, recomputing the whole decoder on the whole sequence at every step.
+        memory = model.mbart.encode(src, src_mask)
+        eos = model.mbart.embed_tokens(torch.full((2, 1), 2, device=device))
+        seq = torch.cat([eos, model.mapping(clip)], 1)
+        tokens = []
+        for step in range(out.shape[1]):
+            h = model.mbart.decoder(seq, memory, src_mask, mask=prefix_mask(P, seq.shape[1], device))
+            logits = model.mbart.logits(h[:, -1])
+            tok = logits.argmax(-1)
+            forced = V - 48 if step == 0 else 2 if step == 7 else None  # the language, and </s> at the last step
+            tok = tok if forced is None else torch.full_like(tok, forced)
+            tokens.append(tok)
+            seq = torch.cat([seq, model.mbart.embed_tokens(tok[:, None])], 1)
+        full = torch.stack(tokens, 1)
+        ended = (full == 2).int().cumsum(1) - (full == 2).int() > 0  # after the first </s>: padding
+        full[ended] = 1
+        assert torch.equal(out, full[:, :out.shape[1]])
+        # And the hidden states of one cached step equal the full computation's last position.
+        cache = model.mbart.decoder.new_cache(seq.shape[1])
+        model.mbart.decoder(seq[:, :-1], memory, src_mask, mask=prefix_mask(P, seq.shape[1] - 1, device), cache=cache)
+        step = model.mbart.decoder(seq[:, -1:], memory, src_mask, cache=cache)
+        full_h = model.mbart.decoder(seq, memory, src_mask, mask=prefix_mask(P, seq.shape[1], device))
+        assert_close(step[:, 0], full_h[:, -1], atol=1e-5, name="cached step")
+
+
+def test_beam_search_with_prefix_runs_and_forces_language(model, device):
+    c = model.config
+    V = c.mbart.vocab_size
+    src, src_mask = padded_batch(V, [6, 5, 8], lang_id=V - 51, seed=11, device=device)
+    clip = torch.randn(3, c.vision.embed_dim).to(device)
+    with torch.no_grad():
+        out = model.generate(clip, src, src_mask, tgt_lang_id=V - 48, num_beams=4, max_new_tokens=7)
+    assert out.shape[0] == 3 and 1 <= out.shape[1] <= 7
+    assert out[:, 0].eq(V - 48).all()
+
+
+# ----------------------------------------------------------------------------- the paper preset
+
+
+def test_paper_preset_parameter_counts_equal_hf():
+    with torch.device("meta"):
+        ours = CLIPTrans(CLIPTransConfig.preset("paper"))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    hf = hf_param_counts()
+    assert count(ours.mbart) == hf["mbart"], "mbart-large-50"
+    assert count(ours.text) == hf["xlmr"] + 1024 * 512 + 512, "XLM-R large + M-CLIP's Linear(1024, 512)"
+    assert count(ours.vision) == hf["clip_vision"], "CLIP ViT-B/32 vision + projection"
+
+
+# ----------------------------------------------------------------------------- other formats and bad folders
+
+
+@pytest.mark.parametrize("variant", ["hf_mbart_bin_dir", "hf_mbart_sharded_dir"])
+def test_bin_and_sharded_checkpoints_convert_identically(request, tmp_path, variant, converted,
+                                                         hf_mclip_dir, hf_xlmr_dir, hf_clip_dir):
+    weights.convert_all(request.getfixturevalue(variant), hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, tmp_path)
+    a, b = load_file(converted / weights.WEIGHTS_FILE), load_file(tmp_path / weights.WEIGHTS_FILE)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _broken_copy(src, dst, edit):
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    state = load_file(path)
+    edit(state, path)
+    return dst
+
+
+@pytest.mark.parametrize("breakage,message", [
+    ("missing_file", "no weights in"),
+    ("renamed_key", "unexpected keys, first: ['model.encoder.layers.0.fc1.weight_renamed']"),
+    ("missing_key", "missing keys, first: ['mbart.encoder.layers.1.mlp.fc2.bias']"),
+    ("wrong_shape", "mbart.decoder.ln_final.weight: (7,) in the file"),
+    ("truncated", "is damaged or incomplete"),
+])
+def test_bad_mbart_folder_fails_clearly(tmp_path, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir,
+                                        breakage, message):
+    def edit(state, path):
+        if breakage == "missing_file":
+            path.unlink()
+        elif breakage == "renamed_key":
+            state["model.encoder.layers.0.fc1.weight_renamed"] = state.pop("model.encoder.layers.0.fc1.weight")
+            save_file(state, path)
+        elif breakage == "missing_key":
+            del state["model.encoder.layers.1.fc2.bias"]
+            save_file(state, path)
+        elif breakage == "wrong_shape":
+            state["model.decoder.layer_norm.weight"] = torch.ones(7)
+            save_file(state, path)
+        elif breakage == "truncated":
+            data = path.read_bytes()
+            path.write_bytes(data[: len(data) // 2])
+
+    bad = _broken_copy(hf_mbart_dir, tmp_path / "bad", edit)
+    with pytest.raises(weights.ConversionError) as e:
+        weights.convert_all(bad, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, tmp_path / "out")
+    assert message in str(e.value), str(e.value)
+    assert str(bad) in str(e.value), "the error names the folder"
+    assert not (tmp_path / "out" / weights.WEIGHTS_FILE).exists(), "nothing half-written"
+
+
+def test_wrong_folder_for_clip_fails_clearly(tmp_path, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir):
+    with pytest.raises(weights.ConversionError, match="has no 'image_size': is this the right model folder"):
+        weights.convert_all(hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_mbart_dir, tmp_path)
+
+
+def test_load_of_a_folder_without_weights_fails_clearly(tmp_path):
+    with pytest.raises(weights.ConversionError, match="not a CLIPTrans weights folder"):
+        weights.load(tmp_path)
+
+
+def test_command_line_reports_errors_without_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        weights.main(["--mbart", str(tmp_path / "nope"), "--mclip", str(tmp_path), "--xlmr", str(tmp_path),
+                      "--clip", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert "is not a folder" in str(e.value.code)

@@ -1,0 +1,405 @@
+"""
+Convert the public checkpoints to one safetensors file in this project's names, and load it.
+
+    python weights.py --mbart  path/to/mbart-large-50 \\
+                      --mclip  path/to/XLM-Roberta-Large-Vit-B-32 --xlmr path/to/xlm-roberta-large \\
+                      --clip   path/to/clip-vit-base-patch32 \\
+                      --out    weights/paper
+
+Each input is a local Hugging Face model folder as `save_pretrained` or a hub download writes it:
+`config.json` plus `model.safetensors`, sharded safetensors with an index, or `pytorch_model.bin`
+(read with `torch.load(weights_only=True)`: nothing is unpickled). `--clip` takes a full `CLIPModel`
+folder (its text tower is dropped) or a vision-only one. M-CLIP's folder holds only its own head and
+the name of its base model: `--xlmr` is that base model's folder (xlm-roberta-large), which gives the
+text tower's sizes and its tokenizer.
+
+Output: `OUT/cliptrans.safetensors` (tied weights stored once, the mapping network freshly initialised),
+`OUT/config.json` (sizes read from the Hugging Face configs), `OUT/tokenizer_mbart.json`,
+`OUT/tokenizer_text.json`. Then `model = weights.load("weights/paper")`.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from cliptrans import (CLIPTrans, CLIPTransConfig, MappingConfig, MappingNetwork, MBartConfig, TextConfig,
+                       VisionConfig, init_weights)
+
+WEIGHTS_FILE, CONFIG_FILE = "cliptrans.safetensors", "config.json"
+MBART_TOKENIZER, TEXT_TOKENIZER = "tokenizer_mbart.json", "tokenizer_text.json"
+
+
+class ConversionError(ValueError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# Reading a Hugging Face folder, one tensor at a time (so memory holds the output, not two copies of the input).
+
+
+class HFCheckpoint:
+    """The tensors of a Hugging Face model folder, read lazily by name."""
+
+    def __init__(self, folder):
+        self.folder, self._handles = Path(folder), {}
+        if not self.folder.is_dir():
+            raise ConversionError(f"{self.folder} is not a folder: expected a Hugging Face model folder "
+                                  f"(config.json + model.safetensors or pytorch_model.bin)")
+        self.config = read_json(self.folder / "config.json")
+        self.files = {}  # key -> file holding it
+        index = next((self.folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+                      if (self.folder / n).exists()), None)
+        if index is not None:
+            for key, name in read_json(index)["weight_map"].items():
+                self.files[key] = self.folder / name
+        else:
+            single = next((self.folder / n for n in ("model.safetensors", "pytorch_model.bin")
+                           if (self.folder / n).exists()), None)
+            if single is None:
+                raise ConversionError(f"no weights in {self.folder}: expected model.safetensors, sharded "
+                                      f"model-*.safetensors with model.safetensors.index.json, or pytorch_model.bin")
+            for key in self._open(single).keys():
+                self.files[key] = single
+
+    def _open(self, path):
+        if path in self._handles:
+            return self._handles[path]
+        if not path.exists():
+            raise ConversionError(f"{path} is listed in the index of {self.folder} but does not exist: "
+                                  f"download the missing shard")
+        try:
+            if path.suffix == ".safetensors":
+                handle = safe_open(str(path), framework="pt")
+            else:  # weights_only: a .bin is a pickle, and a pickle can run code
+                try:
+                    handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
+                    handle = torch.load(path, map_location="cpu", weights_only=True)
+        except (SafetensorError, RuntimeError, OSError, EOFError) as e:
+            raise ConversionError(f"cannot read {path}: {e}. The file is damaged or incomplete: download it again")
+        self._handles[path] = handle
+        return handle
+
+    def keys(self):
+        return self.files.keys()
+
+    def __getitem__(self, key):
+        handle = self._open(self.files[key])
+        try:
+            return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
+        except (SafetensorError, RuntimeError) as e:
+            raise ConversionError(f"cannot read {key} from {self.files[key]}: {e}. "
+                                  f"The file is damaged or incomplete: download it again")
+
+
+def read_json(path):
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path} not found: expected a Hugging Face model folder with its config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON ({e})")
+
+
+# -----------------------------------------------------------------------------
+# Sizes from the Hugging Face configs.
+
+
+def _require(cfg, key, where):
+    if key not in cfg:
+        raise ConversionError(f"{where} has no {key!r}: is this the right model folder?")
+    return cfg[key]
+
+
+def mbart_config(cfg, where):
+    if cfg.get("model_type") not in ("mbart", None):
+        raise ConversionError(f"{where} is a {cfg.get('model_type')!r} model, expected mbart (facebook/mbart-large-50)")
+    g = lambda k: _require(cfg, k, where)  # noqa: E731
+    for a, b in (("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")):
+        if g(a) != g(b):
+            raise ConversionError(f"{where}: {a}={g(a)} differs from {b}={g(b)}; this implementation needs them equal")
+    if cfg.get("activation_function", "gelu") != "gelu":
+        raise ConversionError(f"{where}: activation {cfg['activation_function']!r} is not supported (expected gelu)")
+    return MBartConfig(vocab_size=g("vocab_size"), d_model=g("d_model"), encoder_layers=g("encoder_layers"),
+                       decoder_layers=g("decoder_layers"), heads=g("encoder_attention_heads"), ffn=g("encoder_ffn_dim"),
+                       max_positions=g("max_position_embeddings"), dropout=cfg.get("dropout", 0.1),
+                       scale_embedding=cfg.get("scale_embedding", False), pad_id=cfg.get("pad_token_id", 1),
+                       bos_id=cfg.get("bos_token_id", 0), eos_id=cfg.get("eos_token_id", 2),
+                       decoder_start_id=cfg.get("decoder_start_token_id", 2))
+
+
+def vision_config(cfg, where):
+    vc = cfg.get("vision_config", cfg)  # a full CLIPModel config, or a vision-only one
+    if vc.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise ConversionError(f"{where}: activation {vc['hidden_act']!r} is not supported (OpenAI CLIP uses quick_gelu)")
+    g = lambda k: _require(vc, k, where)  # noqa: E731
+    return VisionConfig(image_size=g("image_size"), patch_size=g("patch_size"), width=g("hidden_size"),
+                        layers=g("num_hidden_layers"), heads=g("num_attention_heads"), mlp=g("intermediate_size"),
+                        embed_dim=_require(cfg, "projection_dim", where), eps=vc.get("layer_norm_eps", 1e-5))
+
+
+def text_config(mclip_cfg, xlmr_cfg, mclip_where, xlmr_where):
+    g = lambda k: _require(xlmr_cfg, k, xlmr_where)  # noqa: E731
+    width = _require(mclip_cfg, "transformerDimensions", mclip_where)
+    if width != g("hidden_size"):
+        raise ConversionError(f"M-CLIP ({mclip_where}) expects a {width}-d base model, but {xlmr_where} describes "
+                              f"a {g('hidden_size')}-d one: --xlmr must be the folder of M-CLIP's modelBase "
+                              f"({mclip_cfg.get('modelBase')})")
+    if xlmr_cfg.get("hidden_act", "gelu") != "gelu":
+        raise ConversionError(f"{xlmr_where}: activation {xlmr_cfg['hidden_act']!r} is not supported (expected gelu)")
+    return TextConfig(vocab_size=g("vocab_size"), width=width, layers=g("num_hidden_layers"),
+                      heads=g("num_attention_heads"), mlp=g("intermediate_size"),
+                      max_positions=g("max_position_embeddings"), type_vocab_size=xlmr_cfg.get("type_vocab_size", 1),
+                      pad_id=xlmr_cfg.get("pad_token_id", 1), embed_dim=_require(mclip_cfg, "numDims", mclip_where),
+                      dropout=xlmr_cfg.get("hidden_dropout_prob", 0.1), eps=xlmr_cfg.get("layer_norm_eps", 1e-12))
+
+
+# -----------------------------------------------------------------------------
+# Key renaming. Each rule: source pattern -> target name; q, k and v land in one fused `qkv` tensor,
+# in that order. DROP marks keys that exist in the source but have no place here.
+
+DROP = None
+LAYER = r"(encoder|decoder)\.layers\.(\d+)\."
+MBART_RULES = [
+    (r"model\.(shared|encoder\.embed_tokens|decoder\.embed_tokens)\.weight", "mbart.shared.weight"),
+    (r"lm_head\.weight", "mbart.shared.weight"),  # tied to the shared embedding
+    (r"final_logits_bias", "mbart.final_logits_bias"),
+    (r"model\.(encoder|decoder)\.embed_positions\.weight", r"mbart.\1.embed.pos_embed.weight"),
+    (r"model\.(encoder|decoder)\.layernorm_embedding\.(weight|bias)", r"mbart.\1.embed.ln_embed.\2"),
+    (r"model\.(encoder|decoder)\.layer_norm\.(weight|bias)", r"mbart.\1.ln_final.\2"),
+    (r"model\." + LAYER + r"self_attn\.([qkv])_proj\.(weight|bias)", r"mbart.\1.layers.\2.attn.qkv.\4"),
+    (r"model\." + LAYER + r"self_attn\.out_proj\.(weight|bias)", r"mbart.\1.layers.\2.attn.out.\3"),
+    (r"model\." + LAYER + r"self_attn_layer_norm\.(weight|bias)", r"mbart.\1.layers.\2.ln_attn.\3"),
+    (r"model\." + LAYER + r"encoder_attn\.([qkv])_proj\.(weight|bias)", r"mbart.\1.layers.\2.cross.qkv.\4"),
+    (r"model\." + LAYER + r"encoder_attn\.out_proj\.(weight|bias)", r"mbart.\1.layers.\2.cross.out.\3"),
+    (r"model\." + LAYER + r"encoder_attn_layer_norm\.(weight|bias)", r"mbart.\1.layers.\2.ln_cross.\3"),
+    (r"model\." + LAYER + r"(fc1|fc2)\.(weight|bias)", r"mbart.\1.layers.\2.mlp.\3.\4"),
+    (r"model\." + LAYER + r"final_layer_norm\.(weight|bias)", r"mbart.\1.layers.\2.ln_mlp.\3"),
+]
+CLIP_LAYER = r"vision_model\.encoder\.layers\.(\d+)\."
+CLIP_RULES = [
+    (r"vision_model\.embeddings\.patch_embedding\.weight", "vision.patch_embed.weight"),
+    (r"vision_model\.embeddings\.class_embedding", "vision.cls"),
+    (r"vision_model\.embeddings\.position_embedding\.weight", "vision.pos"),
+    (r"vision_model\.embeddings\.position_ids", DROP),  # a stale buffer of old checkpoints
+    (r"vision_model\.pre_layrnorm\.(weight|bias)", r"vision.ln_pre.\1"),
+    (CLIP_LAYER + r"self_attn\.([qkv])_proj\.(weight|bias)", r"vision.blocks.\1.attn.qkv.\3"),
+    (CLIP_LAYER + r"self_attn\.out_proj\.(weight|bias)", r"vision.blocks.\1.attn.out.\2"),
+    (CLIP_LAYER + r"layer_norm1\.(weight|bias)", r"vision.blocks.\1.ln_attn.\2"),
+    (CLIP_LAYER + r"mlp\.(fc1|fc2)\.(weight|bias)", r"vision.blocks.\1.mlp.\2.\3"),
+    (CLIP_LAYER + r"layer_norm2\.(weight|bias)", r"vision.blocks.\1.ln_mlp.\2"),
+    (r"vision_model\.post_layernorm\.(weight|bias)", r"vision.ln_post.\1"),
+    (r"visual_projection\.weight", "vision.proj.weight"),
+    (r"text_model\..*|text_projection\.weight|logit_scale", DROP),  # CLIP's English text tower: M-CLIP replaces it
+]
+XLMR_LAYER = r"transformer\.encoder\.layer\.(\d+)\."
+MCLIP_RULES = [
+    (r"transformer\.embeddings\.word_embeddings\.weight", "text.tok_embed.weight"),
+    (r"transformer\.embeddings\.position_embeddings\.weight", "text.pos_embed.weight"),
+    (r"transformer\.embeddings\.token_type_embeddings\.weight", "text.type_embed.weight"),
+    (r"transformer\.embeddings\.LayerNorm\.(weight|bias)", r"text.ln_embed.\1"),
+    (r"transformer\.embeddings\.(position_ids|token_type_ids)", DROP),
+    (XLMR_LAYER + r"attention\.self\.(query|key|value)\.(weight|bias)", r"text.blocks.\1.attn.qkv.\3"),
+    (XLMR_LAYER + r"attention\.output\.dense\.(weight|bias)", r"text.blocks.\1.attn.out.\2"),
+    (XLMR_LAYER + r"attention\.output\.LayerNorm\.(weight|bias)", r"text.blocks.\1.ln_attn.\2"),
+    (XLMR_LAYER + r"intermediate\.dense\.(weight|bias)", r"text.blocks.\1.mlp.fc1.\2"),
+    (XLMR_LAYER + r"output\.dense\.(weight|bias)", r"text.blocks.\1.mlp.fc2.\2"),
+    (XLMR_LAYER + r"output\.LayerNorm\.(weight|bias)", r"text.blocks.\1.ln_mlp.\2"),
+    (r"transformer\.pooler\..*", DROP),  # M-CLIP pools by the mean, not by XLM-R's pooler
+    (r"LinearTransformation\.(weight|bias)", r"text.proj.\1"),
+]
+QKV_ORDER = {"q": 0, "k": 1, "v": 2, "query": 0, "key": 1, "value": 2}
+
+
+def convert(ckpt, rules, expected, where=None):
+    """Rename (and fuse) every tensor of `ckpt` (an HFCheckpoint or a state dict) by `rules`. Strict: a key no
+    rule knows is an error; the result is checked against `expected` ({name: shape}) for missing keys and shapes."""
+    where = where or str(ckpt.folder)
+    out, parts = {}, {}
+    for key in ckpt.keys():
+        for pattern, target in rules:
+            m = re.fullmatch(pattern, key)
+            if m:
+                break
+        else:
+            unknown = [k for k in ckpt.keys() if not any(re.fullmatch(p, k) for p, _ in rules)]
+            raise ConversionError(f"{ckpt.folder}: {len(unknown)} unexpected keys, first: {unknown[:5]} "
+                                  f"(in {ckpt.files[unknown[0]].name}). Is this the right kind of model folder?")
+        if target is DROP:
+            continue
+        name = m.expand(target)
+        qkv = next((g for g in m.groups() if g in QKV_ORDER), None) if ".qkv." in name else None
+        tensor = ckpt[key]
+        if qkv is not None:
+            parts.setdefault(name, [None, None, None])[QKV_ORDER[qkv]] = tensor
+        elif name in out:  # a tied copy (lm_head, embed_tokens): must equal what is already there
+            if out[name].shape != tensor.shape or not torch.equal(out[name], tensor):
+                raise ConversionError(f"{where}: {key} should be tied to {name} but differs from it")
+        else:
+            out[name] = tensor
+    for name, (q, k, v) in parts.items():
+        if q is None or k is None or v is None:
+            raise ConversionError(f"{where}: {name} needs q, k and v projections, some are missing")
+        out[name] = torch.cat([q, k, v], dim=0)  # (3C, C): one matmul for all three
+    if "mbart.final_logits_bias" in out:
+        out["mbart.final_logits_bias"] = out["mbart.final_logits_bias"].reshape(-1)  # stored as (1, V)
+    elif "mbart.final_logits_bias" in expected:
+        out["mbart.final_logits_bias"] = torch.zeros(expected["mbart.final_logits_bias"])  # absent = zeros
+    check_keys(out, expected, where)
+    return out
+
+
+def check_keys(tensors, expected, where):
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    wrong = [f"{k}: {tuple(tensors[k].shape)} in the file, {tuple(expected[k])} expected"
+             for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])]
+    if missing:
+        raise ConversionError(f"{where}: {len(missing)} missing keys, first: {missing[:5]}")
+    if unexpected:
+        raise ConversionError(f"{where}: {len(unexpected)} unexpected keys, first: {unexpected[:5]}")
+    if wrong:
+        raise ConversionError(f"{where}: {len(wrong)} tensors of the wrong shape (does config.json match the "
+                              f"weights?), first: {wrong[:3]}")
+
+
+def expected_shapes(config, prefix):
+    with torch.device("meta"):  # shapes only: no memory
+        model = CLIPTrans(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers: copied when the folder has tokenizer.json, else converted with transformers.
+
+
+def copy_tokenizer(folder, out_path, what):
+    folder = Path(folder)
+    if (folder / "tokenizer.json").exists():
+        shutil.copyfile(folder / "tokenizer.json", out_path)
+        return
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ConversionError(f"{folder} has no tokenizer.json for the {what} tokenizer. Either put the "
+                              f"tokenizer.json of the hub repository there, or `pip install transformers "
+                              f"sentencepiece` so that the sentencepiece model can be converted")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+        tok.backend_tokenizer.save(str(out_path))
+    except Exception as e:  # transformers raises many kinds here
+        raise ConversionError(f"cannot build the {what} tokenizer from {folder} ({e}): put its tokenizer.json there")
+
+
+# -----------------------------------------------------------------------------
+# The command, load and save.
+
+
+def save(model, folder, extra_config=None):
+    """Write `model` as OUT/cliptrans.safetensors + OUT/config.json, each atomically (temp file + rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, p))
+    config = {"cliptrans": model.config.to_dict(), **(extra_config or {})}
+    _atomic(folder / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+
+
+def _atomic(path, write):
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_config(folder):
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
+        raise ConversionError(f"{folder} is not a CLIPTrans weights folder: expected {CONFIG_FILE} and {WEIGHTS_FILE} "
+                              f"(write one with `python weights.py --help` or train.py)")
+    config = read_json(folder / CONFIG_FILE)
+    if "cliptrans" not in config:
+        raise ConversionError(f"{folder / CONFIG_FILE} has no 'cliptrans' section: it is not a file this project wrote")
+    return CLIPTransConfig.from_dict(config["cliptrans"]), config
+
+
+def load(folder, device="cpu", dtype=torch.float32):
+    """A ready CLIPTrans in eval mode from a folder written by `weights.py` or `train.py`."""
+    folder = Path(folder)
+    config, _ = read_config(folder)
+    with torch.device("meta"):
+        model = CLIPTrans(config)
+    try:
+        state = load_file(folder / WEIGHTS_FILE, device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ConversionError(f"cannot read {folder / WEIGHTS_FILE}: {e}. The file is damaged or incomplete")
+    check_keys(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
+    model.load_state_dict(state, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0):
+    mbart_ck, mclip_ck, clip_ck = HFCheckpoint(mbart), HFCheckpoint(mclip), HFCheckpoint(clip)
+    xlmr_cfg = read_json(Path(xlmr) / "config.json")
+    config = CLIPTransConfig(
+        vision=vision_config(clip_ck.config, f"{clip}/config.json"),
+        text=text_config(mclip_ck.config, xlmr_cfg, f"{mclip}/config.json", f"{xlmr}/config.json"),
+        mbart=mbart_config(mbart_ck.config, f"{mbart}/config.json"),
+        mapping=mapping)
+    state = {}
+    state.update(convert(mbart_ck, MBART_RULES, expected_shapes(config, "mbart.")))
+    state.update(convert(mclip_ck, MCLIP_RULES, expected_shapes(config, "text.")))
+    state.update(convert(clip_ck, CLIP_RULES, expected_shapes(config, "vision.")))
+    # The mapping network is CLIPTrans's own: no checkpoint has it, it starts from a seeded initialisation.
+    torch.manual_seed(seed)
+    mapping_net = MappingNetwork(config.mapping, config.vision.embed_dim, config.mbart.d_model)
+    mapping_net.apply(init_weights)
+    state.update({f"mapping.{k}": v for k, v in mapping_net.state_dict().items()})
+    check_keys(state, expected_shapes(config, ""), "the converted model")
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer(mbart, out / MBART_TOKENIZER, "mBART-50")
+    copy_tokenizer(xlmr, out / TEXT_TOKENIZER, "XLM-R (M-CLIP's text tower)")
+    state = {k: v.contiguous() for k, v in state.items()}
+    _atomic(out / WEIGHTS_FILE, lambda p: save_file(state, p))
+    meta = {"cliptrans": config.to_dict(), "sources": {"mbart": str(mbart), "mclip": str(mclip),
+                                                      "xlmr": str(xlmr), "clip": str(clip)}}
+    _atomic(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mbart", required=True, help="facebook/mbart-large-50 folder")
+    p.add_argument("--mclip", required=True, help="M-CLIP/XLM-Roberta-Large-Vit-B-32 folder")
+    p.add_argument("--xlmr", required=True, help="xlm-roberta-large folder (M-CLIP's modelBase: sizes + tokenizer)")
+    p.add_argument("--clip", required=True, help="openai/clip-vit-base-patch32 folder (full or vision-only)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mapping", default="mlp", choices=["mlp", "hidden_mlp", "transformer"])
+    p.add_argument("--prefix_len", type=int, default=10)
+    a = p.parse_args(argv)
+    try:
+        out = convert_all(a.mbart, a.mclip, a.xlmr, a.clip, a.out, MappingConfig(a.mapping, a.prefix_len))
+    except ConversionError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / MBART_TOKENIZER}, {out / TEXT_TOKENIZER}")
+
+
+if __name__ == "__main__":
+    main()
