@@ -133,8 +133,10 @@ class KVCache:
     """Keys and values of one attention layer, kept between decoding steps.
 
     Self-attention: a buffer (B, H, max_len, Dh) allocated once and filled step by step, so a decoding
-    step neither re-allocates nor copies the past. Cross-attention (max_len=None): the encoder's keys
-    and values, computed at the first step and reused for the whole sentence.
+    step neither re-allocates nor copies the past. `append` takes the prompt (positions counted on the host);
+    `write` takes one position given as a device tensor and returns the whole buffer, so that a decoding step
+    has the same shapes every time (the caller masks the positions not written yet): a CUDA graph can replay it.
+    Cross-attention (max_len=None): the encoder's keys and values, computed once per sentence.
     """
 
     def __init__(self, max_len=None):
@@ -143,18 +145,24 @@ class KVCache:
     def append(self, k, v):  # k, v: (B, H, T, Dh)
         if self.k is None:
             B, H, _, Dh = k.shape
-            self.k = k.new_empty(B, H, self.max_len, Dh)
-            self.v = v.new_empty(B, H, self.max_len, Dh)
+            # zeros, not empty: masked positions get weight 0, and 0 * (garbage NaN) would still be NaN
+            self.k = k.new_zeros(B, H, self.max_len, Dh)
+            self.v = v.new_zeros(B, H, self.max_len, Dh)
         end = self.len + k.shape[2]
         self.k[:, :, self.len:end] = k
         self.v[:, :, self.len:end] = v
         self.len = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def write(self, k, v, pos):  # k, v: (B, H, 1, Dh); pos: 0-d long tensor
+        self.k.index_copy_(2, pos.view(1), k)
+        self.v.index_copy_(2, pos.view(1), v)
+        return self.k, self.v
+
     def reorder(self, index):  # beam search: row i continues the hypothesis of row index[i]
         if self.max_len is not None and self.k is not None:
-            self.k[:, :, :self.len] = self.k[index, :, :self.len]
-            self.v[:, :, :self.len] = self.v[index, :, :self.len]
+            self.k.copy_(self.k[index])
+            self.v.copy_(self.v[index])
 
 
 class Attention(nn.Module):
@@ -168,14 +176,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x, memory=None, mask=None, causal=False, cache=None):
+    def forward(self, x, memory=None, mask=None, causal=False, cache=None, pos=None):
         # x: (B, T, C); memory: (B, S, C) for cross-attention; mask: bool, True = may attend, broadcast to (B, H, T, S)
+        # pos: with a cache, the position of a single new token as a device tensor (fixed-shape decoding)
         B, T, C = x.shape
         H = self.heads
         if memory is None:
             q, k, v = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
             if cache is not None:
-                k, v = cache.append(k, v)  # (B, H, past + T, Dh)
+                k, v = cache.append(k, v) if pos is None else cache.write(k, v, pos)  # (B, H, past + T or max_len, Dh)
         else:
             w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(x, w[:C], None if b is None else b[:C]).view(B, T, H, C // H).transpose(1, 2)
@@ -219,9 +228,9 @@ class Block(nn.Module):
             return x + self.drop(f(ln(x)))
         return ln(x + self.drop(f(x)))
 
-    def forward(self, x, mask=None, causal=False, memory=None, memory_mask=None, cache=None):
+    def forward(self, x, mask=None, causal=False, memory=None, memory_mask=None, cache=None, pos=None):
         self_cache, cross_cache = cache if cache is not None else (None, None)
-        x = self.residual(x, self.ln_attn, lambda h: self.attn(h, mask=mask, causal=causal, cache=self_cache))
+        x = self.residual(x, self.ln_attn, lambda h: self.attn(h, mask=mask, causal=causal, cache=self_cache, pos=pos))
         if memory is not None:
             x = self.residual(x, self.ln_cross, lambda h: self.cross(h, memory, mask=memory_mask, cache=cross_cache))
         return self.residual(x, self.ln_mlp, self.mlp)
@@ -348,6 +357,17 @@ class Decoder(nn.Module):
                       cache=None if cache is None else cache[i])
         return self.ln_final(x)
 
+    def step(self, x, pos, memory, memory_mask, cache):
+        """One new token per row, x (B, 1, d), at position `pos` (a 0-d tensor on the device), with shapes that
+        never change: each self-attention writes at `pos` and reads its whole cache buffer, the positions after
+        `pos` masked. So a decoding step can be recorded once as a CUDA graph and replayed. Returns (B, d)."""
+        x = self.embed.drop(self.embed.ln_embed(x + self.embed.pos_embed(pos + 2)))
+        written = (torch.arange(cache[0][0].max_len, device=x.device) <= pos).view(1, 1, 1, -1)  # (1, 1, 1, max_len)
+        memory_mask = key_padding_mask(memory_mask)
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer(x, mask=written, memory=memory, memory_mask=memory_mask, cache=layer_cache, pos=pos)
+        return self.ln_final(x)[:, -1]
+
     def new_cache(self, max_len):
         return [(KVCache(max_len), KVCache()) for _ in self.layers]
 
@@ -399,8 +419,31 @@ def _force(scores, token):  # every row may produce only `token`
 
 
 @torch.no_grad()
+def cuda_graph(fn):
+    """Record the kernels that fn() launches once, then replay them with one call: a decoding step of mBART
+    is hundreds of small kernels whose launches, not the GPU, set the pace. fn must read its inputs from,
+    and return, tensors that stay in place (replays overwrite the returned tensor)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # warm-up outside the recording: lazy initialisation, kernel selection
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    autocast = torch.is_autocast_enabled("cuda")
+    # autocast's cache of cast weights must stay off while recording (its tensors would live in the graph)
+    with torch.cuda.graph(graph), torch.autocast("cuda", torch.get_autocast_dtype("cuda"), enabled=autocast,
+                                                  cache_enabled=False):
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new_tokens=60, min_new_tokens=0,
-           forced_bos_token_id=None, forced_eos=True, length_penalty=1.0, early_stopping=True, check_every=4):
+           forced_bos_token_id=None, forced_eos=True, length_penalty=1.0, early_stopping=True, check_every=4,
+           use_cuda_graph=True):
     """Continue the decoder prompt `prompt` (B, P, d) (already embedded: `</s>` for mBART, `</s> P1..P10` for
     CLIPTrans; `prompt_mask` its (P, P) self-attention mask or None) by up to `max_new_tokens` tokens.
 
@@ -409,16 +452,18 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     `sum log p / n ** length_penalty` with n the number of generated tokens; `early_stopping` True, False
     (its heuristic) or "never". The stopping test needs the GPU's answer, so it runs every `check_every`
     steps only: steps taken after every sentence has finished change nothing (finished sentences are masked).
+    On CUDA each decoding step is replayed as a CUDA graph (use_cuda_graph=False: plain launches).
     Returns the new tokens (B, n), padded with pad_id after `</s>`."""
     c = mbart.config
     B, P, _ = prompt.shape
     nb, dev = num_beams, prompt.device
+    if P + max_new_tokens > c.max_positions:
+        raise ValueError(f"{P} prompt positions + max_new_tokens={max_new_tokens} exceed mBART's {c.max_positions}")
     # Each sentence gets nb rows: (B * nb, ...) with the beams of a sentence next to each other.
     memory = memory.repeat_interleave(nb, dim=0)
     memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(nb, dim=0)
     cache = mbart.decoder.new_cache(P + max_new_tokens)
     h = mbart.decoder(prompt.repeat_interleave(nb, dim=0), memory, memory_mask, mask=prompt_mask, cache=cache)
-    h = h[:, -1]  # (B * nb, d): only the last position predicts the next token
 
     # The output projection, cast once for the whole search and padded to a multiple of 64 rows: 250054 is
     # not a multiple of 8, and misaligned logits rows keep the GPU's matrix units off their fast kernels.
@@ -428,10 +473,27 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     weight = F.pad(mbart.shared.weight.to(dtype), (0, 0, 0, -V % 64))
     bias = F.pad(mbart.final_logits_bias.to(dtype), (0, -V % 64), value=-math.inf)
 
-    def logits_at(step, h):
-        """(B * nb, d) -> fp32 logits with transformers' processors applied, and the log-normaliser to
-        subtract from them (log-softmax = logits - logsumexp; a forced token has log-probability 0)."""
-        logits = F.linear(h.to(dtype), weight, bias).float()  # (B * nb, V + pad)
+    def project(h):  # (B * nb, d) -> fp32 logits (B * nb, V + pad)
+        return F.linear(h.to(dtype), weight, bias).float()
+
+    # The decoding step reads its token and position from tensors that stay in place.
+    token_in = torch.zeros(B * nb, dtype=torch.long, device=dev)
+    pos = torch.full((), P, dtype=torch.long, device=dev)
+
+    def decode():
+        return project(mbart.decoder.step(mbart.embed_tokens(token_in[:, None]), pos, memory, memory_mask, cache))
+
+    if use_cuda_graph and dev.type == "cuda" and max_new_tokens > 1:
+        decode = cuda_graph(decode)
+
+    def next_logits(step, tokens):  # the tokens chosen at `step` -> logits for step + 1
+        token_in.copy_(tokens)
+        pos.fill_(P + step)
+        return decode()
+
+    def processed(step, logits):
+        """fp32 logits with transformers' processors applied, and the log-normaliser to subtract from them
+        (log-softmax = logits - logsumexp; a forced token has log-probability 0)."""
         lse = torch.logsumexp(logits, -1, keepdim=True) if nb > 1 else 0.0
         if step < min_new_tokens:
             logits[:, c.eos_id] = -math.inf
@@ -441,21 +503,19 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
             logits, lse = _force(logits, c.eos_id), 0.0
         return logits, lse
 
-    def step_decoder(tokens):  # (B * nb,) -> (B * nb, d)
-        return mbart.decoder(mbart.embed_tokens(tokens[:, None]), memory, memory_mask, cache=cache)[:, -1]
-
+    logits = project(h[:, -1])  # only the prompt's last position predicts the next token
     if nb == 1:  # greedy
         out = torch.full((B, max_new_tokens), c.pad_id, dtype=torch.long, device=dev)
         running = torch.ones(B, dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
-            tok = logits_at(step, h)[0].argmax(-1)
+            tok = processed(step, logits)[0].argmax(-1)
             tok = torch.where(running, tok, c.pad_id)  # finished sentences emit padding
             out[:, step] = tok
             running = running & (tok != c.eos_id)
             if step + 1 < max_new_tokens:
                 if (step + 1) % check_every == 0 and not running.any():
                     break
-                h = step_decoder(tok)
+                logits = next_logits(step, tok)
         # Hugging Face stops when every sentence has ended: the output is as long as the longest sentence.
         ended = out == c.eos_id
         lengths = torch.where(ended.any(1), ended.int().argmax(1) + 1, max_new_tokens)
@@ -476,7 +536,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     for step in range(max_new_tokens):
         # The 2 nb best of all nb x V continuations are among the 2 nb best of each beam: a top-k per beam,
         # then over the nb x 2 nb survivors (the same set as transformers' top-k over nb x V, far cheaper).
-        logits, lse = logits_at(step, h)
+        logits, lse = processed(step, logits)
         top_logits, top_tok = torch.topk(logits, k)  # (B * nb, 2 nb)
         scores = (top_logits - lse).view(B, nb, k) + run_scores[:, :, None]  # log-probabilities of whole sequences
         cand_scores, cand = torch.topk(scores.view(B, nb * k), k)  # (B, 2 nb)
@@ -518,7 +578,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
                     break
             for layer_cache in cache:
                 layer_cache[0].reorder((rows + parent).view(-1))
-            h = step_decoder(seqs[:, :, step].reshape(-1))
+            logits = next_logits(step, seqs[:, :, step].reshape(-1))
     out = fin_seqs[:, 0]  # the best finished hypothesis of each sentence
     out = torch.where(torch.arange(max_new_tokens, device=dev) < fin_lens[:, :1], out, c.pad_id)
     return out[:, :int(fin_lens[:, 0].max())]

@@ -1,0 +1,612 @@
+"""data.py against real references: transformers' tokenizers and CLIP image processor on real Multi30k text,
+the Multi30k files themselves, and hand-written German and French grammar for the tiny world.
+
+No hub: the tokenizer.json files are trained here with `tokenizers` on Multi30k lines (en, de, fr, cs) and
+laid out like mBART-50's; transformers then reads the same file. Everything runs on CPU in seconds."""
+
+import functools
+import gzip
+import hashlib
+import json
+import sys
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+from data import DataError, LengthBucketSampler, Scene, Thing  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "multi30k"
+needs_multi30k = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"Multi30k text not found at {MULTI30K}")
+LANGS = ["en", "de", "fr", "cs"]
+
+
+def gz_lines(split, lang):
+    with gzip.open(MULTI30K / "raw" / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
+        return [line.strip() for line in f]
+
+
+# -----------------------------------------------------------------------------
+# Languages
+
+
+def test_languages_match_transformers():
+    from transformers.models.mbart50.tokenization_mbart50 import FAIRSEQ_LANGUAGE_CODES
+    assert data.MBART50_LANGS == FAIRSEQ_LANGUAGE_CODES
+    for code in FAIRSEQ_LANGUAGE_CODES:
+        assert data.lang_code(code) == code
+        assert data.lang_code(code.split("_")[0]) == code
+    assert [data.lang_code(s) for s in ("en", "de", "fr", "cs", "ro")] == ["en_XX", "de_DE", "fr_XX", "cs_CZ", "ro_RO"]
+    with pytest.raises(ValueError, match="unknown language 'klingon'.*short names.*cs, de, en, es"):
+        data.lang_code("klingon")
+
+
+# -----------------------------------------------------------------------------
+# Tokenizers: token for token equal to transformers on the same tokenizer.json
+
+
+@pytest.fixture(scope="session")
+def spm_json(tmp_path_factory):
+    """A SentencePiece-style Unigram tokenizer trained on Multi30k (4 languages), in mBART-50's layout."""
+    if not MULTI30K.is_dir():
+        pytest.skip(f"Multi30k text not found at {MULTI30K}")
+    lines = [line for lang in LANGS for line in gz_lines("train", lang)[:2000]]
+    trainer_tok = Tokenizer(models.Unigram())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer_tok.train_from_iterator(lines, trainers.UnigramTrainer(
+        vocab_size=1500, special_tokens=data.SPECIALS, unk_token="<unk>"))
+    pieces = json.loads(trainer_tok.to_str())["model"]["vocab"]
+    path = tmp_path_factory.mktemp("spm") / "tokenizer.json"
+    data.build_tokenizer(pieces).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def xlmr_json(spm_json):
+    """The same pieces with XLM-R's pre-tokenizer (whitespace split, then Metaspace, no normaliser),
+    as transformers' XLMRobertaTokenizer builds it."""
+    tok = Tokenizer.from_file(str(spm_json))
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                 pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    path = spm_json.parent / "xlmr_tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@functools.lru_cache
+def tokenizer_sentences():
+    """Real sentences for the tokenizer checks: unseen validation lines, the longest training lines,
+    and lines with non-breaking spaces, quotes, dashes and diacritics."""
+    out = {}
+    for lang in LANGS:
+        train, val = gz_lines("train", lang), gz_lines("val", lang)
+        special = [s for s in train if any(c in s for c in "\xa0„“–’«ßřžůçœ")][:40]
+        longest = sorted(train, key=len)[-10:]
+        out[lang] = val[:150] + special + longest
+    return out
+
+
+@needs_multi30k
+@pytest.mark.parametrize("src,tgt", [("en", "de"), ("de", "fr"), ("fr", "cs"), ("cs", "en")])
+def test_mbart_tokenizer_matches_transformers(spm_json, src, tgt):
+    hf = transformers.MBart50TokenizerFast(tokenizer_file=str(spm_json), src_lang=data.lang_code(src),
+                                           tgt_lang=data.lang_code(tgt))
+    ours = data.MBartTokenizer(spm_json)
+    sents = tokenizer_sentences()
+    assert (ours.pad_id, ours.eos_id, ours.bos_id) == (hf.pad_token_id, hf.eos_token_id, hf.cls_token_id) == (1, 2, 0)
+    assert ours.vocab_size == len(hf)
+    for code in data.MBART50_LANGS:  # found by string, ids right after the pieces
+        assert ours.lang_id(code) == hf.convert_tokens_to_ids(code)
+    assert ours.lang_id("en") == ours.vocab_size - 1 - 52 + 3  # en_XX is the 4th code; <mask> is last
+
+    for max_len in (None, 12):
+        kw = dict(padding=True, return_tensors="pt")
+        if max_len:
+            kw.update(truncation=True, max_length=max_len)
+        ref = hf(sents[src], **kw)
+        input_ids, mask = ours.encode(sents[src], src, max_len=max_len)
+        assert torch.equal(input_ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
+        ref = hf(text_target=sents[tgt], **kw)
+        input_ids, mask = ours.encode_target(sents[tgt], tgt, max_len=max_len)
+        assert torch.equal(input_ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
+        # decode drops language codes, </s> and padding, and restores spacing as transformers does
+        assert ours.decode(input_ids) == hf.batch_decode(input_ids, skip_special_tokens=True)
+    assert input_ids[:, 0].eq(ours.lang_id(tgt)).all() and mask.sum(1).max() == 12
+    # untruncated, the decoded text is the sentence itself (up to runs of spaces and unknown characters)
+    ids, _ = ours.encode(sents[src], src)
+    same = sum(d == s for d, s in zip(ours.decode(ids), sents[src]))
+    assert same > 0.8 * len(sents[src])
+
+
+@needs_multi30k
+def test_text_tower_tokenizer_matches_transformers(xlmr_json):
+    hf = transformers.XLMRobertaTokenizerFast(tokenizer_file=str(xlmr_json))
+    ours = data.TextTowerTokenizer(xlmr_json)
+    sents = tokenizer_sentences()
+    for lang in LANGS:
+        for max_len in (512, 10):
+            ref = hf(sents[lang], padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+            input_ids, mask = ours.encode(sents[lang], max_len=max_len)
+            assert torch.equal(input_ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
+            assert ours.decode(input_ids) == hf.batch_decode(input_ids, skip_special_tokens=True)
+    assert input_ids[:, 0].eq(0).all()
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        data.MBartTokenizer(tmp_path / "missing.json")
+    # a tokenizer without language codes: say which token is missing and what to use instead
+    tok = Tokenizer(models.Unigram([(t, 0.0) for t in data.SPECIALS] + [("▁a", -1.0)], unk_id=3))
+    tok.save(str(tmp_path / "plain.json"))
+    plain = data.MBartTokenizer(tmp_path / "plain.json")
+    with pytest.raises(ValueError, match="no language token 'de_DE'.*mbart-large-50"):
+        plain.lang_id("de")
+    with pytest.raises(ValueError, match="unknown language"):
+        plain.lang_id("xx")
+    with pytest.raises(ValueError, match="non-empty list"):
+        data.TextTowerTokenizer(tmp_path / "plain.json").encode("a single string")
+
+
+# -----------------------------------------------------------------------------
+# Images: equal to transformers' CLIPImageProcessor (PIL backend)
+
+
+def random_image(mode, w, h, seed):
+    g = torch.Generator().manual_seed(seed)
+    channels = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4, "CMYK": 4}
+    if mode == "P":  # palette image, one palette entry transparent
+        image = random_image("RGB", w, h, seed).quantize(16)
+        image.info["transparency"] = 3
+        return image
+    raw = torch.randint(0, 256, (h * w * channels[mode],), generator=g, dtype=torch.uint8)
+    return Image.frombytes(mode, (w, h), bytes(raw.tolist()))
+
+
+def hf_clip_processor(size):
+    cls = getattr(transformers, "CLIPImageProcessorPil", None)
+    kw = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return cls(**kw) if cls is not None else transformers.CLIPImageProcessor(use_fast=False, **kw)
+
+
+@pytest.mark.parametrize("size", [224, 32])
+def test_clip_preprocess_matches_transformers(size):
+    processor = hf_clip_processor(size)
+    shapes = [(224, 224), (225, 333), (640, 480), (333, 225), (101, 37), (31, 17), (17, 31), (1, 50), (299, 298)]
+    modes = ["RGB", "RGBA", "L", "LA", "P", "CMYK"]
+    for k, (w, h) in enumerate(shapes):
+        for mode in modes:
+            image = random_image(mode, w, h, seed=k)
+            ref = processor(image, return_tensors="pt")["pixel_values"][0]
+            ours = data.clip_preprocess(image, size)
+            assert ours.shape == (3, size, size) and ours.dtype == torch.float32
+            diff = (ours - ref).abs().max().item()
+            assert diff <= 1e-6, f"{mode} {w}x{h} at {size}: max |diff| {diff:.2e}"
+
+
+def test_load_image(tmp_path):
+    image = random_image("RGB", 70, 50, seed=1)
+    image.save(tmp_path / "a.png")
+    assert torch.equal(data.load_image(tmp_path / "a.png", 32), data.clip_preprocess(image, 32))
+    with pytest.raises(DataError, match="not found"):
+        data.load_image(tmp_path / "missing.jpg", 32)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot read image .*bad.jpg"):
+        data.load_image(tmp_path / "bad.jpg", 32)
+
+
+# -----------------------------------------------------------------------------
+# Datasets
+
+
+@needs_multi30k
+def test_read_split_multi30k():
+    train = data.read_split(MULTI30K, "train", LANGS)
+    assert len(train) == 29000 and train.name == "train" and train.images is None
+    for lang in LANGS:
+        assert train.sentences[lang] == gz_lines("train", lang)
+    val = data.read_split(MULTI30K, "val", ["en_XX", "de_DE"])  # full codes find the short file names
+    assert len(val.sentences["en_XX"]) == 1014 and val.sentences["de_DE"][0] == gz_lines("val", "de")[0]
+
+
+def write_dataset(root, split, texts, image_names=None, gz=False, raw=True):
+    folder = root / "raw" if raw else root
+    folder.mkdir(parents=True, exist_ok=True)
+    for lang, lines in texts.items():
+        payload = "".join(line + "\n" for line in lines).encode()
+        path = folder / f"{split}.{lang}{'.gz' if gz else ''}"
+        path.write_bytes(gzip.compress(payload) if gz else payload)
+    if image_names is not None:
+        (root / "image_splits").mkdir(exist_ok=True)
+        (root / "image_splits" / f"{split}.txt").write_text("".join(n + "\n" for n in image_names))
+
+
+def test_read_split_layouts(tmp_path):
+    texts = {"en": ["A dog.", " A cat runs. "], "de": ["Ein Hund.", "Eine Katze rennt."]}
+    # Multi30k, gzipped, images in one sub-folder per split, MSCOCO names with '#id'
+    write_dataset(tmp_path / "m", "test_2017_mscoco", texts, ["COCO_1.jpg#2", "COCO_2.jpg#0"], gz=True)
+    (tmp_path / "img" / "test_2017_mscoco").mkdir(parents=True)
+    for i in (1, 2):
+        random_image("RGB", 8, 8, i).save(tmp_path / "img" / "test_2017_mscoco" / f"COCO_{i}.jpg", format="JPEG")
+    s = data.read_split(tmp_path / "m", "test_2017_mscoco", ["en", "de"], images=tmp_path / "img")
+    assert s.sentences == {"en": ["A dog.", "A cat runs."], "de": texts["de"]}
+    assert s.images == [tmp_path / "img" / "test_2017_mscoco" / f"COCO_{i}.jpg" for i in (1, 2)]
+    # flat images folder
+    write_dataset(tmp_path / "m", "val", texts, ["COCO_1.jpg", "COCO_2.jpg"])
+    flat = tmp_path / "img" / "test_2017_mscoco"
+    s = data.read_split(tmp_path / "m", "val", ["en"], images=flat)
+    assert s.images == [flat / "COCO_1.jpg", flat / "COCO_2.jpg"]
+    # WIT MMT: root/{src}_{tgt}/{split}.{lang}, no raw/ folder
+    write_dataset(tmp_path / "wit" / "en_ro", "valid", {"en": ["Hello."], "ro": ["Salut."]}, raw=False)
+    wit = data.read_split(tmp_path / "wit" / "en_ro", "valid", ["en", "ro_RO"])
+    assert wit.sentences == {"en": ["Hello."], "ro_RO": ["Salut."]}
+
+
+def test_read_split_errors(tmp_path):
+    with pytest.raises(DataError, match=r"Tried: .*raw/train\.en.*train\.en\.gz.*image_splits"):
+        data.read_split(tmp_path, "train", ["en"])
+    write_dataset(tmp_path, "train", {"en": ["a", "b", "c"], "de": ["a", "b"]})
+    with pytest.raises(DataError, match=r"train\.en has 3 lines but .*train\.de has 2"):
+        data.read_split(tmp_path, "train", ["en", "de"])
+    write_dataset(tmp_path, "val", {"en": ["a", "", "c", " ", "e"]})
+    with pytest.raises(DataError, match=r"val\.en has 2 empty line\(s\), at line 2, 4"):
+        data.read_split(tmp_path, "val", ["en"])
+    # images: list of another length, then missing and unreadable files, all counted and named
+    write_dataset(tmp_path, "test", {"en": ["a", "b", "c"]}, ["1.png", "2.png"])
+    with pytest.raises(DataError, match=r"test\.txt lists 2 images but .*test\.en has 3"):
+        data.read_split(tmp_path, "test", ["en"], images=tmp_path)
+    write_dataset(tmp_path, "test", {"en": ["a", "b", "c"]}, ["1.png", "2.png", "3.png"])
+    write_dataset(tmp_path, "dev", {"en": ["a"]})
+    with pytest.raises(DataError, match=r"no image list for split 'dev'.*image_splits/dev\.txt"):
+        data.read_split(tmp_path, "dev", ["en"], images=tmp_path)
+    with pytest.raises(DataError, match=r"3 of 3 images are missing .*1\.png, 2\.png, 3\.png"):
+        data.read_split(tmp_path, "test", ["en"], images=tmp_path)
+    random_image("RGB", 4, 4, 0).save(tmp_path / "1.png")
+    (tmp_path / "2.png").write_bytes(b"junk")
+    (tmp_path / "3.png").write_bytes(b"")
+    with pytest.raises(DataError, match=r"2 of 3 images .* cannot be read .*2\.png, 3\.png"):
+        data.read_split(tmp_path, "test", ["en"], images=tmp_path)
+    assert data.read_split(tmp_path, "test", ["en"]).images is None  # images are only checked when asked for
+
+
+def test_download_offline_fails_at_once(tmp_path, monkeypatch):
+    calls = []
+
+    def offline(url, timeout=None):
+        calls.append((url, timeout))
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    t0 = time.time()
+    with pytest.raises(DataError) as e:
+        data.download_multi30k(tmp_path / "m")
+    assert time.time() - t0 < 5 and len(calls) == 1 and calls[0][1] <= 10
+    assert calls[0][0].startswith("https://raw.githubusercontent.com/multi30k/dataset/")
+    msg = str(e.value)
+    assert str(tmp_path / "m" / "raw") in msg and str(tmp_path / "m" / "image_splits") in msg
+    assert not list(tmp_path.rglob("*.gz"))
+    with pytest.raises(SystemExit):  # the command line prints the same message, without a traceback
+        data.main(["multi30k", "--out", str(tmp_path / "m")])
+
+
+# -----------------------------------------------------------------------------
+# Frozen-tower feature cache
+
+
+def test_fingerprint():
+    net = torch.nn.Linear(4, 3)
+    key = data.fingerprint(net, "size=224")
+    assert key == data.fingerprint(net.state_dict(), "size=224") and len(key) == 64
+    assert key != data.fingerprint(net, "size=32")
+    assert data.fingerprint({"w": torch.zeros(2)}) != data.fingerprint({"w": torch.zeros(2, dtype=torch.float64)})
+    assert data.fingerprint({"w": torch.zeros(2)}) != data.fingerprint({"w": torch.zeros(1, 2)})
+    with torch.no_grad():
+        net.weight[0, 0] += 1e-6
+    assert data.fingerprint(net, "size=224") != key
+    big = torch.randn(100, 50)
+    assert data.fingerprint({"w": big[:, 10:20]}) == data.fingerprint({"w": big[:, 10:20].clone()})
+
+
+def test_cached_embeddings(tmp_path, monkeypatch):
+    calls = []
+
+    def compute(value=1.0):
+        calls.append(value)
+        return torch.full((5, 3), value)
+    first = data.cached_embeddings(tmp_path, "val.text", "a" * 64, compute)
+    path = tmp_path / f"val.text.{'a' * 16}.safetensors"
+    assert path.is_file() and calls == [1.0]
+    hit = data.cached_embeddings(tmp_path, "val.text", "a" * 64, lambda: pytest.fail("cache hit recomputed"))
+    assert torch.equal(hit, first)
+    # the same 16-character prefix but another key: recomputed and replaced
+    data.cached_embeddings(tmp_path, "val.text", "a" * 63 + "b", lambda: compute(2.0))
+    assert calls == [1.0, 2.0] and data.cached_embeddings(tmp_path, "val.text", "a" * 63 + "b", None)[0, 0] == 2.0
+
+    # a crash while computing or while writing leaves neither the final file nor a temporary one
+    def crash():
+        raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        data.cached_embeddings(tmp_path, "test.text", "c" * 64, crash)
+    monkeypatch.setattr(data.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        data.cached_embeddings(tmp_path, "test.text", "c" * 64, compute)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_embed_images_and_texts(tmp_path):
+    files = []
+    for i in range(7):
+        random_image("RGB", 20 + i, 30, i).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    torch.manual_seed(0)
+    image_net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.Flatten(), torch.nn.LazyLinear(6))
+    pixels = torch.stack([data.clip_preprocess(Image.open(f), 32) for f in files])
+    expected = image_net(pixels).detach()
+    got = data.embed_images(image_net, files, 32, batch_size=3, device="cpu")
+    assert got.shape == (7, 6) and not got.requires_grad
+    torch.testing.assert_close(got, expected)
+
+    tok = Tokenizer(models.Unigram([(t, 0.0) for t in data.SPECIALS] + [(c, -1.0) for c in "▁abcdefgh"], unk_id=3))
+    tok.save(str(tmp_path / "tok.json"))
+    tokenizer = data.TextTowerTokenizer(tmp_path / "tok.json")
+    emb = torch.nn.Embedding(20, 5)
+
+    def mean_pool(input_ids, attention_mask):  # M-CLIP's pooling, as a stand-in text tower
+        m = attention_mask.unsqueeze(-1).float()
+        return (emb(input_ids) * m).sum(1) / m.sum(1)
+    sentences = ["abc", "a", "hgfedcba ab", "b c d", "e"]
+    got = data.embed_texts(mean_pool, tokenizer, sentences, batch_size=2, device="cpu")
+    expected = torch.cat([mean_pool(*tokenizer.encode([s])) for s in sentences]).detach()
+    torch.testing.assert_close(got, expected)
+
+
+# -----------------------------------------------------------------------------
+# Batching
+
+
+def epoch_batches(lengths, world_size, epoch=0, **kw):
+    per_rank = []
+    for rank in range(world_size):
+        s = LengthBucketSampler(lengths, rank=rank, world_size=world_size, **kw)
+        s.set_epoch(epoch)
+        per_rank.append(list(s))
+        assert len(per_rank[-1]) == len(s)
+    return per_rank
+
+
+def test_sampler_covers_every_example_once():
+    lengths = torch.randint(1, 40, (1003,), generator=torch.Generator().manual_seed(0)).tolist()
+    for world_size in (1, 2, 3, 4):
+        for shuffle in (True, False):
+            per_rank = epoch_batches(lengths, world_size, batch_size=16, seed=5, shuffle=shuffle, bucket_size=100)
+            assert len({len(b) for b in per_rank}) == 1  # every rank takes the same number of steps
+            seen = sorted(i for batches in per_rank for b in batches for i in b)
+            assert seen == list(range(len(lengths)))
+            for step in zip(*per_rank):  # within one step the ranks' batches differ by at most one example
+                assert max(map(len, step)) - min(map(len, step)) <= 1 and max(map(len, step)) <= 16
+    dropped = epoch_batches(lengths, 3, batch_size=16, seed=5, drop_last=True)
+    assert all(len(b) == 16 for batches in dropped for b in batches) and len(dropped[0]) == 1003 // 48
+
+
+def test_sampler_deterministic_and_shuffled_per_epoch():
+    lengths = [i % 37 for i in range(500)]
+    a = epoch_batches(lengths, 2, epoch=3, batch_size=8, seed=1)
+    assert a == epoch_batches(lengths, 2, epoch=3, batch_size=8, seed=1)
+    assert a != epoch_batches(lengths, 2, epoch=4, batch_size=8, seed=1)
+    assert a != epoch_batches(lengths, 2, epoch=3, batch_size=8, seed=2)
+    # evaluation order: longest first, original indices, so outputs can be put back in dataset order
+    (ordered,) = epoch_batches(lengths, 1, batch_size=8, seed=0, shuffle=False)
+    flat = [i for b in ordered for i in b]
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+    restored = [None] * len(lengths)
+    for i in flat:
+        restored[i] = lengths[i]
+    assert restored == lengths
+
+
+@needs_multi30k
+def test_sampler_reduces_padding_on_multi30k():
+    lengths = [len(s.split()) for s in gz_lines("train", "de")]
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches if b)
+    (bucketed,) = epoch_batches(lengths, 1, batch_size=32, seed=0)
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0))
+    random_batches = [b.tolist() for b in order.split(32)]
+    real = sum(lengths)
+    assert padding(bucketed) < 0.1 * padding(random_batches), (padding(bucketed) / real, padding(random_batches) / real)
+
+
+# -----------------------------------------------------------------------------
+# The tiny world. German and French are checked against hand-written phrase tables (one entry per noun,
+# from a grammar book, not from data.py), relations against the grid positions, colours against pixels.
+
+SMALL = dict(n_train=300, n_val=40, n_test=60, seed=0, image_size=64)
+DE_ADJ = {"small": "klein", "large": "groß", "red": "rot", "blue": "blau", "green": "grün", "yellow": "gelb",
+          "black": "schwarz", "white": "weiß"}
+# noun -> (nominative "ein...", dative "einem/einer...", "dem/der X", "vom/von der X"); {s} {c}: adjective stems
+DE_PHRASES = {
+    "circle": ("ein {s}er {c}er Kreis", "einem {s}en {c}en Kreis", "dem Kreis", "vom Kreis"),
+    "star": ("ein {s}er {c}er Stern", "einem {s}en {c}en Stern", "dem Stern", "vom Stern"),
+    "square": ("ein {s}es {c}es Quadrat", "einem {s}en {c}en Quadrat", "dem Quadrat", "vom Quadrat"),
+    "triangle": ("ein {s}es {c}es Dreieck", "einem {s}en {c}en Dreieck", "dem Dreieck", "vom Dreieck"),
+    "cross": ("ein {s}es {c}es Kreuz", "einem {s}en {c}en Kreuz", "dem Kreuz", "vom Kreuz"),
+    "diamond": ("eine {s}e {c}e Raute", "einer {s}en {c}en Raute", "der Raute", "von der Raute"),
+    "ellipse": ("eine {s}e {c}e Ellipse", "einer {s}en {c}en Ellipse", "der Ellipse", "von der Ellipse"),
+}
+FR_ADJ = {"small": ("petit", "petite"), "large": ("grand", "grande"), "red": ("rouge", "rouge"),
+          "blue": ("bleu", "bleue"), "green": ("vert", "verte"), "yellow": ("jaune", "jaune"),
+          "black": ("noir", "noire"), "white": ("blanc", "blanche")}
+# noun -> (feminine?, "un/une ...", "d'un/d'une ...", "du/de la/de l' X")
+FR_PHRASES = {
+    "circle": (0, "un {s} cercle {c}", "d'un {s} cercle {c}", "du cercle"),
+    "square": (0, "un {s} carré {c}", "d'un {s} carré {c}", "du carré"),
+    "triangle": (0, "un {s} triangle {c}", "d'un {s} triangle {c}", "du triangle"),
+    "diamond": (0, "un {s} losange {c}", "d'un {s} losange {c}", "du losange"),
+    "star": (1, "une {s} étoile {c}", "d'une {s} étoile {c}", "de l'étoile"),
+    "cross": (1, "une {s} croix {c}", "d'une {s} croix {c}", "de la croix"),
+    "ellipse": (1, "une {s} ellipse {c}", "d'une {s} ellipse {c}", "de l'ellipse"),
+}
+WHERE = {"en": {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"},
+         "de": {"left": "links", "right": "rechts", "above": "über", "below": "unter"},
+         "fr": {"left": "à gauche", "right": "à droite", "above": "au-dessus", "below": "au-dessous"}}
+
+
+def where(a, b):
+    """Where a is, seen from b, from their grid cells (they share a row or a column)."""
+    if a.row == b.row:
+        return "left" if a.col < b.col else "right"
+    assert a.col == b.col, "related things must share a row or a column"
+    return "above" if a.row < b.row else "below"
+
+
+def expected_sentence(scene, lang):
+    def phrase(t):  # (subject, after a relation, "the" after a relation; German: (plain, after von))
+        if lang == "en":
+            return [f"a {t.size} {t.colour} {t.shape}"] * 2 + [f"the {t.shape}"]
+        if lang == "de":
+            p = DE_PHRASES[t.shape]
+            s, c = DE_ADJ[t.size], DE_ADJ[t.colour]
+            return p[0].format(s=s, c=c), p[1].format(s=s, c=c), (p[2], p[3])
+        fem, *p = FR_PHRASES[t.shape]
+        s, c = FR_ADJ[t.size][fem], FR_ADJ[t.colour][fem]
+        return p[0].format(s=s, c=c), p[1].format(s=s, c=c), p[2]
+
+    def relation(a, b, definite):
+        w, ph = where(a, b), phrase(b)
+        if lang == "en":
+            return f"{WHERE['en'][w]} {ph[2] if definite else ph[1]}"
+        if lang == "fr":
+            return f"{WHERE['fr'][w]} {ph[2] if definite else ph[1]}"
+        if w in ("left", "right"):  # von + dative, "von dem" -> "vom"
+            return f"{WHERE['de'][w]} " + (ph[2][1] if definite else f"von {ph[1]}")
+        return f"{WHERE['de'][w]} " + (ph[2][0] if definite else ph[1])
+    verb, conj = {"en": ("is", "and"), "de": ("ist", "und"), "fr": ("est", "et")}[lang]
+    t = scene.things
+    s = phrase(t[0])[0]
+    if len(t) > 1:
+        s += f" {verb} {relation(t[0], t[1], False)}"
+    if len(t) > 2:
+        s += f" {conj} {phrase(t[2])[0]} {verb} {relation(t[2], t[1], True)}"
+    return s[0].upper() + s[1:] + "."
+
+
+def test_tiny_world_gold_sentences():
+    """Hand-written translations of hand-made scenes."""
+    gold = [
+        (Scene((Thing("star", "red", "small", 1, 0), Thing("diamond", "blue", "large", 1, 1),
+                Thing("cross", "white", "small", 0, 1))),
+         "A small red star is to the left of a large blue diamond and a small white cross is above the diamond.",
+         "Ein kleiner roter Stern ist links von einer großen blauen Raute und ein kleines weißes Kreuz ist über der Raute.",
+         "Une petite étoile rouge est à gauche d'un grand losange bleu et une petite croix blanche est au-dessus du losange."),
+        (Scene((Thing("ellipse", "black", "large", 2, 2), Thing("circle", "green", "small", 0, 2),
+                Thing("triangle", "yellow", "large", 0, 0))),
+         "A large black ellipse is below a small green circle and a large yellow triangle is to the left of the circle.",
+         "Eine große schwarze Ellipse ist unter einem kleinen grünen Kreis und ein großes gelbes Dreieck ist links vom Kreis.",
+         "Une grande ellipse noire est au-dessous d'un petit cercle vert et un grand triangle jaune est à gauche du cercle."),
+        (Scene((Thing("square", "white", "large", 0, 1), Thing("star", "green", "small", 1, 1),
+                Thing("circle", "blue", "small", 1, 2))),
+         "A large white square is above a small green star and a small blue circle is to the right of the star.",
+         "Ein großes weißes Quadrat ist über einem kleinen grünen Stern und ein kleiner blauer Kreis ist rechts vom Stern.",
+         "Un grand carré blanc est au-dessus d'une petite étoile verte et un petit cercle bleu est à droite de l'étoile."),
+        (Scene((Thing("cross", "yellow", "small", 1, 1),)),
+         "A small yellow cross.", "Ein kleines gelbes Kreuz.", "Une petite croix jaune."),
+    ]
+    for scene, en, de, fr in gold:
+        assert [data.describe(scene, lang) for lang in ("en", "de", "fr")] == [en, de, fr]
+        assert [expected_sentence(scene, lang) for lang in ("en", "de", "fr")] == [en, de, fr]
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+    return data.make_tiny_world(tmp_path_factory.mktemp("world"), **SMALL)
+
+
+def test_tiny_world_matches_its_scenes(small_world):
+    for split in ("train", "val", "test"):
+        s = data.read_split(small_world, split, ["en", "de", "fr"], images=small_world / "images")
+        scenes = data.make_scenes(split, SMALL[f"n_{split}"], SMALL["seed"])
+        assert len(s) == len(scenes) == len(s.images)
+        for k, scene in enumerate(scenes):
+            for lang in ("en", "de", "fr"):
+                assert s.sentences[lang][k] == expected_sentence(scene, lang)
+            image = Image.open(s.images[k])
+            assert image.size == (64, 64)
+            for t in scene.things:  # the centre of each thing's grid cell has its colour
+                x, y = int((t.col + 0.5) * 64 / 3), int((t.row + 0.5) * 64 / 3)
+                assert image.getpixel((x, y)) == data.COLOURS[t.colour], (split, k, t)
+
+
+def test_tiny_world_holds_out_combinations(small_world):
+    def pairs_in(text):
+        return {(c, s) for c, s in data.HELD_OUT if f"{c} {s}" in text}
+    for split in ("train", "val"):
+        text = (small_world / "raw" / f"{split}.en").read_text()
+        assert not pairs_in(text)
+        de, fr = (small_world / "raw" / f"{split}.de").read_text(), (small_world / "raw" / f"{split}.fr").read_text()
+        assert not any(w in de for w in ("roter Stern", "roten Stern", "blaues Dreieck", "blauen Dreieck"))
+        assert "étoile rouge" not in fr and "triangle bleu" not in fr
+    test_lines = (small_world / "raw" / "test.en").read_text().splitlines()
+    assert all(pairs_in(line) for line in test_lines)
+    assert len(set().union(*map(pairs_in, test_lines))) == len(data.HELD_OUT)  # all of them are tested
+
+
+def test_tiny_world_tokenizer(small_world):
+    path = small_world / "tokenizer.json"
+    hf = transformers.MBart50TokenizerFast(tokenizer_file=str(path), src_lang="en_XX", tgt_lang="de_DE")
+    ours, text = data.MBartTokenizer(path), data.TextTowerTokenizer(path)
+    assert ours.vocab_size == len(hf) < 400
+    assert hf.convert_ids_to_tokens(list(range(4))) == data.SPECIALS
+    assert [ours.lang_id(c) for c in data.MBART50_LANGS] == [hf.lang_code_to_id[c] for c in data.MBART50_LANGS]
+    assert hf.convert_tokens_to_ids("<mask>") == ours.vocab_size - 1
+    for lang in ("en", "de", "fr"):
+        sents = data.read_split(small_world, "test", [lang]).sentences[lang]
+        hf.src_lang = data.lang_code(lang)
+        ref = hf(sents, padding=True, return_tensors="pt")
+        input_ids, mask = ours.encode(sents, lang)
+        assert torch.equal(input_ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
+        assert ours.decode(input_ids) == sents  # no <unk>: every test word form is in the training text
+        assert mask.sum(1).max() < 30
+        assert torch.equal(text.encode(sents)[0][:, 1:], input_ids[:, 1:])  # <s> instead of the language
+
+
+def hash_tree(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_tiny_world_is_deterministic(tmp_path, small_world):
+    again = data.make_tiny_world(tmp_path / "again", **SMALL)
+    assert hash_tree(again) == hash_tree(small_world)
+    other = data.make_tiny_world(tmp_path / "other", **{**SMALL, "seed": 1})
+    assert (other / "raw" / "train.de").read_bytes() != (small_world / "raw" / "train.de").read_bytes()
+
+
+def test_tiny_world_cache(tmp_path, monkeypatch):
+    settings = dict(n_train=20, n_val=5, n_test=5)
+    monkeypatch.setenv("CLIPTRANS_CACHE", str(tmp_path / "env"))
+    root = data.tiny_world(**settings)
+    assert root == tmp_path / "env" / "tiny_world" and (root / "stamp.json").is_file()
+    stamp = (root / "stamp.json").stat().st_mtime_ns
+    monkeypatch.setattr(data, "make_tiny_world", lambda *a, **k: pytest.fail("regenerated a current world"))
+    assert data.tiny_world(**settings) == root and (root / "stamp.json").stat().st_mtime_ns == stamp
+    monkeypatch.undo()
+    root2 = data.tiny_world(tmp_path / "explicit", **{**settings, "seed": 3})
+    assert root2 == tmp_path / "explicit" / "tiny_world"
+    assert json.loads((root2 / "stamp.json").read_text())["seed"] == 3
+    data.tiny_world(tmp_path / "explicit", **{**settings, "seed": 4})  # stale stamp: regenerated in place
+    assert json.loads((root2 / "stamp.json").read_text())["seed"] == 4
+    assert sorted(p.name for p in (tmp_path / "explicit").iterdir()) == ["tiny_world"]  # no temp folders left
+
+
+def test_tiny_cli(tmp_path):
+    data.main(["tiny", "--out", str(tmp_path / "w"), "--n-train", "10", "--n-val", "2", "--n-test", "3"])
+    s = data.read_split(tmp_path / "w", "test", ["en", "fr"], images=tmp_path / "w" / "images")
+    assert len(s) == 3 and all(p.is_file() for p in s.images)
