@@ -114,6 +114,7 @@ def main():
     p.add_argument("--preset", default="paper", choices=["paper", "tiny"])
     p.add_argument("--iters", type=int, default=None, help="timed repetitions (default: 10 on CUDA, 2 on CPU)")
     p.add_argument("--only", default="towers,generate,train", help="comma-separated subset")
+    p.add_argument("--compile", action="store_true", help="also time our training step under torch.compile")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args()
     dev, iters = a.device, a.iters or (10 if a.device == "cuda" else 2)
@@ -194,6 +195,11 @@ def main():
             t = timed(lambda: ours.generate(clip, src, src_mask, lang, num_beams=5, max_new_tokens=GN,
                                             min_new_tokens=GN), dev, max(2, iters // 3))
             results["beam-5 generation (CLIPTrans, prefix)"] = {"ours_ms": t * 1e3, "ours_sentences_per_s": GB / t}
+            if dev == "cuda":  # the same search with plain kernel launches, to show what the CUDA graph buys
+                t = timed(lambda: ours.mbart.generate(src, src_mask, use_cuda_graph=False, **args), dev,
+                          max(2, iters // 3))
+                results["beam-5 generation (mBART, no CUDA graph)"] = {"ours_ms": t * 1e3, "ours_sentences_per_s": GB / t}
+        save(results, a.out)
 
     # ---------------------------------------------------------------- 1. stage 2 training step
     if "train" in only:
@@ -253,21 +259,49 @@ def main():
         row("stage 2 training step", hf_t, ours_t, TB, "sentences", hf_peak_gib=hf_mem, ours_peak_gib=ours_mem,
             hf_mfu=mfu(hf_t), ours_mfu=mfu(ours_t), model_tflop_per_step=flops / 1e12,
             first_loss_abs_diff=loss_diff)
+        save(results, a.out)
+        del ours_opt, ours_step
+        params = list(ours.mbart.parameters()) + list(ours.mapping.parameters())
+        variants = []
+        if a.compile:
+            compiled = torch.compile(ours)
+            variants.append(("torch.compile", lambda: trainer(params, lambda: compiled(clip, src, src_mask, tgt),
+                                                              [ours])[0]))
+        for name, make in variants:
+            for p_ in params:
+                p_.grad = None
+            name = f"stage 2 training step ({name})"
+            try:
+                t0 = time.perf_counter()
+                step = make()
+                step()
+                setup_s = time.perf_counter() - t0
+                mem = peak_memory(dev, lambda: [step() for _ in range(2)])
+                t = timed(step, dev, iters)
+                row(name, hf_t, t, TB, "sentences", ours_peak_gib=mem, ours_mfu=mfu(t), setup_s=setup_s)
+            except Exception as e:  # report and go on: the other figures stand
+                results[name] = {"error": repr(e)}
+                print(f"{name}: failed: {e!r}", flush=True)
+            save(results, a.out)
 
     print(f"\n{results['device']}, torch {results['torch']}, transformers {results['transformers']}, "
           f"preset {a.preset}, {'bf16 autocast' if dev == 'cuda' else 'fp32'}")
-    print(f"{'':32s} {'HF ms':>9s} {'ours ms':>9s} {'HF /s':>9s} {'ours /s':>9s} {'speed-up':>9s}")
+    print(f"{'':40s} {'HF ms':>9s} {'ours ms':>9s} {'HF /s':>9s} {'ours /s':>9s} {'speed-up':>9s}")
     for name, hf_ms, ours_ms, hf_rate, ours_rate, ratio, unit in rows:
-        print(f"{name:32s} {hf_ms:9.1f} {ours_ms:9.1f} {hf_rate:9.0f} {ours_rate:9.0f} {ratio:8.2f}x  ({unit})")
+        print(f"{name:40s} {hf_ms:9.1f} {ours_ms:9.1f} {hf_rate:9.0f} {ours_rate:9.0f} {ratio:8.2f}x  ({unit})")
     for name, r in results.items():
         if isinstance(r, dict):
             extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                      if not k.startswith(("hf_ms", "ours_ms", "speedup")) and "per_s" not in k}
             if extra:
                 print(f"  {name}: {extra}")
-    with open(a.out, "w") as f:
-        json.dump(results, f, indent=2)
+    save(results, a.out)
     print(f"wrote {a.out}")
+
+
+def save(results, path):
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

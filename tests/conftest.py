@@ -23,6 +23,7 @@ reuse them; the fixtures are thin, session-scoped wrappers. Everything together 
 
 import gzip
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -32,8 +33,8 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent  # the repo: cliptrans.py, weights.py
-# shared/ sits beside the repo (CI runs a fresh clone next to it)
-MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "multi30k"
+# shared/ sits beside the repo (CI runs a fresh clone next to it); MULTI30K_DIR points elsewhere
+MULTI30K = Path(os.environ.get("MULTI30K_DIR", Path(__file__).resolve().parents[2] / "shared" / "multi30k"))
 
 for p in (str(ROOT), str(TESTS)):  # `import weights` and `from hf_configs import ...` under plain `pytest`
     if p not in sys.path:

@@ -22,10 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from data import DataError, LengthBucketSampler, Scene, Thing  # noqa: E402
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a test dependency: requirements.txt)
 
-MULTI30K = Path(__file__).resolve().parents[1].parent / "shared" / "multi30k"
-needs_multi30k = pytest.mark.skipif(not MULTI30K.is_dir(), reason=f"Multi30k text not found at {MULTI30K}")
+from conftest import MULTI30K  # noqa: E402  (the real Multi30k text: a test that needs it fails without it)
 LANGS = ["en", "de", "fr", "cs"]
 
 
@@ -56,8 +55,6 @@ def test_languages_match_transformers():
 @pytest.fixture(scope="session")
 def spm_json(tmp_path_factory):
     """A SentencePiece-style Unigram tokenizer trained on Multi30k (4 languages), in mBART-50's layout."""
-    if not MULTI30K.is_dir():
-        pytest.skip(f"Multi30k text not found at {MULTI30K}")
     lines = [line for lang in LANGS for line in gz_lines("train", lang)[:2000]]
     trainer_tok = Tokenizer(models.Unigram())
     trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -95,7 +92,6 @@ def tokenizer_sentences():
     return out
 
 
-@needs_multi30k
 @pytest.mark.parametrize("src,tgt", [("en", "de"), ("de", "fr"), ("fr", "cs"), ("cs", "en")])
 def test_mbart_tokenizer_matches_transformers(spm_json, src, tgt):
     hf = transformers.MBart50TokenizerFast(tokenizer_file=str(spm_json), src_lang=data.lang_code(src),
@@ -127,7 +123,6 @@ def test_mbart_tokenizer_matches_transformers(spm_json, src, tgt):
     assert same > 0.8 * len(sents[src])
 
 
-@needs_multi30k
 def test_text_tower_tokenizer_matches_transformers(xlmr_json):
     hf = transformers.XLMRobertaTokenizerFast(tokenizer_file=str(xlmr_json))
     ours = data.TextTowerTokenizer(xlmr_json)
@@ -207,7 +202,6 @@ def test_load_image(tmp_path):
 # Datasets
 
 
-@needs_multi30k
 def test_read_split_multi30k():
     train = data.read_split(MULTI30K, "train", LANGS)
     assert len(train) == 29000 and train.name == "train" and train.images is None
@@ -411,7 +405,6 @@ def test_sampler_deterministic_and_shuffled_per_epoch():
     assert restored == lengths
 
 
-@needs_multi30k
 def test_sampler_reduces_padding_on_multi30k():
     lengths = [len(s.split()) for s in gz_lines("train", "de")]
 

@@ -14,7 +14,7 @@ import weights
 from cliptrans import CLIPTrans, CLIPTransConfig, prefix_mask
 from conftest import assert_close, hf_param_counts, mclip_reference
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (a test dependency: requirements.txt)
 
 
 @pytest.fixture(scope="session")
