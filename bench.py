@@ -190,7 +190,7 @@ def main():
             same = (a_hf == a_ours).float().mean().item() if a_hf.shape == a_ours.shape else 0.0
             assert a_ours.shape == (GB, GN + 1), a_ours.shape
             row("beam-5 generation (mBART)", timed(hf_gen, dev, max(2, iters // 3)),
-                timed(ours_gen, dev, max(2, iters // 3)), GB, "sentences", same_tokens_bf16=same)
+                timed(ours_gen, dev, max(2, iters // 3)), GB, "sentences", same_tokens=same)
             clip = torch.randn(GB, cfg.text.embed_dim, generator=g).to(dev)
             t = timed(lambda: ours.generate(clip, src, src_mask, lang, num_beams=5, max_new_tokens=GN,
                                             min_new_tokens=GN), dev, max(2, iters // 3))

@@ -1,0 +1,672 @@
+"""Tests of train.py: overfitting, the stage 1 -> stage 2 handoff, what trains in each stage, exact resume,
+2-process DDP, the default commands end to end, bad input, and scoring a checkpoint.
+
+Everything runs on a CPU, in tmp folders only: a small tiny world (256 training scenes, 32-pixel images), a
+stage 0 of a few seconds on it, and stage 1 / stage 2 runs of a few steps from there. Runs whose exit code,
+stderr, SIGKILL or torchrun matter are subprocesses (`python train.py ...` in the repository root); the
+rest call `train.main([...])` in this process, which is faster.
+
+Every process here uses one intra-op thread: the tiny models gain nothing from more, a CPU shared with
+another job makes two threads spin-wait (measured 20x slower), and the same thread count everywhere keeps
+the runs we compare bit for bit reproducible.
+"""
+
+import gc
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import train
+import weights
+from cliptrans import CLIPTrans, CLIPTransConfig, MappingConfig
+from conftest import ROOT
+
+# Small evaluation settings for every run that does not test the defaults: greedy, short, 8 sentences.
+FAST = ["--beam", "1", "--max_new_tokens", "20", "--max_eval", "8", "--log_every", "1"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def args(*items):
+    return [str(a) for a in items]
+
+
+def run_train(*cli, cache, timeout=300, launcher=("train.py",)):
+    """`python train.py ...` (or another launcher, e.g. torchrun) in the repo root; returns CompletedProcess."""
+    return subprocess.run([sys.executable, *launcher, *args(*cli)], cwd=ROOT, env=subprocess_env(cache),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def subprocess_env(cache):
+    # CLIPTRANS_CACHE: never the user's ~/.cache/cliptrans, even for a run that forgets --data
+    return dict(os.environ, OMP_NUM_THREADS="1", CLIPTRANS_CACHE=str(cache), PYTHONUNBUFFERED="1")
+
+
+def records(out):
+    """The complete records of OUT/metrics.jsonl, in order (a line still being written is left out)."""
+    lines = (Path(out) / "metrics.jsonl").read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def step_losses(recs):
+    """{step: loss} of the training-loss records (a step logged twice keeps its last value)."""
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def tensors(folder):
+    return load_file(Path(folder) / weights.WEIGHTS_FILE)
+
+
+def changed(before, after):
+    """Names of the tensors that differ (anywhere) between two checkpoints of the same model."""
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def max_diff(a, b, keys=None):
+    return max((a[k] - b[k]).abs().max().item() for k in (keys or a.keys()))
+
+
+def snapshot(*folders):
+    """sha256 of every file under the folders: to prove a failed run left them byte for byte intact."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for f in folders for p in sorted(Path(f).rglob("*")) if p.is_file()}
+
+
+def summary_line(stdout):
+    """The JSON summary train.py prints last."""
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert lines, f"no JSON line in stdout:\n{stdout[-2000:]}"
+    return json.loads(lines[-1])
+
+
+def describe(proc):
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+
+
+# ----------------------------------------------------------------------------- fixtures (module scope)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(tmp_path_factory):
+    """One intra-op thread (see the module docstring) and a tmp CLIPTRANS_CACHE for in-process runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CLIPTRANS_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("subprocess_cache")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    # ~1 s; the frozen towers' features get cached in world/features by the runs
+    return data.make_tiny_world(tmp_path_factory.mktemp("world"), n_train=256, n_val=24, n_test=24, seed=0,
+                                image_size=32)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def stage0(world, runs):
+    """Stage 0 on the small world: steps = epochs * (n_train // batch) = 8 contrastive + 8 denoising steps."""
+    train.main(args("--stage", 0, "--data", world, "--out", runs / "stage0", "--epochs", 1, "--batch_size", 32))
+    return runs / "stage0" / "last"
+
+
+@pytest.fixture(scope="module")
+def stage1(world, runs, stage0):
+    """A 4-step stage 1 run from stage 0; returns its --out folder."""
+    out = runs / "stage1"
+    train.main(args("--stage", 1, "--data", world, "--weights", stage0, "--out", out, "--max_steps", 4,
+                    "--batch_size", 16, *FAST))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage2(world, runs, stage1):
+    """A 4-step stage 2 run from stage 1's `last`; returns its --out folder."""
+    out = runs / "stage2"
+    train.main(args("--stage", 2, "--data", world, "--init", stage1 / "last", "--out", out, "--max_steps", 4,
+                    "--batch_size", 16, *FAST))
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. overfitting one batch
+
+
+def overfit(stage, steps=200):
+    """Train a fresh tiny CLIPTrans (vocabulary 64, dropout off) on one fixed batch, freezing what train.py
+    freezes in `stage`. Returns (model, its starting state dict, the losses, the batch)."""
+    torch.manual_seed(0)
+    cfg = CLIPTransConfig.preset("tiny")
+    cfg.mbart.vocab_size = cfg.text.vocab_size = 64
+    cfg.mbart.dropout = cfg.text.dropout = 0.0
+    model = CLIPTrans(cfg)
+    # The tied embedding is also the output layer, frozen in stage 1. At its fresh N(0, 0.02) it caps the
+    # logits' scale, and stage 1 creeps down ~1e-3 per step (loss 1.1 after 300 steps, measured); a
+    # pretrained mBART's embedding is larger. std 0.1 stands for that.
+    torch.nn.init.normal_(model.mbart.shared.weight, std=0.1)
+    B, lang = 8, 60
+    clip = torch.randn(B, cfg.vision.embed_dim)
+    targets = torch.randint(4, 60, (B, 12))  # `<lang> y1..y10 </s>`, some rows padded
+    targets[:, 0] = lang
+    for b in range(B):
+        n = 6 + b % 6
+        targets[b, n], targets[b, n + 1:] = cfg.mbart.eos_id, cfg.mbart.pad_id
+    if stage == 1:  # "the encoder input is trivial": `<lang> </s>`, the same for every example
+        ids = torch.tensor([[lang, cfg.mbart.eos_id]] * B)
+    else:
+        ids = torch.randint(4, 60, (B, 9))
+        ids[:, 0], ids[:, -1] = 59, cfg.mbart.eos_id
+    mask = torch.ones_like(ids)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    # as train.py: the mapping network trains in both stages; stage 1 the decoder, stage 2 all of mBART
+    model.requires_grad_(False)
+    model.mapping.requires_grad_(True)
+    (model.mbart.decoder if stage == 1 else model.mbart).requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, betas=(0.9, 0.98),
+                            eps=1e-6, weight_decay=0.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(clip, ids, mask, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return model, start, losses, (clip, ids, mask, targets)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_overfit_one_batch(stage):
+    model, start, losses, (clip, ids, mask, targets) = overfit(stage)
+    # measured after 200 steps: 12.68 -> 0.0026 (stage 1), 12.70 -> 0.0024 (stage 2); ln(64) = 4.2 is chance
+    assert losses[0] > 4.0, losses[0]
+    assert losses[-1] < 0.05, f"stage {stage}: loss {losses[0]:.3f} -> {losses[-1]:.4f} after {len(losses)} steps"
+    if stage == 1:
+        # the encoder input is the same for every row: only the prefix (the image embedding) tells the
+        # captions apart, so the fit must break when the embeddings are shuffled
+        model.eval()
+        with torch.no_grad():
+            shuffled = model(clip.roll(1, 0), ids, mask, targets).item()
+        assert shuffled > 1.0, shuffled  # measured: 3.1
+    moved = changed(start, model.state_dict())
+    trains = ("mapping.", "mbart.decoder.") if stage == 1 else ("mapping.", "mbart.encoder.", "mbart.decoder.",
+                                                                 "mbart.shared.")
+    assert moved == {k for k in start if k.startswith(trains)}
+
+
+# ----------------------------------------------------------------------------- 2-3. the handoff, what trains
+
+
+def prefixed(keys, *prefixes):
+    return {k for k in keys if k.startswith(prefixes)}
+
+
+def test_stage1_trains_only_the_decoder_and_the_mapping_network(stage0, stage1):
+    s0, s1 = tensors(stage0), tensors(stage1 / "last")
+    moved = changed(s0, s1)
+    # every tensor of the decoder and the mapping network moved in 4 steps; nothing else did: not the
+    # encoder, not the shared embedding (= encoder input and output layer), not the buffer, not the towers
+    assert moved == prefixed(s0, "mbart.decoder.", "mapping.")
+    for key in ("mbart.shared.weight", "mbart.final_logits_bias"):
+        assert key not in moved
+    assert not prefixed(moved, "mbart.encoder.", "vision.", "text.")
+    assert max_diff(s0, s1, prefixed(s0, "mapping.")) > 1e-4  # moved by real updates (lr 5e-4), not noise
+
+
+def test_stage2_trains_all_of_mbart_and_the_mapping_network(stage1, stage2):
+    s1, s2 = tensors(stage1 / "last"), tensors(stage2 / "last")
+    moved = changed(s1, s2)
+    assert moved == prefixed(s1, "mbart.encoder.", "mbart.decoder.", "mbart.shared.", "mapping.")
+    assert not prefixed(moved, "vision.", "text.")  # the towers are frozen: their features are cached
+    assert "mbart.final_logits_bias" not in moved
+
+
+def test_stage2_starts_from_the_stage1_checkpoint(world, stage0, stage1, tmp_path):
+    s0, s1 = tensors(stage0), tensors(stage1 / "last")
+    # Stage 1 froze the encoder: its `last` holds stage 0's encoder bit for bit, and a new decoder.
+    encoder = prefixed(s0, "mbart.encoder.")
+    assert all(torch.equal(s0[k], s1[k]) for k in encoder)
+    assert max_diff(s0, s1, prefixed(s0, "mbart.decoder.", "mapping.")) > 1e-4
+    # A stage 2 step at lr 1e-30 (no weight decay) changes no weight by more than 1e-30 (only weights at 0
+    # move at all): its checkpoint is what it loaded, which must be stage 1's `last` (given as --init), not
+    # stage 0's weights.
+    out = tmp_path / "stage2"
+    train.main(args("--stage", 2, "--data", world, "--init", stage1 / "last", "--weights", stage0, "--out", out,
+                    "--max_steps", 1, "--batch_size", 16, "--lr", 1e-30, *FAST))
+    s2 = tensors(out / "last")
+    assert max_diff(s1, s2) <= 1e-20
+    assert max_diff(s0, s2, prefixed(s0, "mbart.decoder.", "mapping.")) > 1e-4
+    saved = json.loads((out / "last" / weights.CONFIG_FILE).read_text())["train"]
+    assert (saved["stage"], saved["init"]) == (2, str(stage1 / "last"))
+
+
+def test_from_scratch_stage2_starts_from_the_weights(world, stage0, stage1, tmp_path):
+    # the ablation: stage 2 from --weights (stage 0), ignoring the stage 1 checkpoint; the lr 1e-30 trick again
+    out = tmp_path / "scratch"
+    train.main(args("--stage", 2, "--data", world, "--init", stage1 / "last", "--weights", stage0, "--out", out,
+                    "--from_scratch_stage2", "--max_steps", 1, "--batch_size", 16, "--lr", 1e-30, *FAST))
+    assert max_diff(tensors(stage0), tensors(out / "last")) <= 1e-20  # 1e-30 where a weight was 0
+
+
+def test_stage2_changes_the_encoder_that_stage1_froze(stage0, stage2):
+    s0, s2 = tensors(stage0), tensors(stage2 / "last")
+    assert max_diff(s0, s2, prefixed(s0, "mbart.encoder.")) > 1e-4
+
+
+# ----------------------------------------------------------------------------- 4. resume
+
+
+RESUME = ["--max_steps", 12, "--save_every", 4, "--batch_size", 8, "--eval_every", 1000, *FAST]
+
+
+def resume_args(world, stage1, out, *extra):
+    """Stage 2 from stage 1, dropout at the model's 0.1: a resume must restore the RNG states exactly."""
+    return args("--stage", 2, "--data", world, "--init", stage1 / "last", "--out", out, *RESUME, *extra)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, stage1, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    train.main(resume_args(world, stage1, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(world, stage1, cache, tmp_path_factory):
+    """A run killed with SIGKILL after >= 6 logged steps, then resumed with --resume to step 12.
+
+    The killed run has --max_steps 1000 so that it is always still running when we kill it (the schedule is
+    constant: max_steps changes nothing else). Returns a dict: out, killed_at (the last step logged before
+    the kill), resumed_from (the checkpoint's step), before / after (the records written before the kill /
+    by the resumed run)."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    cli = resume_args(world, stage1, out) + ["--max_steps", "1000"]  # argparse: the last one wins
+    proc = subprocess.Popen([sys.executable, "train.py", *cli], cwd=ROOT, env=subprocess_env(cache),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and len(step_losses(records(out))) >= 6:
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail(f"the run to kill ended (exit {proc.returncode}) or logged < 6 steps in 120 s")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    before = records(out)
+    resumed = run_train(*resume_args(world, stage1, out, "--resume"), cache=cache)
+    assert resumed.returncode == 0, describe(resumed)
+    line = next(s for s in resumed.stdout.splitlines() if s.startswith("resuming"))
+    resumed_from = int(line.split(" at step ")[1].split()[0])
+    return dict(out=out, killed_at=max(step_losses(before)), resumed_from=resumed_from, before=before,
+                after=records(out)[len(before):])
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(uninterrupted, killed_and_resumed):
+    run = killed_and_resumed
+    out, killed_at, resumed_from = run["out"], run["killed_at"], run["resumed_from"]
+    want = step_losses(records(uninterrupted))
+    assert sorted(want) == list(range(1, 13))
+    # `last` is written every 4 steps: the kill (at step >= 6) left step 4 or 8 (or 12 if it came very late)
+    assert resumed_from in (4, 8) and resumed_from <= killed_at, (resumed_from, killed_at)
+    got = step_losses(run["after"])
+    assert sorted(got) == list(range(resumed_from + 1, 13))
+    for step in got:  # same batches, same dropout masks, same optimizer state: the same numbers
+        assert got[step] == pytest.approx(want[step], abs=1e-6, rel=0), step
+    # the steps logged before the kill were the same run too
+    before = step_losses(run["before"])
+    assert sorted(before) == list(range(1, killed_at + 1))
+    assert all(before[s] == pytest.approx(want[s], abs=1e-6, rel=0) for s in before)
+    # and the end state: the same weights, a loadable checkpoint at step 12
+    assert max_diff(tensors(uninterrupted / "last"), tensors(out / "last")) <= 1e-6
+    state = torch.load(out / "last" / "state.pt", weights_only=True)
+    assert (state["step"], state["config"]["stage"]) == (12, 2)
+    model = weights.load(out / "last")
+    assert model.config.mbart.dropout == 0.1  # dropout was on: the RNG states had to be restored
+
+
+def test_resumed_metrics_log_each_step_once(killed_and_resumed):
+    """metrics.jsonl of a resumed run should read like the uninterrupted run's: one record per step.
+    (The resumed run appends; the steps between the checkpoint and the kill were already logged.)"""
+    out, killed_at, resumed_from = (killed_and_resumed[k] for k in ("out", "killed_at", "resumed_from"))
+    if killed_at == resumed_from:
+        pytest.skip("the kill landed right after a checkpoint: no step was logged twice")
+    steps = [r["step"] for r in records(out) if "loss" in r]
+    twice = sorted({s for s in steps if steps.count(s) > 1})
+    assert not twice, f"steps {twice} logged twice (checkpoint at {resumed_from}, killed at {killed_at})"
+
+
+def test_resume_after_max_steps_equals_an_uninterrupted_run(world, stage1, uninterrupted, tmp_path):
+    # 6 steps, then --resume to 12, in this process: the same batches and losses as 12 steps in one go,
+    # although the first run ended with an evaluation and a checkpoint at step 6 (eval draws no randomness)
+    out = tmp_path / "run"
+    train.main(resume_args(world, stage1, out, "--max_steps", 6))
+    train.main(resume_args(world, stage1, out, "--resume"))
+    want, got = step_losses(records(uninterrupted)), step_losses(records(out))
+    assert sorted(got) == list(range(1, 13))
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(want[step], abs=1e-6, rel=0), step
+    assert max_diff(tensors(uninterrupted / "last"), tensors(out / "last")) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- 5. DDP
+
+
+def test_ddp_two_processes_match_one_on_the_same_global_batch(world, stage1, cache, tmp_path):
+    """2 gloo processes x 8 examples vs 1 process x 16: the same first step (same 16 examples, the loss a
+    mean over all their target tokens, the gradients averaged) -> the same loss and the same weights.
+    n_pairs 32: a multiple of the global batch, as the DDP sampler drops a short last step."""
+    common = ["--stage", 2, "--data", world, "--init", stage1 / "last", "--max_steps", 1, "--dropout", 0,
+              "--n_pairs", 32, *FAST]
+    ddp = run_train(*common, "--out", tmp_path / "ddp", "--batch_size", 8, cache=cache,
+                    launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py"))
+    one = run_train(*common, "--out", tmp_path / "one", "--batch_size", 16, cache=cache)
+    assert one.returncode == 0, describe(one)
+    assert "2 process(es)" in ddp.stdout, describe(ddp)
+    loss_ddp, loss_one = records(tmp_path / "ddp")[0]["loss"], records(tmp_path / "one")[0]["loss"]
+    assert loss_ddp == pytest.approx(loss_one, abs=1e-5, rel=0)
+    assert 3.0 < loss_one < 10.0, loss_one  # a real cross-entropy (vocabulary ~220)
+    # measured: 1.5e-7 apart after the step
+    assert max_diff(tensors(tmp_path / "ddp" / "last"), tensors(tmp_path / "one" / "last")) <= 1e-5
+    state = torch.load(tmp_path / "ddp" / "last" / "state.pt", weights_only=True)
+    assert isinstance(state["rng"], list) and len(state["rng"]) == 2  # one RNG state per rank, for --resume
+    assert ddp.returncode == 0, describe(ddp)
+
+
+# ----------------------------------------------------------------------------- 6. the default commands
+
+
+def test_default_commands_end_to_end(world, cache, tmp_path):
+    """`python train.py --stage 1` then `--stage 2`, with the defaults but for a small world (the default one
+    has 10,000 scenes), an --out and 3 steps. Stage 1 finds no stage 0 output beside its --out and runs
+    stage 0 first (defaults: batch 128, 4 epochs = 8 steps per objective on 256 scenes)."""
+    s1 = run_train("--stage", 1, "--data", world, "--out", tmp_path / "stage1", "--max_steps", 3, cache=cache)
+    assert s1.returncode == 0, describe(s1)
+    assert f"stage 0 output {tmp_path / 'stage0' / 'last'} is missing: running stage 0 first" in s1.stdout
+    assert (tmp_path / "stage0" / "last" / weights.WEIGHTS_FILE).is_file()
+    s2 = run_train("--stage", 2, "--data", world, "--out", tmp_path / "stage2", "--max_steps", 3, cache=cache)
+    assert s2.returncode == 0, describe(s2)
+    assert "running stage 0" not in s2.stdout
+
+    for stage, proc, kept in ((1, s1, "last"), (2, s2, "best")):
+        out = tmp_path / f"stage{stage}"
+        summary = summary_line(proc.stdout)
+        assert summary == json.loads((out / "summary.json").read_text())
+        assert (summary["stage"], summary["steps"], summary["test_split"]) == (stage, 3, "test")
+        assert summary["checkpoint"] == str(out / kept)
+        assert 0.0 <= summary["test_bleu"] <= 100.0
+        assert (summary["best_val_bleu"] is None) == (stage == 1)
+        recs = records(out)
+        assert [r["step"] for r in recs if "loss" in r] == [1]  # --log_every 10: step 1 only
+        assert [(r["step"], r["split"]) for r in recs if "bleu" in r] == [(3, "val")]
+        assert recs[-1] == {"summary": summary}
+        for name in ("val.step3.txt", "test.final.txt"):  # the full 24-sentence splits, one line each
+            assert len((out / "hyps" / name).read_text().splitlines()) == 24
+        for name in (weights.WEIGHTS_FILE, weights.CONFIG_FILE, "state.pt", weights.MBART_TOKENIZER):
+            assert (out / kept / name).is_file()
+    # stage 2 found stage 1's `last` by itself
+    saved = json.loads((tmp_path / "stage2" / "last" / weights.CONFIG_FILE).read_text())["train"]
+    assert saved["init"] == str(tmp_path / "stage1" / "last")
+
+
+# ----------------------------------------------------------------------------- 7. bad input
+
+
+@pytest.fixture
+def checkpoints(stage0, stage1, stage2):
+    """The earlier runs' folders, which no failed run may touch."""
+    return [stage0.parent, stage1, stage2]
+
+
+def fails_cleanly(proc, *fragments, code=1):
+    assert proc.returncode == code, describe(proc)
+    assert "Traceback" not in proc.stderr, describe(proc)
+    for fragment in fragments:
+        assert fragment in proc.stderr, f"{fragment!r} not in the message\n{describe(proc)}"
+
+
+def test_stage2_without_a_stage1_checkpoint(world, checkpoints, cache, tmp_path):
+    before = snapshot(*checkpoints)
+    proc = run_train("--stage", 2, "--data", world, "--init", tmp_path / "nothing" / "last",
+                     "--out", tmp_path / "out", cache=cache)
+    fails_cleanly(proc, f"{tmp_path / 'nothing' / 'last'} does not exist", "python train.py --stage 1",
+                  "--from_scratch_stage2")
+    assert snapshot(*checkpoints) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layout", ["empty", "no_images"])
+def test_wrong_data_folder(layout, world, stage0, checkpoints, cache, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    if layout == "no_images":  # the text and image lists, but not the images
+        for sub in ("raw", "image_splits"):
+            shutil.copytree(world / sub, folder / sub)
+        expected = ["256 of 256 images are missing", "train_00000.png"]
+    else:
+        expected = ["no en text for split 'train'", str(folder / "raw" / "train.en")]
+    before = snapshot(*checkpoints)
+    proc = run_train("--stage", 1, "--data", folder, "--weights", stage0, "--out", tmp_path / "out", cache=cache)
+    fails_cleanly(proc, "error: ", *expected)
+    assert snapshot(*checkpoints) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_checkpoint_of_another_preset(stage, world, stage0, stage1, checkpoints, cache, tmp_path):
+    # a tiny checkpoint given to --preset paper (which needs --weights and --data): stage 1 loads --weights,
+    # stage 2 loads --init
+    before = snapshot(*checkpoints)
+    proc = run_train("--stage", stage, "--preset", "paper", "--data", world, "--weights", stage0,
+                     "--init", stage1 / "last", "--out", tmp_path / "out", cache=cache)
+    what = str(stage0) if stage == 1 else str(stage1 / "last")
+    fails_cleanly(proc, f"{what} is not a paper model", "--preset")
+    assert snapshot(*checkpoints) == before and not (tmp_path / "out").exists()
+
+
+def test_second_run_into_a_checkpoint_folder_refuses(world, stage0, stage1, checkpoints, cache, tmp_path):
+    out = tmp_path / "stage1"
+    shutil.copytree(stage1, out)
+    before = snapshot(out, *checkpoints)
+    proc = run_train("--stage", 1, "--data", world, "--weights", stage0, "--out", out, "--max_steps", 2,
+                     cache=cache)
+    fails_cleanly(proc, f"{out} already holds a checkpoint", "--resume")
+    assert snapshot(out, *checkpoints) == before  # metrics.jsonl, hyps and `last` byte for byte
+
+
+def test_unknown_flag_is_an_argparse_error(cache):
+    proc = run_train("--stage", 1, "--no_such_flag", 3, cache=cache)
+    fails_cleanly(proc, "unrecognized arguments: --no_such_flag 3", code=2)
+
+
+@pytest.mark.parametrize("case", ["stage0_as_init", "resume_nothing", "score_nothing", "stage0_paper",
+                                  "paper_no_data", "paper_no_weights", "fp16_on_cpu"])
+def test_more_bad_input_in_process(case, world, stage0, tmp_path):
+    """Cheap checks of further messages, in this process (SystemExit carries the message)."""
+    out = tmp_path / "out"
+    cli, message = {
+        "stage0_as_init": (["--stage", 2, "--init", stage0], f"{stage0} is not a stage 1 checkpoint"),
+        "resume_nothing": (["--stage", 1, "--weights", stage0, "--resume"], f"no checkpoint in {out / 'last'} "
+                                                                            f"to resume"),
+        "score_nothing": (["--stage", 2, "--eval_only"], f"no checkpoint in {out / 'best'} to score"),
+        "stage0_paper": (["--stage", 0, "--preset", "paper"], "stage 0 exists for the tiny preset only"),
+        "paper_no_data": (["--stage", 1, "--preset", "paper", "--data", ""], "--data is required"),
+        "paper_no_weights": (["--stage", 1, "--preset", "paper"], "--weights is required"),
+        "fp16_on_cpu": (["--stage", 1, "--weights", stage0, "--dtype", "fp16", "--device", "cpu"],
+                        "--dtype fp16 needs a GPU"),
+    }[case]
+    data_arg = [] if case == "paper_no_data" else ["--data", world]
+    with pytest.raises(SystemExit) as e:
+        train.main(args(*cli, *data_arg, "--out", out))
+    assert message in str(e.value.code), e.value.code
+    assert not (out / "last").exists()
+
+
+# ----------------------------------------------------------------------------- 8. scoring a checkpoint
+
+
+def eval_only(capsys, *cli):
+    """train.main(--eval_only ...) in this process; returns the JSON line it printed."""
+    capsys.readouterr()
+    train.main(args(*cli, "--eval_only", *FAST))
+    return summary_line(capsys.readouterr().out)
+
+
+def test_eval_only_scores_the_best_stage2_checkpoint(world, stage2, tmp_path, capsys):
+    import sacrebleu
+    # by default --eval_only scores OUT/best of stage 2 on the test split: here the run's own folder,
+    # copied, so that this test writes nothing into the shared one
+    out = tmp_path / "stage2"
+    shutil.copytree(stage2, out)
+    result = eval_only(capsys, "--stage", 2, "--data", world, "--out", out)
+    assert result["split"] == "test" and result["checkpoint"] == str(out / "best")
+    # the same checkpoint and settings as the training run's final test score: the same hypotheses and BLEU
+    hyps = Path(result["hypotheses"]).read_text()
+    assert hyps == (stage2 / "hyps" / "test.final.txt").read_text()
+    assert result["bleu"] == json.loads((stage2 / "summary.json").read_text())["test_bleu"]
+    refs = (world / "raw" / "test.de").read_text().splitlines()[:8]
+    assert result["bleu"] == round(sacrebleu.corpus_bleu(hyps.splitlines(), [refs]).score, 2)
+
+
+def test_eval_only_stage1_any_split(world, stage1, tmp_path, capsys):
+    result = eval_only(capsys, "--stage", 1, "--data", world, "--checkpoint", stage1 / "last", "--split", "val",
+                       "--out", tmp_path)
+    assert result["checkpoint"] == str(stage1 / "last")
+    # the training run scored the same checkpoint on val at its last step (4), with the same settings
+    assert Path(result["hypotheses"]).read_text() == (stage1 / "hyps" / "val.step4.txt").read_text()
+    val = [r for r in records(stage1) if r.get("split") == "val"]
+    assert result["bleu"] == val[-1]["bleu"]
+
+
+def test_eval_only_test_with_image(world, stage2, tmp_path, capsys, monkeypatch):
+    kinds = []
+    features = train.features
+
+    def spy(model, c, split, kind, *rest):
+        kinds.append((split.name, kind))
+        return features(model, c, split, kind, *rest)
+
+    monkeypatch.setattr(train, "features", spy)
+    result = eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", stage2 / "best", "--out", tmp_path,
+                       "--test_with_image")
+    assert kinds == [("test", "image")]  # the image embedding, not the source sentence's
+    assert 0.0 <= result["bleu"] <= 100.0
+    assert len(Path(result["hypotheses"]).read_text().splitlines()) == 8
+    kinds.clear()
+    eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", stage2 / "best", "--out", tmp_path)
+    assert kinds == [("test", "text")]
+
+
+# ----------------------------------------------------------------------------- smaller flag contracts
+
+
+def test_dropout_flag_reaches_every_dropout(tmp_path):
+    """--dropout overrides the dropout of what trains (mBART, the mapping network): all of it, the attention
+    dropout of the transformer mapping network (`Attention.dropout`, a float, not an nn.Dropout) included.
+    (The towers are frozen and only run in eval mode: their rates do not matter.)"""
+    cfg = CLIPTransConfig.preset("tiny")
+    cfg.mapping = MappingConfig(kind="transformer")
+    weights.save(CLIPTrans(cfg), tmp_path / "w")
+    model, _ = train.load_model(tmp_path / "w", train.Config(dropout=0.0), "cpu", "weights")
+    trained = [(name, m) for name, m in model.named_modules() if name.startswith(("mapping", "mbart"))]
+    rates = {name: m.p for name, m in trained if isinstance(m, torch.nn.Dropout)}
+    rates.update({name: m.dropout for name, m in trained if hasattr(m, "qkv")})  # cliptrans.Attention
+    assert {k: v for k, v in rates.items() if v != 0} == {}
+    # and so the mapping network is deterministic in training mode
+    model.train()
+    x = torch.randn(4, cfg.vision.embed_dim)
+    assert torch.equal(model.mapping(x), model.mapping(x))
+
+
+def test_grad_accum_of_the_given_argv(tmp_path, monkeypatch):
+    """The paper preset accumulates 4 micro-batches unless --grad_accum is given: in the argv given to
+    main() / parse_args(), in whichever form argparse accepts."""
+    base = ["--stage", "1", "--preset", "paper", "--weights", str(tmp_path), "--data", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    assert train.parse_args(base).grad_accum == 4
+    assert train.parse_args(base + ["--grad_accum", "2"]).grad_accum == 2
+    assert train.parse_args(base + ["--grad_accum", "1"]).grad_accum == 1  # asked for: no accumulation
+    monkeypatch.setattr(sys, "argv", ["train.py", *base, "--grad_accum=1"])
+    assert train.parse_args().grad_accum == 1
+
+
+def test_missing_stage0_output_is_written_where_it_was_asked_for(world, stage1, cache, tmp_path):
+    """Stage 1 with --weights naming a missing folder runs stage 0 first, into that folder: not into a
+    sibling `last` (here: a stage 1 checkpoint, which must survive)."""
+    shutil.copytree(stage1 / "last", tmp_path / "last")
+    before = snapshot(tmp_path / "last")
+    proc = run_train("--stage", 1, "--data", world, "--weights", tmp_path / "stage0_weights",
+                     "--out", tmp_path / "out", "--max_steps", 1, *FAST, cache=cache)
+    assert snapshot(tmp_path / "last") == before, "stage 0 overwrote the checkpoint beside --weights"
+    assert proc.returncode == 0, describe(proc)
+    assert (tmp_path / "stage0_weights" / weights.WEIGHTS_FILE).is_file()
+
+
+def test_grad_accum_loss_is_the_token_mean_of_the_whole_step(world, stage1, tmp_path):
+    """--grad_accum 2: "the loss is a mean over all target tokens of the global batch", as with DDP. The two
+    micro-batches' own losses come from a run without accumulation at lr 1e-30 (its step 2 sees the weights
+    of step 1), their token counts from the sampler train.py uses."""
+    common = args("--stage", 2, "--data", world, "--init", stage1 / "last", "--batch_size", 8, "--dropout", 0,
+                  *FAST)
+    train.main(common + args("--out", tmp_path / "accum", "--grad_accum", 2, "--max_steps", 1))
+    train.main(common + args("--out", tmp_path / "micro", "--max_steps", 2, "--lr", 1e-30))
+    accumulated = step_losses(records(tmp_path / "accum"))[1]
+    micro = step_losses(records(tmp_path / "micro"))
+    tok = data.MBartTokenizer(stage1 / "last" / weights.MBART_TOKENIZER)
+    lengths = [int(n) for n in tok.encode(data.read_split(world, "train", ["de"]).sentences["de"], "de")[1].sum(1)]
+    sampler = data.LengthBucketSampler(lengths, 8, seed=train.Config().seed, bucket_size=100 * 8)  # train.py's
+    n = [sum(lengths[i] for i in batch) for batch in list(sampler)[:2]]
+    assert n[0] != n[1], n  # else the two means agree and the test proves nothing
+    token_mean = (micro[1] * n[0] + micro[2] * n[1]) / (n[0] + n[1])
+    assert accumulated == pytest.approx(token_mean, abs=1e-5, rel=0), (
+        f"logged {accumulated:.6f}; token mean {token_mean:.6f}, mean of the micro-batch means "
+        f"{(micro[1] + micro[2]) / 2:.6f} (tokens {n})")
+
+
+def test_too_few_examples_for_one_step_fails_instead_of_hanging(world, stage0, cache, tmp_path):
+    """8 examples, batch 16, 2 micro-batches per step: not one optimizer step fits in an epoch. With
+    --max_steps the run must say so and stop, not loop over empty epochs forever."""
+    try:
+        proc = run_train("--stage", 1, "--data", world, "--weights", stage0, "--out", tmp_path / "out",
+                         "--n_pairs", 8, "--batch_size", 16, "--grad_accum", 2, "--max_steps", 3,
+                         "--eval_every", 1000, *FAST, cache=cache, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("train.py hangs: 0 optimizer steps per epoch and --max_steps 3 (still running after 30 s)")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, describe(proc)
+
+
+def test_main_in_process_closes_its_files(world, stage1, tmp_path):
+    """train.main() is callable in-process (tests, notebooks): it must not leave metrics.jsonl open."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        train.main(args("--stage", 2, "--data", world, "--init", stage1 / "last", "--out", tmp_path / "out",
+                        "--max_steps", 1, "--batch_size", 8, *FAST))
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, unclosed
