@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import data
 import weights
-from cliptrans import CLIPTrans, CLIPTransConfig, MappingConfig
+from cliptrans import Attention, CLIPTrans, CLIPTransConfig, MappingConfig
 
 # -----------------------------------------------------------------------------
 # Settings. Every field is a command-line flag (`--batch_size 32`); unknown flags are errors. Defaults
@@ -73,7 +73,7 @@ class Config:
     n_pairs: int = 0  # use only the first n training examples (0: all); the low-resource experiment
     mapping: str = "mlp"  # mlp | hidden_mlp | transformer (the mapping network, for new weights)
     batch_size: int = 0  # per process
-    grad_accum: int = 1  # micro-batches per optimizer step (the loss is divided accordingly)
+    grad_accum: int = 0  # micro-batches per optimizer step (the loss is divided accordingly; paper: 4)
     epochs: int = 0
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
     lr: float = 0.0
@@ -113,8 +113,7 @@ def defaults(c: Config):
                          f"come pretrained: convert them with weights.py)")
     batch, epochs, lr = table[(c.preset, c.stage)]
     c.batch_size, c.epochs, c.lr = c.batch_size or batch, c.epochs or epochs, c.lr or lr
-    if c.preset == "paper" and c.grad_accum == 1 and "--grad_accum" not in sys.argv:
-        c.grad_accum = 4
+    c.grad_accum = c.grad_accum or (4 if c.preset == "paper" else 1)
     if not c.data:
         if not tiny:
             raise SystemExit("error: --data is required with --preset paper (a folder in the Multi30k layout: "
@@ -238,6 +237,8 @@ def load_model(folder, c: Config, device, what):
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = c.dropout
+            elif isinstance(m, Attention) and m.dropout:  # mBART's attention has none: keep it so
+                m.dropout = c.dropout
     return model, folder
 
 
@@ -456,6 +457,9 @@ def main(argv=None):
     else:
         start = Path(c.weights)
         if c.preset == "tiny" and not find_checkpoint(start).exists():
+            if start.name != "last":
+                raise SystemExit(f"error: {start} does not exist: give --weights a stage 0 `last` folder "
+                                 f"(stage 0 writes OUT/last), or leave it out to use runs/tiny/stage0/last")
             log0(rank, f"stage 0 output {start} is missing: running stage 0 first")
             if rank == 0:
                 stage0(dataclasses.replace(defaults(Config(stage=0, data=c.data, seed=c.seed, mapping=c.mapping,
@@ -521,6 +525,9 @@ def main(argv=None):
     sampler = data.LengthBucketSampler([len(t) for t in train_tgt], c.batch_size, seed=c.seed, rank=rank,
                                        world_size=world, bucket_size=100 * c.batch_size * world, drop_last=world > 1)
     steps_per_epoch = len(sampler) // c.grad_accum
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_tgt)} training examples make no optimizer step of batch {c.batch_size} "
+                         f"x grad_accum {c.grad_accum} x {world} process(es): lower --batch_size or --grad_accum")
     total = c.max_steps or steps_per_epoch * c.epochs
 
     def lr_at(step):
@@ -582,7 +589,15 @@ def main(argv=None):
         raise SystemExit(f"error: {out} already holds a checkpoint: --resume to continue it, or give another "
                          f"--out (or delete the folder) to start over")
     out.mkdir(parents=True, exist_ok=True)
-    metrics = open(out / "metrics.jsonl", "a" if c.resume else "w") if rank == 0 else None
+    metrics = None
+    if rank == 0:
+        path = out / "metrics.jsonl"
+        kept = []
+        if c.resume and path.exists():  # drop what was logged after the checkpoint: those steps run again
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", step + 1) <= step]
+        metrics = open(path, "w")
+        metrics.write("".join(line + "\n" for line in kept))
 
     def log(record):
         metrics.write(json.dumps(record) + "\n")
@@ -620,9 +635,9 @@ def main(argv=None):
                     with autocast:
                         mean = train_model(train_feats[batch].to(device), ids.to(device), mask.to(device),
                                            tgt.to(device))
-                    loss = mean * n_tok / counts[j] * world / len(micro)
+                    loss = mean * n_tok / counts.sum() * world
                     scaler.scale(loss).backward()
-                loss_sum += mean.detach() * n_tok / counts[j] / len(micro)
+                loss_sum += mean.detach() * n_tok / counts.sum()
                 tok_window += int(n_tok)
             scaler.step(opt)
             scaler.update()
@@ -669,7 +684,10 @@ def main(argv=None):
         log(dict(summary=summary))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary))
+        metrics.close()
     if dist.is_initialized():
+        dist.barrier()
+        del train_model
         dist.destroy_process_group()
 
 
