@@ -503,6 +503,8 @@ def main(argv=None):
         if rank == 0:
             print(json.dumps({"split": c.split, "bleu": round(bleu, 2), "checkpoint": str(start),
                               "hypotheses": str(path)}))
+        if dist.is_initialized():
+            dist.destroy_process_group()
         return
 
     train_set, train_feats, train_src, train_tgt = prepare(c.train_split)
