@@ -25,7 +25,7 @@ from contextlib import nullcontext
 import torch
 
 import weights
-from cliptrans import CLIPTrans, CLIPTransConfig, TextTower, VisionTower
+from cliptrans import CLIPTrans, CLIPTransConfig
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
 

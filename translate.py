@@ -12,7 +12,6 @@ Prints one line per input, in order.
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
