@@ -23,10 +23,14 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import cliptrans
 import weights
 from cliptrans import CLIPTrans, CLIPTransConfig
 
+ALL_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]  # sdpa_kernel(ALL_ATTENTION): PyTorch chooses, as without sdpa_kernel
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
 
 
@@ -84,6 +88,26 @@ def timed(fn, device, iters, warmup=2):
     return statistics.median(times)
 
 
+def kernel_profile(fn, device, top=15):
+    """Where one call of fn() spends its time: the busiest GPU kernels (CPU operators on the CPU), and how much
+    of the wall time the device was busy at all (well under 100%: the launches, not the GPU, set the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        wall = time.perf_counter() - t0
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # microseconds
+    events = sorted((e for e in prof.key_averages() if own(e) > 0), key=own, reverse=True)
+    busy = sum(own(e) for e in events) / 1e6
+    return {"wall_ms": wall * 1e3, "busy_ms": busy * 1e3, "busy_fraction": busy / wall,
+            "top": [{"name": e.key[:100], "ms": own(e) / 1e3, "calls": e.count} for e in events[:top]]}
+
+
 def peak_memory(device, fn):
     if device != "cuda":
         fn()
@@ -115,6 +139,8 @@ def main():
     p.add_argument("--iters", type=int, default=None, help="timed repetitions (default: 10 on CUDA, 2 on CPU)")
     p.add_argument("--only", default="towers,generate,train", help="comma-separated subset")
     p.add_argument("--compile", action="store_true", help="also time our training step under torch.compile")
+    p.add_argument("--profile", action="store_true", help="also record the busiest kernels of our generation and "
+                                                           "training step (and Hugging Face's) in the JSON")
     p.add_argument("--out", default="bench.json")
     a = p.parse_args()
     dev, iters = a.device, a.iters or (10 if a.device == "cuda" else 2)
@@ -195,10 +221,20 @@ def main():
             t = timed(lambda: ours.generate(clip, src, src_mask, lang, num_beams=5, max_new_tokens=GN,
                                             min_new_tokens=GN), dev, max(2, iters // 3))
             results["beam-5 generation (CLIPTrans, prefix)"] = {"ours_ms": t * 1e3, "ours_sentences_per_s": GB / t}
-            if dev == "cuda":  # the same search with plain kernel launches, to show what the CUDA graph buys
-                t = timed(lambda: ours.mbart.generate(src, src_mask, use_cuda_graph=False, **args), dev,
-                          max(2, iters // 3))
-                results["beam-5 generation (mBART, no CUDA graph)"] = {"ours_ms": t * 1e3, "ours_sentences_per_s": GB / t}
+            if dev == "cuda":  # what the CUDA graph and the choice of attention kernel for decoding buy
+                variants = {"no CUDA graph": (dict(use_cuda_graph=False), cliptrans.DECODE_ATTENTION),
+                            "PyTorch's attention kernel": ({}, ALL_ATTENTION),
+                            "math attention": ({}, [SDPBackend.MATH])}
+                chosen = cliptrans.DECODE_ATTENTION
+                for name, (extra, backends) in variants.items():
+                    cliptrans.DECODE_ATTENTION = backends
+                    t = timed(lambda: ours.mbart.generate(src, src_mask, **args, **extra), dev, max(2, iters // 3))
+                    results[f"beam-5 generation (mBART, {name})"] = {"ours_ms": t * 1e3,
+                                                                      "ours_sentences_per_s": GB / t}
+                cliptrans.DECODE_ATTENTION = chosen
+            if a.profile:
+                results["profile: beam-5 generation (mBART)"] = {"hf": kernel_profile(hf_gen, dev),
+                                                                 "ours": kernel_profile(ours_gen, dev)}
         save(results, a.out)
 
     # ---------------------------------------------------------------- 1. stage 2 training step
@@ -225,14 +261,14 @@ def main():
             mbart_hf.eval(), ours.eval()
             loss_diff = abs(hf_loss().item() - ours_loss().item())
 
-        def trainer(params, loss_fn, modules):
+        def trainer(params, loss_fn, modules, attention=ALL_ATTENTION):
             opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0,
                                     fused=dev == "cuda")
             for mod in modules:
                 mod.train()
 
             def step():
-                with amp:
+                with amp, sdpa_kernel(attention):
                     loss = loss_fn()
                 loss.backward()
                 opt.step()
@@ -248,6 +284,7 @@ def main():
                                   [mbart_hf, mapping_hf])
         hf_mem = peak_memory(dev, lambda: [hf_step() for _ in range(2)])
         hf_t = timed(hf_step, dev, iters)
+        profiles = {"hf": kernel_profile(hf_step, dev)} if a.profile else {}
         del hf_opt, hf_step
         mbart_hf.cpu(), mapping_hf.cpu()
         ours.mbart.to(dev), ours.mapping.to(dev)
@@ -255,6 +292,8 @@ def main():
                                       [ours])
         ours_mem = peak_memory(dev, lambda: [ours_step() for _ in range(2)])
         ours_t = timed(ours_step, dev, iters)
+        if a.profile:
+            results["profile: stage 2 training step"] = {**profiles, "ours": kernel_profile(ours_step, dev)}
         mfu = (lambda t: None if peak is None else flops / t / peak)
         row("stage 2 training step", hf_t, ours_t, TB, "sentences", hf_peak_gib=hf_mem, ours_peak_gib=ours_mem,
             hf_mfu=mfu(hf_t), ours_mfu=mfu(ours_t), model_tflop_per_step=flops / 1e12,
@@ -262,11 +301,15 @@ def main():
         save(results, a.out)
         del ours_opt, ours_step
         params = list(ours.mbart.parameters()) + list(ours.mapping.parameters())
+        forward = lambda m: (lambda: m(clip, src, src_mask, tgt))  # noqa: E731
         variants = []
-        if a.compile:
-            compiled = torch.compile(ours)
-            variants.append(("torch.compile", lambda: trainer(params, lambda: compiled(clip, src, src_mask, tgt),
-                                                              [ours])[0]))
+        if dev == "cuda":  # PyTorch may choose cuDNN's attention kernels on recent GPUs: are they the fastest here?
+            variants.append(("no cuDNN attention", lambda: trainer(params, forward(ours), [ours], attention=[
+                SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])[0]))
+        if a.compile:  # the whole model as one graph; then each layer on its own (last: it compiles in place)
+            variants.append(("torch.compile", lambda: trainer(params, forward(torch.compile(ours)), [ours])[0]))
+            variants.append(("torch.compile per layer", lambda: trainer(params, forward(compile_layers(ours)),
+                                                                        [ours])[0]))
         for name, make in variants:
             for p_ in params:
                 p_.grad = None
@@ -279,6 +322,8 @@ def main():
                 mem = peak_memory(dev, lambda: [step() for _ in range(2)])
                 t = timed(step, dev, iters)
                 row(name, hf_t, t, TB, "sentences", ours_peak_gib=mem, ours_mfu=mfu(t), setup_s=setup_s)
+                if a.profile:
+                    results[f"profile: {name}"] = {"ours": kernel_profile(step, dev)}
             except Exception as e:  # report and go on: the other figures stand
                 results[name] = {"error": repr(e)}
                 print(f"{name}: failed: {e!r}", flush=True)
@@ -286,17 +331,28 @@ def main():
 
     print(f"\n{results['device']}, torch {results['torch']}, transformers {results['transformers']}, "
           f"preset {a.preset}, {'bf16 autocast' if dev == 'cuda' else 'fp32'}")
-    print(f"{'':40s} {'HF ms':>9s} {'ours ms':>9s} {'HF /s':>9s} {'ours /s':>9s} {'speed-up':>9s}")
+    print(f"{'':50s} {'HF ms':>9s} {'ours ms':>9s} {'HF /s':>9s} {'ours /s':>9s} {'speed-up':>9s}")
     for name, hf_ms, ours_ms, hf_rate, ours_rate, ratio, unit in rows:
-        print(f"{name:40s} {hf_ms:9.1f} {ours_ms:9.1f} {hf_rate:9.0f} {ours_rate:9.0f} {ratio:8.2f}x  ({unit})")
+        print(f"{name:50s} {hf_ms:9.1f} {ours_ms:9.1f} {hf_rate:9.0f} {ours_rate:9.0f} {ratio:8.2f}x  ({unit})")
     for name, r in results.items():
-        if isinstance(r, dict):
+        if name.startswith("profile: "):
+            print(f"  {name}: " + ", ".join(f"{who} busy {p['busy_ms']:.1f} of {p['wall_ms']:.1f} ms, top: "
+                                            f"{p['top'][0]['name'][:40]} {p['top'][0]['ms']:.1f} ms"
+                                            for who, p in r.items()))
+        elif isinstance(r, dict):
             extra = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                      if not k.startswith(("hf_ms", "ours_ms", "speedup")) and "per_s" not in k}
             if extra:
                 print(f"  {name}: {extra}")
     save(results, a.out)
     print(f"wrote {a.out}")
+
+
+def compile_layers(model):
+    """`model` with each mBART layer compiled in place: two graphs (encoder and decoder layer) serve all 24."""
+    for layer in [*model.mbart.encoder.layers, *model.mbart.decoder.layers]:
+        layer.compile()
+    return model
 
 
 def save(results, path):

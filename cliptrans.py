@@ -23,11 +23,13 @@ Weights come from `weights.py` (`python weights.py --help`); training from `trai
 """
 
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # -----------------------------------------------------------------------------
 # Configuration. The `paper` preset has the exact sizes of the public checkpoints; weights.py reads the
@@ -159,10 +161,11 @@ class KVCache:
         self.v.index_copy_(2, pos.view(1), v)
         return self.k, self.v
 
-    def reorder(self, index):  # beam search: row i continues the hypothesis of row index[i]
+    def reorder(self, index, length):  # beam search: row i continues the hypothesis of row index[i]
+        # Only the `length` positions written so far: the others are still zeros in every row.
         if self.max_len is not None and self.k is not None:
-            self.k.copy_(self.k[index])
-            self.v.copy_(self.v[index])
+            self.k[:, :, :length] = self.k[index, :, :length]
+            self.v[:, :, :length] = self.v[index, :, :length]
 
 
 class Attention(nn.Module):
@@ -412,32 +415,77 @@ class MBart(nn.Module):
 # Decoding: greedy and beam search, Hugging Face's algorithm, with a static KV cache and no host sync per step.
 
 
+def topk_by_chunks(x, k, chunk=64):
+    """torch.topk(x, k) over the last dimension of (R, V) rows of a vocabulary: the k largest entries of a row
+    lie in the k chunks with the largest maxima, so one pass of maxima over the row replaces the several
+    passes of a selection over all V entries. V must be a multiple of `chunk`. Returns (values, indices)."""
+    R, V = x.shape
+    if V // chunk < k:  # a small vocabulary: fewer chunks than entries wanted
+        return torch.topk(x, k)
+    chunks = x.view(R, V // chunk, chunk)
+    best = torch.topk(chunks.amax(-1), k).indices  # (R, k): the chunks that hold the k largest entries
+    cand = torch.take_along_dim(chunks, best[:, :, None], dim=1).view(R, k * chunk)
+    values, i = torch.topk(cand, k)
+    return values, torch.gather(best, 1, i // chunk) * chunk + i % chunk
+
+
 def _force(scores, token):  # every row may produce only `token`
     forced = torch.full_like(scores, -math.inf)
     forced[:, token] = 0.0
     return forced
 
 
+# One query token against a few dozen keys: the memory-efficient kernel, or plain matmuls, start faster than
+# cuDNN's attention, which PyTorch may prefer on recent GPUs and which costs tens of microseconds per call
+# at these sizes. Only the decoding steps use this list; the prompt and training keep PyTorch's choice.
+DECODE_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@contextmanager
+def linears_cast(module, dtype):
+    """Within the block, every nn.Linear of `module` holds copies of its weight and bias in `dtype`.
+    Under autocast a Linear casts its fp32 weight at each call; a CUDA graph recorded so would cast all the
+    decoder's matrices again at every step. Yields the copies: a graph recorded inside reads them, so they
+    must live as long as the graph does."""
+    saved, copies = [], []
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.dtype != dtype:
+                    saved.append((m, name, p))
+                    m._parameters[name] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                    copies.append(m._parameters[name])
+    try:
+        yield copies
+    finally:
+        for m, name, p in saved:
+            m._parameters[name] = p
+
+
 @torch.no_grad()
-def cuda_graph(fn):
+def cuda_graph(fn, module=None):
     """Record the kernels that fn() launches once, then replay them with one call: a decoding step of mBART
     is hundreds of small kernels whose launches, not the GPU, set the pace. fn must read its inputs from,
-    and return, tensors that stay in place (replays overwrite the returned tensor)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # warm-up outside the recording: lazy initialisation, kernel selection
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
+    and return, tensors that stay in place (replays overwrite the returned tensor). Under autocast, the
+    Linear layers of `module` are recorded with their weights cast once (see linears_cast)."""
     autocast = torch.is_autocast_enabled("cuda")
-    # autocast's cache of cast weights must stay off while recording (its tensors would live in the graph)
-    with torch.cuda.graph(graph), torch.autocast("cuda", torch.get_autocast_dtype("cuda"), enabled=autocast,
-                                                  cache_enabled=False):
-        out = fn()
+    dtype = torch.get_autocast_dtype("cuda")
+    cast = linears_cast(module, dtype) if autocast and module is not None else nullcontext([])
+    graph = torch.cuda.CUDAGraph()
+    with cast as copies:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()  # warm-up outside the recording: lazy initialisation, kernel selection
+        torch.cuda.current_stream().wait_stream(side)
+        # autocast's cache of cast weights must stay off while recording (its tensors would live in the graph)
+        with torch.cuda.graph(graph), torch.autocast("cuda", dtype, enabled=autocast, cache_enabled=False):
+            out = fn()
 
     def replay():
         graph.replay()
         return out
+    replay.keep = copies  # the graph reads them
     return replay
 
 
@@ -473,18 +521,20 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     weight = F.pad(mbart.shared.weight.to(dtype), (0, 0, 0, -V % 64))
     bias = F.pad(mbart.final_logits_bias.to(dtype), (0, -V % 64), value=-math.inf)
 
-    def project(h):  # (B * nb, d) -> fp32 logits (B * nb, V + pad)
-        return F.linear(h.to(dtype), weight, bias).float()
+    def project(h):  # (B * nb, d) -> logits (B * nb, V + pad), in the autocast dtype like Hugging Face's
+        return F.linear(h.to(dtype), weight, bias)
 
     # The decoding step reads its token and position from tensors that stay in place.
     token_in = torch.zeros(B * nb, dtype=torch.long, device=dev)
     pos = torch.full((), P, dtype=torch.long, device=dev)
 
     def decode():
-        return project(mbart.decoder.step(mbart.embed_tokens(token_in[:, None]), pos, memory, memory_mask, cache))
+        with sdpa_kernel(DECODE_ATTENTION) if dev.type == "cuda" else nullcontext():
+            h = mbart.decoder.step(mbart.embed_tokens(token_in[:, None]), pos, memory, memory_mask, cache)
+        return project(h)
 
     if use_cuda_graph and dev.type == "cuda" and max_new_tokens > 1:
-        decode = cuda_graph(decode)
+        decode = cuda_graph(decode, mbart.decoder)
 
     def next_logits(step, tokens):  # the tokens chosen at `step` -> logits for step + 1
         token_in.copy_(tokens)
@@ -492,23 +542,24 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
         return decode()
 
     def processed(step, logits):
-        """fp32 logits with transformers' processors applied, and the log-normaliser to subtract from them
-        (log-softmax = logits - logsumexp; a forced token has log-probability 0)."""
-        lse = torch.logsumexp(logits, -1, keepdim=True) if nb > 1 else 0.0
+        """Scores with transformers' processors applied, in its order: beam search ranks fp32 log-probabilities
+        (log-softmax first, then the processors: a forced token has log-probability 0), greedy search the
+        logits themselves."""
+        scores = F.log_softmax(logits, -1, dtype=torch.float32) if nb > 1 else logits
         if step < min_new_tokens:
-            logits[:, c.eos_id] = -math.inf
+            scores[:, c.eos_id] = -math.inf
         if step == 0 and forced_bos_token_id is not None:
-            logits, lse = _force(logits, forced_bos_token_id), 0.0
+            scores = _force(scores, forced_bos_token_id)
         if step == max_new_tokens - 1 and forced_eos:
-            logits, lse = _force(logits, c.eos_id), 0.0
-        return logits, lse
+            scores = _force(scores, c.eos_id)
+        return scores
 
     logits = project(h[:, -1])  # only the prompt's last position predicts the next token
     if nb == 1:  # greedy
         out = torch.full((B, max_new_tokens), c.pad_id, dtype=torch.long, device=dev)
         running = torch.ones(B, dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
-            tok = processed(step, logits)[0].argmax(-1)
+            tok = processed(step, logits).argmax(-1)
             tok = torch.where(running, tok, c.pad_id)  # finished sentences emit padding
             out[:, step] = tok
             running = running & (tok != c.eos_id)
@@ -536,9 +587,8 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     for step in range(max_new_tokens):
         # The 2 nb best of all nb x V continuations are among the 2 nb best of each beam: a top-k per beam,
         # then over the nb x 2 nb survivors (the same set as transformers' top-k over nb x V, far cheaper).
-        logits, lse = processed(step, logits)
-        top_logits, top_tok = torch.topk(logits, k)  # (B * nb, 2 nb)
-        scores = (top_logits - lse).view(B, nb, k) + run_scores[:, :, None]  # log-probabilities of whole sequences
+        top_logp, top_tok = topk_by_chunks(processed(step, logits), k)  # (B * nb, 2 nb)
+        scores = top_logp.view(B, nb, k) + run_scores[:, :, None]  # log-probabilities of whole sequences
         cand_scores, cand = torch.topk(scores.view(B, nb * k), k)  # (B, 2 nb)
         cand_beam, cand_tok = cand // k, torch.take_along_dim(top_tok.view(B, nb * k), cand, dim=1)
         cand_seqs = torch.take_along_dim(seqs, cand_beam[:, :, None], dim=1)
@@ -577,7 +627,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
                 if done:
                     break
             for layer_cache in cache:
-                layer_cache[0].reorder((rows + parent).view(-1))
+                layer_cache[0].reorder((rows + parent).view(-1), P + step)
             logits = next_logits(step, seqs[:, :, step].reshape(-1))
     out = fin_seqs[:, 0]  # the best finished hypothesis of each sentence
     out = torch.where(torch.arange(max_new_tokens, device=dev) < fin_lens[:, :1], out, c.pad_id)

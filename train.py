@@ -545,17 +545,21 @@ def main(argv=None):
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
+        if start.parent.resolve() != out.resolve():  # continued in a new folder: its own `best` from now on
+            best = -1.0
         set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
         log0(rank, f"resuming {start} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
     train_model = model
-    if c.compile:
-        train_model = torch.compile(model)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device] if
                                                                 device.type == "cuda" else None)
+    if c.compile:  # after DDP: the compiler then splits the graph at DDP's gradient buckets, so they overlap
+        train_model = torch.compile(train_model)
 
     def checkpoint(name):
+        nonlocal pause_s
+        t = time.time()
         rngs = [None] * world
         if world > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -565,11 +569,14 @@ def main(argv=None):
             state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
                      "batch_in_epoch": batch_in_epoch, "best": best, "rng": rngs, "config": dataclasses.asdict(c)}
             save_checkpoint(out / name, model, c, state, folder)
+        pause_s += time.time() - t
 
     def run_eval():
-        nonlocal best
+        nonlocal best, pause_s
+        t = time.time()
         bleu = evaluate(model, c, c.val_split, val_feats, tok, val_src, tgt_lang, val_refs, rank, world, device,
                         autocast, out / "hyps" / f"{c.val_split}.step{step}.txt")
+        pause_s += time.time() - t
         if rank == 0:
             log(dict(step=step, epoch=epoch, split=c.val_split, bleu=round(bleu, 2)))
             log0(rank, f"step {step}: {c.val_split} BLEU {bleu:.2f}")
@@ -607,14 +614,15 @@ def main(argv=None):
     log0(rank, f"stage {c.stage} ({'captioning' if c.stage == 1 else 'translation'}): {len(train_set)} examples, "
                f"{steps_per_epoch} steps per epoch, {total} steps, {world} process(es) on {device}, {dtype}; "
                f"training {sum(p.numel() for p in params):,} parameters")
-    t_start, tokens_seen = time.time(), 0
+    # tokens/s count the time spent training only, not pause_s (evaluating and writing checkpoints)
+    t_start, tokens_seen, pause_s = time.time(), 0, 0.0
     bar = tqdm(total=total, initial=step, desc=f"stage {c.stage}", disable=rank != 0)
     model.train()
     while step < total:
         sampler.set_epoch(epoch)
         batches = list(sampler)
         usable = len(batches) - len(batches) % c.grad_accum
-        t0, tok_window = time.time(), 0
+        t0, pause_t0, tok_window = time.time(), pause_s, 0
         while batch_in_epoch < usable and step < total:
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
@@ -640,6 +648,7 @@ def main(argv=None):
                     scaler.scale(loss).backward()
                 loss_sum += mean.detach() * n_tok / counts.sum()
                 tok_window += int(n_tok)
+                tokens_seen += int(n_tok)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -648,15 +657,14 @@ def main(argv=None):
             if world > 1:
                 dist.all_reduce(loss_sum)
             bar.update(1)
-            if step % c.log_every == 0 or step == 1:
-                dt = time.time() - t0
+            if step % c.log_every == 0 or step == 1 or step == total:
+                dt = time.time() - t0 - (pause_s - pause_t0)
                 tps = tok_window * world / max(dt, 1e-9)
                 loss_value = loss_sum.item()
                 if rank == 0:
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step - 1):.2e}", tok_s=f"{tps:.0f}")
                     log(dict(step=step, epoch=epoch, loss=loss_value, lr=lr_at(step - 1), tokens_per_s=round(tps)))
-                tokens_seen += tok_window
-                t0, tok_window = time.time(), 0
+                t0, pause_t0, tok_window = time.time(), pause_s, 0
             if c.eval_every and step % c.eval_every == 0:
                 run_eval()
             elif step % c.save_every == 0:
@@ -669,6 +677,10 @@ def main(argv=None):
     if not c.eval_every or step % c.eval_every:
         run_eval()
     elapsed = time.time() - t_start
+    if world > 1:  # the target tokens of every process
+        counted = torch.tensor(float(tokens_seen), device=device)
+        dist.all_reduce(counted)
+        tokens_seen = int(counted.item())
 
     # ---- the summary: test BLEU of the kept checkpoint
     kept = out / ("best" if c.stage == 2 else "last")
@@ -679,7 +691,7 @@ def main(argv=None):
                          rank, world, device, autocast, out / "hyps" / f"{c.test_split}.final.txt")
     if rank == 0:
         summary = dict(stage=c.stage, steps=step, minutes=round(elapsed / 60, 2),
-                       tokens_per_s=round(tokens_seen / max(elapsed, 1e-9)),
+                       tokens_per_s=round(tokens_seen / max(elapsed - pause_s, 1e-9)),
                        best_val_bleu=round(best, 2) if c.stage == 2 else None,
                        test_split=c.test_split, test_bleu=round(test_bleu, 2), checkpoint=str(kept))
         log(dict(summary=summary))

@@ -3,6 +3,7 @@
 Each Hugging Face model is saved with `save_pretrained`, converted by weights.py, loaded by weights.load and
 compared in fp32 with eager attention on the same inputs."""
 
+import math
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import weights
-from cliptrans import CLIPTrans, CLIPTransConfig, prefix_mask
+from cliptrans import CLIPTrans, CLIPTransConfig, linears_cast, prefix_mask, topk_by_chunks
 from conftest import assert_close, hf_param_counts, mclip_reference
 
 import transformers  # noqa: E402  (a test dependency: requirements.txt)
@@ -159,6 +160,24 @@ def test_generate_equals_hf(peaked_pair, num_beams, vary_lengths, device):
     assert torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
 
 
+def test_topk_by_chunks_equals_torch_topk():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 64 * 50, generator=g)
+    x[1, 1000:1100] += 5.0  # the best entries crowded into two chunks
+    x[2] = -math.inf  # a forced row: one entry at 0, all others -inf
+    x[2, 77] = 0.0
+    x[3, ::64] += 10.0  # the best entries spread one per chunk
+    for k in (1, 4, 10):
+        values, index = topk_by_chunks(x, k)
+        ref_values, ref_index = torch.topk(x, k)
+        assert torch.equal(values, ref_values)
+        finite = ref_values.isfinite()  # ties among -inf may be broken either way
+        assert torch.equal(index[finite], ref_index[finite])
+        assert torch.equal(x.gather(1, index), values)
+    values, index = topk_by_chunks(x[:, :128], 4)  # fewer chunks than k: plain top-k
+    assert torch.equal(values, torch.topk(x[:, :128], 4).values)
+
+
 @pytest.mark.parametrize("early_stopping,length_penalty", [(False, 1.0), ("never", 1.0), (True, 0.6), (True, 2.0)])
 def test_beam_search_options_equal_hf(peaked_pair, early_stopping, length_penalty, device):
     hf_mbart, model = peaked_pair
@@ -261,6 +280,43 @@ def test_kv_cache_decoding_equals_full_recomputation(peaked_pair, device):
         step = model.mbart.decoder(seq[:, -1:], memory, src_mask, cache=cache)
         full_h = model.mbart.decoder(seq, memory, src_mask, mask=prefix_mask(P, seq.shape[1], device))
         assert_close(step[:, 0], full_h[:, -1], atol=1e-5, name="cached step")
+
+
+def test_decoding_with_linears_cast_once_equals_autocast(peaked_pair, device):
+    """The CUDA graph of a decoding step is recorded with the decoder's Linear weights cast once to the autocast
+    dtype: the same numbers as autocast casting them at every call (here on the CPU, in bf16), and the model's
+    own fp32 parameters are back in place afterwards."""
+    model = peaked_pair[1]
+    dec = model.mbart.decoder
+    V = model.config.mbart.vocab_size
+    src, src_mask = padded_batch(V, [7, 4], lang_id=V - 51, seed=12, device="cpu")
+    before = {n: p for n, p in dec.named_parameters()}
+    model.cpu()
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            memory = model.mbart.encode(src, src_mask)
+            x = model.mbart.embed_tokens(torch.tensor([[2], [2]]))
+            plain = dec(x, memory, src_mask)
+            with linears_cast(dec, torch.bfloat16) as copies:
+                assert copies and all(p.dtype == torch.bfloat16 for p in copies)
+                cast = dec(x, memory, src_mask)
+        assert plain.dtype == cast.dtype and torch.equal(plain, cast)
+        assert all(p is before[n] and p.dtype == torch.float32 for n, p in dec.named_parameters())
+    finally:
+        model.to(device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_cuda_graph_decoding_equals_plain_launches_in_bf16(peaked_pair, num_beams):
+    model = peaked_pair[1]
+    V = model.config.mbart.vocab_size
+    ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=3, device="cuda")
+    args = dict(num_beams=num_beams, max_new_tokens=12, forced_bos_token_id=V - 48)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        graph = model.mbart.generate(ids, mask, use_cuda_graph=True, **args)
+        plain = model.mbart.generate(ids, mask, use_cuda_graph=False, **args)
+    assert torch.equal(graph, plain), f"\ngraph:\n{graph}\nplain:\n{plain}"
 
 
 def test_beam_search_with_prefix_runs_and_forces_language(model, device):

@@ -376,6 +376,19 @@ def test_resume_after_max_steps_equals_an_uninterrupted_run(world, stage1, unint
     assert max_diff(tensors(uninterrupted / "last"), tensors(out / "last")) <= 1e-6
 
 
+def test_resume_into_a_new_folder_keeps_its_own_best(world, stage1, uninterrupted, tmp_path):
+    """--resume --checkpoint A/last --out B: B gets its own `best`, and the summary scores it (the best BLEU of
+    A is not B's to beat). The last step is logged even when --log_every does not divide it."""
+    out = tmp_path / "continued"
+    train.main(resume_args(world, stage1, out, "--resume", "--checkpoint", uninterrupted / "last",
+                           "--max_steps", 14, "--log_every", 5))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 14 and summary["checkpoint"] == str(out / "best")
+    assert (out / "best" / weights.WEIGHTS_FILE).exists() and (out / "last" / weights.WEIGHTS_FILE).exists()
+    assert sorted(step_losses(records(out))) == [14]  # 13 is not a multiple of 5; 14 is the last step
+    assert summary["tokens_per_s"] > 0
+
+
 # ----------------------------------------------------------------------------- 5. DDP
 
 
@@ -398,6 +411,19 @@ def test_ddp_two_processes_match_one_on_the_same_global_batch(world, stage1, cac
     state = torch.load(tmp_path / "ddp" / "last" / "state.pt", weights_only=True)
     assert isinstance(state["rng"], list) and len(state["rng"]) == 2  # one RNG state per rank, for --resume
     assert ddp.returncode == 0, describe(ddp)
+
+
+def test_compile_trains_like_eager(world, stage1, tmp_path):
+    """--compile: the same two optimizer steps as without it (one batch of the same 8 pairs, so one shape and
+    one compilation), the same losses and weights up to float rounding."""
+    common = args("--stage", 2, "--data", world, "--init", stage1 / "last", "--max_steps", 2, "--dropout", 0,
+                  "--n_pairs", 8, "--batch_size", 8, *FAST)
+    train.main(common + args("--out", tmp_path / "eager"))
+    train.main(common + args("--out", tmp_path / "compiled", "--compile"))
+    eager, compiled = step_losses(records(tmp_path / "eager")), step_losses(records(tmp_path / "compiled"))
+    assert compiled == pytest.approx(eager, abs=1e-4, rel=0)
+    assert sorted(eager) == [1, 2] and eager[2] != eager[1]  # the first step changed the weights the second one saw
+    assert max_diff(tensors(tmp_path / "eager" / "last"), tensors(tmp_path / "compiled" / "last")) <= 1e-4
 
 
 # ----------------------------------------------------------------------------- 6. the default commands
@@ -424,7 +450,7 @@ def test_default_commands_end_to_end(world, cache, tmp_path):
         assert 0.0 <= summary["test_bleu"] <= 100.0
         assert (summary["best_val_bleu"] is None) == (stage == 1)
         recs = records(out)
-        assert [r["step"] for r in recs if "loss" in r] == [1]  # --log_every 10: step 1 only
+        assert [r["step"] for r in recs if "loss" in r] == [1, 3]  # --log_every 10: the first and the last step
         assert [(r["step"], r["split"]) for r in recs if "bleu" in r] == [(3, "val")]
         assert recs[-1] == {"summary": summary}
         for name in ("val.step3.txt", "test.final.txt"):  # the full 24-sentence splits, one line each
