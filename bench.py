@@ -222,13 +222,17 @@ def main():
                                             min_new_tokens=GN), dev, max(2, iters // 3))
             results["beam-5 generation (CLIPTrans, prefix)"] = {"ours_ms": t * 1e3, "ours_sentences_per_s": GB / t}
             if dev == "cuda":  # what the CUDA graph and the choice of attention kernel for decoding buy
+                # (2 new tokens, with and without the graph: what recording the graph costs each call)
                 variants = {"no CUDA graph": (dict(use_cuda_graph=False), cliptrans.DECODE_ATTENTION),
                             "PyTorch's attention kernel": ({}, ALL_ATTENTION),
-                            "math attention": ({}, [SDPBackend.MATH])}
+                            "math attention": ({}, [SDPBackend.MATH]),
+                            "2 new tokens": (dict(max_new_tokens=2, min_new_tokens=2), cliptrans.DECODE_ATTENTION),
+                            "2 new tokens, no CUDA graph": (dict(max_new_tokens=2, min_new_tokens=2,
+                                                                 use_cuda_graph=False), cliptrans.DECODE_ATTENTION)}
                 chosen = cliptrans.DECODE_ATTENTION
                 for name, (extra, backends) in variants.items():
                     cliptrans.DECODE_ATTENTION = backends
-                    t = timed(lambda: ours.mbart.generate(src, src_mask, **args, **extra), dev, max(2, iters // 3))
+                    t = timed(lambda: ours.mbart.generate(src, src_mask, **{**args, **extra}), dev, max(2, iters // 3))
                     results[f"beam-5 generation (mBART, {name})"] = {"ours_ms": t * 1e3,
                                                                       "ours_sentences_per_s": GB / t}
                 cliptrans.DECODE_ATTENTION = chosen

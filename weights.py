@@ -15,23 +15,27 @@ text tower's sizes and its tokenizer.
 
 Output: `OUT/cliptrans.safetensors` (tied weights stored once, the mapping network freshly initialised),
 `OUT/config.json` (sizes read from the Hugging Face configs), `OUT/tokenizer_mbart.json`,
-`OUT/tokenizer_text.json`. Then `model = weights.load("weights/paper")`.
+`OUT/tokenizer_text.json` (each folder's tokenizer.json, or its sentencepiece.bpe.model converted; both checked
+against the model's vocab_size). Then `model = weights.load("weights/paper")`.
 """
 
 import argparse
 import json
 import os
 import re
-import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import Unigram
 
 from cliptrans import (CLIPTrans, CLIPTransConfig, MappingConfig, MappingNetwork, MBartConfig, TextConfig,
                        VisionConfig, init_weights)
+from data import MBART50_LANGS, SPECIALS
 
 WEIGHTS_FILE, CONFIG_FILE = "cliptrans.safetensors", "config.json"
 MBART_TOKENIZER, TEXT_TOKENIZER = "tokenizer_mbart.json", "tokenizer_text.json"
@@ -279,25 +283,160 @@ def expected_shapes(config, prefix):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizers: copied when the folder has tokenizer.json, else converted with transformers.
+# Tokenizers: the folder's tokenizer.json, else its sentencepiece model converted; either way checked against the
+# model, so that a tokenizer of another model cannot make a silently wrong one.
+
+SENTENCEPIECE_MODEL = "sentencepiece.bpe.model"  # its name in facebook/mbart-large-50 and xlm-roberta-large
+TOKENIZERS = {"mbart": ("mBART-50", "facebook/mbart-large-50"),  # kind -> (name in messages, hub repository)
+              "text": ("XLM-R (M-CLIP's text tower)", "xlm-roberta-large")}
 
 
-def copy_tokenizer(folder, out_path, what):
-    folder = Path(folder)
+def read_tokenizer(folder, kind, model_cfg, config_where):
+    """The tokenizer.json (bytes) of `kind` ("mbart" or "text") for the model whose Hugging Face config is
+    `model_cfg`: the folder's tokenizer.json as it is, else one converted from its sentencepiece model (some hub
+    repositories ship only that). Checked: as many ids as the model's vocab_size, <s> <pad> </s> where the config
+    puts them, and for mBART-50 its 52 language codes."""
+    folder, (name, repo) = Path(folder), TOKENIZERS[kind]
     if (folder / "tokenizer.json").exists():
-        shutil.copyfile(folder / "tokenizer.json", out_path)
-        return
+        source = folder / "tokenizer.json"
+        text = source.read_bytes()
+        try:
+            tok = Tokenizer.from_str(text.decode("utf-8"))
+        except Exception as e:  # tokenizers raises a bare Exception on a bad file
+            raise ConversionError(f"cannot read {source} ({e}): it is damaged or not a tokenizer.json; "
+                                  f"download it again")
+    elif (folder / SENTENCEPIECE_MODEL).exists():
+        source = folder / SENTENCEPIECE_MODEL
+        tok = sentencepiece_tokenizer(source, kind)
+        text = tok.to_str().encode("utf-8")
+    else:
+        raise ConversionError(f"{folder} has no {name} tokenizer: expected tokenizer.json or {SENTENCEPIECE_MODEL}, "
+                              f"as in the hub repository {repo}: download them into it")
+
+    n, vocab_size = tok.get_vocab_size(with_added_tokens=True), model_cfg["vocab_size"]
+    if n != vocab_size:
+        raise ConversionError(
+            f"{source} has {n} ids but the {name} model has {vocab_size} (vocab_size in {config_where}): the "
+            f"tokenizer belongs to another model (mBART-50's has 250054 ids, mBART-25's 250027, XLM-R's 250002). "
+            f"Put the tokenizer files of the repository the weights come from ({repo}) in {folder}")
+    specials = {"<s>": model_cfg.get("bos_token_id", 0), "<pad>": model_cfg.get("pad_token_id", 1),
+                "</s>": model_cfg.get("eos_token_id", 2)}
+    wrong = [f"{t} is {tok.token_to_id(t)}, the model's is {i}"
+             for t, i in specials.items() if tok.token_to_id(t) != i]
+    if wrong:
+        raise ConversionError(f"{source} does not fit {config_where}: {'; '.join(wrong)}. Put the tokenizer files of "
+                              f"the repository the weights come from ({repo}) in {folder}")
+    missing = [c for c in MBART50_LANGS if tok.token_to_id(c) is None] if kind == "mbart" else []
+    if missing:
+        raise ConversionError(f"{source} has no language codes {missing[:5]} ({len(missing)} of mBART-50's 52 "
+                              f"missing): it is not an mBART-50 tokenizer. Put the tokenizer files of {repo} "
+                              f"in {folder}")
+    return text
+
+
+def sentencepiece_tokenizer(path, kind):
+    """mBART-50's or XLM-R's sentencepiece model as a `tokenizers` Tokenizer, built the way transformers 4's
+    MBart50Converter / XLMRobertaConverter built the hub's tokenizer.json files: the same ids as sentencepiece
+    with fairseq's dictionary (what the slow MBart50Tokenizer / XLMRobertaTokenizer return)."""
+    pieces, trainer, norm = read_sentencepiece(path)
+    name, repo = TOKENIZERS[kind]
+    needed = {  # what mBART-50's and XLM-R's models are; the pipeline below reproduces only that kind
+        "the unigram algorithm (not BPE, word or char)": trainer["model_type"] == 1,
+        "<unk> <s> </s> as its first pieces": [p for p, _, _ in pieces[:3]] == ["<unk>", "<s>", "</s>"],
+        "only normal and user-defined pieces after them": all(t in (1, 4) for _, _, t in pieces[3:]),
+        "no byte fallback": not trainer["byte_fallback"],
+        "words split at spaces and marked by a leading '▁'": (
+            trainer["split_by_whitespace"] and norm["add_dummy_prefix"] and norm["escape_whitespaces"]
+            and not trainer["treat_whitespace_as_suffix"]),
+        "runs of spaces removed": norm["remove_extra_whitespaces"],
+    }
+    unlike = [what for what, ok in needed.items() if not ok]
+    if unlike:
+        raise ConversionError(f"{path} is not a sentencepiece model like {repo}'s, which has {'; '.join(unlike)}. "
+                              f"Put the tokenizer files of {repo} (tokenizer.json or {SENTENCEPIECE_MODEL}) there")
+
+    # fairseq's dictionary: <s> <pad> </s> <unk>, then sentencepiece's pieces after its own <unk> <s> </s> (a
+    # piece's id is its sentencepiece id + 1), then for mBART-50 the 52 language codes, then <mask>
+    codes = MBART50_LANGS if kind == "mbart" else []
+    vocab = ([(t, 0.0) for t in SPECIALS] + [(p, score) for p, score, _ in pieces[3:]] + [(c, 0.0) for c in codes]
+             + [("<mask>", 0.0)])
+    tok = Tokenizer(Unigram(vocab, unk_id=SPECIALS.index("<unk>"), byte_fallback=False))
+    # sentencepiece's normalisation: its character map (NFKC and more), no trailing space, a run of spaces as one
+    charsmap = [normalizers.Precompiled(norm["precompiled_charsmap"])] if norm["precompiled_charsmap"] else []
+    tok.normalizer = normalizers.Sequence(charsmap + [normalizers.Strip(left=False, right=True),
+                                                      normalizers.Replace(Regex(" {2,}"), "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    # special tokens are matched before anything else and never split; user-defined pieces too, but are text
+    # (<mask> is matched in normalised text for mBART-50, in raw text for XLM-R, as transformers 4 converted them)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS + codes]
+                           + [AddedToken("<mask>", special=True, normalized=kind == "mbart", lstrip=True)])
+    tok.add_tokens([AddedToken(p, special=False, normalized=False) for p, _, t in pieces if t == 4])
+    first = "en_XX" if kind == "mbart" else "<s>"  # as in the hub files; data.py adds its own special tokens
+    pair = "$A $B </s>" if kind == "mbart" else "$A </s> </s> $B </s>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{first} $A </s>", pair=f"{first} {pair}",
+        special_tokens=[(first, tok.token_to_id(first)), ("</s>", tok.token_to_id("</s>"))])
+    return tok
+
+
+def read_sentencepiece(path):
+    """(pieces, trainer spec, normalizer spec) of a sentencepiece model file, a protobuf ModelProto, read from
+    the protobuf wire format here: neither `sentencepiece` nor `protobuf` is needed (sentencepiece's generated
+    code refuses a protobuf runtime older than the one it was generated with). pieces: [(piece, score, type)],
+    type 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte. Absent fields take the defaults of
+    sentencepiece_model.proto."""
     try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ConversionError(f"{folder} has no tokenizer.json for the {what} tokenizer. Either put the "
-                              f"tokenizer.json of the hub repository there, or `pip install transformers "
-                              f"sentencepiece` so that the sentencepiece model can be converted")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder), use_fast=True)
-        tok.backend_tokenizer.save(str(out_path))
-    except Exception as e:  # transformers raises many kinds here
-        raise ConversionError(f"cannot build the {what} tokenizer from {folder} ({e}): put its tokenizer.json there")
+        model = _protobuf_fields(Path(path).read_bytes())
+        pieces = []
+        for piece in (value for field, value in model if field == 1):
+            f = dict(_protobuf_fields(piece))
+            score = struct.unpack("<f", f[2])[0] if 2 in f else 0.0  # a float32
+            pieces.append((f.get(1, b"").decode("utf-8"), score, f.get(3, 1)))
+        trainer = dict(_protobuf_fields(next((v for k, v in reversed(model) if k == 2), b"")))
+        norm = dict(_protobuf_fields(next((v for k, v in reversed(model) if k == 3), b"")))
+    except (ValueError, IndexError, struct.error, OSError) as e:
+        raise ConversionError(f"cannot read {path} ({e}): it is damaged or not a sentencepiece model; "
+                              f"download it again")
+    if not pieces:
+        raise ConversionError(f"{path} holds no pieces: it is damaged or not a sentencepiece model; download it again")
+    trainer = {"model_type": trainer.get(3, 1), "split_by_whitespace": trainer.get(22, 1),
+               "treat_whitespace_as_suffix": trainer.get(24, 0), "byte_fallback": trainer.get(35, 0)}
+    norm = {"precompiled_charsmap": norm.get(2, b""), "add_dummy_prefix": norm.get(3, 1),
+            "remove_extra_whitespaces": norm.get(4, 1), "escape_whitespaces": norm.get(5, 1)}
+    return pieces, trainer, norm
+
+
+def _protobuf_fields(buf):
+    """[(field number, value)] of one protobuf message: an int for a varint, bytes for the other wire types
+    (a string, a nested message, a float). Repeated fields come once per value, in order."""
+    fields, i = [], 0
+
+    def varint():
+        nonlocal i
+        value, shift = 0, 0
+        while True:
+            byte = buf[i]
+            i += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire in (1, 2, 5):  # 64-bit, length-delimited, 32-bit
+            n = 8 if wire == 1 else 4 if wire == 5 else varint()
+            value, i = bytes(buf[i:i + n]), i + n
+        else:
+            raise ValueError(f"protobuf wire type {wire} at byte {i}")
+        if i > len(buf):
+            raise ValueError("the file ends inside a field")
+        fields.append((field, value))
+    return fields
 
 
 # -----------------------------------------------------------------------------
@@ -362,6 +501,9 @@ def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0):
         text=text_config(mclip_ck.config, xlmr_cfg, f"{mclip}/config.json", f"{xlmr}/config.json"),
         mbart=mbart_config(mbart_ck.config, f"{mbart}/config.json"),
         mapping=mapping)
+    # The tokenizers first: one that does not fit its model fails here, in seconds, before the weights are read
+    tokenizer_files = {MBART_TOKENIZER: read_tokenizer(mbart, "mbart", mbart_ck.config, f"{mbart}/config.json"),
+                       TEXT_TOKENIZER: read_tokenizer(xlmr, "text", xlmr_cfg, f"{xlmr}/config.json")}
     state = {}
     state.update(convert(mbart_ck, MBART_RULES, expected_shapes(config, "mbart.")))
     state.update(convert(mclip_ck, MCLIP_RULES, expected_shapes(config, "text.")))
@@ -375,8 +517,8 @@ def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0):
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer(mbart, out / MBART_TOKENIZER, "mBART-50")
-    copy_tokenizer(xlmr, out / TEXT_TOKENIZER, "XLM-R (M-CLIP's text tower)")
+    for name, text in tokenizer_files.items():
+        _atomic(out / name, lambda p, text=text: Path(p).write_bytes(text))
     state = {k: v.contiguous() for k, v in state.items()}
     _atomic(out / WEIGHTS_FILE, lambda p: save_file(state, p))
     meta = {"cliptrans": config.to_dict(), "sources": {"mbart": str(mbart), "mclip": str(mclip),

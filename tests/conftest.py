@@ -7,15 +7,16 @@ folder holds. Default-valued tensors hide loading bugs, so LayerNorm weights/bia
 the CLIP and M-CLIP weights also hold stale `*.embeddings.position_ids` buffers.
 
 The builders are plain functions (`build_tiny_mbart(path)`, ...) so other scripts (the benchmark) can
-reuse them; the fixtures are thin, session-scoped wrappers. Everything together builds in a few seconds.
+reuse them; the fixtures are thin, session-scoped wrappers. Everything together builds in about ten seconds.
 
-    tiny_tokenizer_json   tokenizer.json in mBART-50's id layout (shared by mBART and XLM-R)
-    hf_mbart_dir          MBartForConditionalGeneration, model.safetensors
+    tiny_tokenizer_json   tokenizer.json in mBART-50's id layout, 250054 ids as mbart-large-50's
+    tiny_xlmr_tokenizer_json  the same pieces in XLM-R's layout (no language codes), 250002 ids as xlm-roberta-large's
+    hf_mbart_dir          MBartForConditionalGeneration, model.safetensors (the real vocabulary size: 250054)
     hf_mbart_bin_dir      the same weights as pytorch_model.bin (as transformers 4 wrote them)
     hf_mbart_sharded_dir  the same weights in model-0000x-of-0000y.safetensors + index
     hf_clip_dir           full CLIPModel (text + vision)
     hf_clip_vision_dir    CLIPVisionModelWithProjection only (the vision-only repos' layout)
-    hf_xlmr_dir           XLMRobertaModel with pooler (M-CLIP's modelBase)
+    hf_xlmr_dir           XLMRobertaModel with pooler (M-CLIP's modelBase; vocabulary 250002)
     hf_mclip_dir          multilingual_clip MultilingualCLIP, pytorch_model.bin (as the real repo ships)
     hf_mclip              that model loaded, eval mode, eager attention
     device                "cuda" when available, else "cpu"
@@ -40,7 +41,7 @@ for p in (str(ROOT), str(TESTS)):  # `import weights` and `from hf_configs impor
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from hf_configs import hf_param_counts  # noqa: E402,F401  (re-exported for the tests)
+from hf_configs import MBART_LARGE_50, XLM_ROBERTA_LARGE, hf_param_counts  # noqa: E402,F401  (re-exported)
 
 SEED = 0
 
@@ -100,11 +101,17 @@ def _fairseq_language_codes():
     return list(FAIRSEQ_LANGUAGE_CODES)  # 52 codes, ar_AR first, sl_SI last
 
 
-def build_tiny_tokenizer(path, num_lines=300, num_pieces=300):
+def build_tiny_tokenizer(path, layout="mbart", num_lines=300, num_pieces=300):
     """Train a SentencePiece-style Unigram tokenizer on Multi30k and save it as tokenizer.json at `path`.
 
-    The id layout is mBART-50's: <s>0 <pad>1 </s>2 <unk>3, pieces, the 52 language codes, <mask> last.
-    The post-processor is mBART-50's `en_XX $A </s>`; the HF tokenizer classes set their own anyway."""
+    layout "mbart": mBART-50's ids, <s>0 <pad>1 </s>2 <unk>3, pieces, the 52 language codes, <mask> last, and
+    its post-processor `en_XX $A </s>`; "xlmr": XLM-R's, the same without the language codes, `<s> $A </s>`.
+    (The HF tokenizer classes set their own post-processor anyway.) The pieces are padded to the real models'
+    249997, so the tokenizer has exactly as many ids as mbart-large-50 (250054) or xlm-roberta-large (250002),
+    as the converter checks; the padding pieces are strings of private-use characters, which no text holds, so
+    a sentence gets the same ids as from the trained pieces alone."""
+    if layout not in ("mbart", "xlmr"):
+        raise ValueError(f"layout must be mbart or xlmr, got {layout!r}")
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers import processors, trainers
 
@@ -139,19 +146,30 @@ def build_tiny_tokenizer(path, num_lines=300, num_pieces=300):
     kept = sorted(p for p, s in pieces if s < low + 0.1)
     kept_scores = sorted((s for _, s in pieces if s < low + 0.1), reverse=True)
     pieces = [(p, s) for p, s in pieces if s >= low + 0.1] + list(zip(kept, kept_scores))
-    vocab = vocab[:4] + sorted(pieces, key=lambda v: (-v[1], v[0]))
+    pieces = sorted(pieces, key=lambda v: (-v[1], v[0]))
+    # Pad to the real number of pieces with 2-character strings from the private-use area (U+E000..U+F8FF).
+    # Their score is the lowest trained one, so that the Unigram model's penalty for unknown characters (the
+    # lowest score minus 10) stays the same too.
+    num_real = MBART_LARGE_50["vocab_size"] - len(specials) - 52 - 1
+    assert num_real == XLM_ROBERTA_LARGE["vocab_size"] - len(specials) - 1 == 249997
+    private = [chr(c) for c in range(0xE000, 0xF900)]
+    pad = num_real - len(pieces)
+    pieces += [(private[i // len(private)] + private[i % len(private)], pieces[-1][1]) for i in range(pad)]
+    vocab = vocab[:4] + pieces
 
-    # mBART-50 layout: language codes and <mask> go after the pieces, in the Unigram vocab itself
-    codes = _fairseq_language_codes()
+    # language codes (mBART-50 only) and <mask> go after the pieces, in the Unigram vocab itself
+    codes = _fairseq_language_codes() if layout == "mbart" else []
     vocab += [(c, 0.0) for c in codes] + [("<mask>", 0.0)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
     pipeline(tok)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + codes]
                            + [AddedToken("<mask>", special=True, normalized=False, lstrip=True)])
-    en, eos = tok.token_to_id("en_XX"), tok.token_to_id("</s>")
+    first = "en_XX" if layout == "mbart" else "<s>"
     tok.post_processor = processors.TemplateProcessing(
-        single="en_XX $A </s>", pair="en_XX $A $B </s>", special_tokens=[("en_XX", en), ("</s>", eos)])
-    assert tok.get_vocab_size() == len(vocab) and tok.token_to_id("<mask>") == len(vocab) - 1
+        single=f"{first} $A </s>", pair=f"{first} $A $B </s>",
+        special_tokens=[(first, tok.token_to_id(first)), ("</s>", tok.token_to_id("</s>"))])
+    size = (MBART_LARGE_50 if layout == "mbart" else XLM_ROBERTA_LARGE)["vocab_size"]
+    assert tok.get_vocab_size() == len(vocab) == size and tok.token_to_id("<mask>") == size - 1
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +178,8 @@ def build_tiny_tokenizer(path, num_lines=300, num_pieces=300):
 
 
 def tokenizer_vocab_size(tokenizer_json):
-    """Number of ids in a tokenizer.json built by build_tiny_tokenizer (pieces, codes and <mask> included)."""
+    """Number of ids in a tokenizer.json built by build_tiny_tokenizer (pieces, codes and <mask> included):
+    250054 or 250002, the real models' vocab_size."""
     return len(json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))["model"]["vocab"])
 
 
@@ -214,7 +233,7 @@ def build_tiny_mbart(path, tokenizer_json, fmt="safetensors"):
     if fmt == "safetensors":
         model.save_pretrained(path)
     elif fmt == "sharded":
-        model.save_pretrained(path, max_shard_size=100_000)  # bytes: ~250 KB of weights -> 3 shards
+        model.save_pretrained(path, max_shard_size=100_000)  # bytes: the 32 MB embedding + ~250 KB -> 4 shards
     elif fmt == "bin":
         # transformers 5 dropped save_pretrained(safe_serialization=False): write the .bin ourselves
         model.save_pretrained(path)
@@ -347,6 +366,11 @@ def tiny_tokenizer_json(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_xlmr_tokenizer_json(tmp_path_factory):
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer_xlmr") / "tokenizer.json", layout="xlmr")
+
+
+@pytest.fixture(scope="session")
 def hf_mbart_dir(tmp_path_factory, tiny_tokenizer_json):
     return build_tiny_mbart(tmp_path_factory.mktemp("hf_mbart"), tiny_tokenizer_json)
 
@@ -372,8 +396,8 @@ def hf_clip_vision_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def hf_xlmr_dir(tmp_path_factory, tiny_tokenizer_json):
-    return build_tiny_xlmr(tmp_path_factory.mktemp("hf_xlmr"), tiny_tokenizer_json)
+def hf_xlmr_dir(tmp_path_factory, tiny_xlmr_tokenizer_json):
+    return build_tiny_xlmr(tmp_path_factory.mktemp("hf_xlmr"), tiny_xlmr_tokenizer_json)
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def hf_mbart(hf_mbart_dir, device):
 
 
 @pytest.fixture(scope="session")
-def peaked_pair(tmp_path_factory, hf_mbart, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, device):
+def peaked_pair(tmp_path_factory, hf_mbart, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, device):
     """mBART with large random weights (std 0.3), so that what it generates depends on its input: with a small
     init every sentence decodes alike. Returns (Hugging Face model, ours), converted through weights.py."""
     folder = tmp_path_factory.mktemp("peaked")
@@ -50,6 +50,7 @@ def peaked_pair(tmp_path_factory, hf_mbart, hf_mclip_dir, hf_xlmr_dir, hf_clip_d
     peaked.load_state_dict(state, strict=False)
     peaked.tie_weights()
     peaked.save_pretrained(folder / "mbart")
+    shutil.copy(hf_mbart_dir / "tokenizer.json", folder / "mbart")  # the converter checks the model's tokenizer
     weights.convert_all(folder / "mbart", hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, folder / "ours")
     hf = transformers.MBartForConditionalGeneration.from_pretrained(
         folder / "mbart", attn_implementation="eager", dtype=torch.float32).eval().to(device)
