@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_smoke_run_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
     done = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--preset", "tiny", "--iters", "1",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--profile", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())
     for name in ("text tower (XLM-R + pooling)", "image tower (ViT)", "beam-5 generation (mBART)",
@@ -23,3 +23,8 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
     assert figures["beam-5 generation (mBART)"]["same_tokens"] == 1.0
     assert figures["stage 2 training step"]["first_loss_abs_diff"] < 1e-4
     assert "speed-up" in done.stdout
+    # --profile: the busiest operators of each side, the first a part of the total busy time
+    for name in ("profile: beam-5 generation (mBART)", "profile: stage 2 training step"):
+        for side in ("hf", "ours"):
+            prof = figures[name][side]
+            assert prof["top"] and 0 < prof["top"][0]["ms"] <= prof["busy_ms"], (name, side)
