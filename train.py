@@ -435,8 +435,6 @@ def main(argv=None):
     if c.stage == 0:
         stage0(c, rank, world, device, autocast)
         return
-    torch.manual_seed(c.seed + rank)
-    random.seed(c.seed + rank)
     out = Path(c.out)
 
     # ---- the starting point: converted weights (stage 1, ablation), stage 1's checkpoint (stage 2), or our own
@@ -467,6 +465,9 @@ def main(argv=None):
             if dist.is_initialized():
                 dist.barrier()
         what = "starting weights"
+    # Seeded here, after a stage 0 this run may have had to do: the same run whether stage 0 was missing or not
+    torch.manual_seed(c.seed + rank)
+    random.seed(c.seed + rank)
     model, start = load_model(start, c, device, what)
     if c.stage == 2 and not (c.resume or c.eval_only) and not c.from_scratch_stage2:
         state = torch.load(start / "state.pt", weights_only=True) if (start / "state.pt").exists() else {}

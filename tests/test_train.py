@@ -437,6 +437,11 @@ def test_default_commands_end_to_end(world, cache, tmp_path):
     assert s1.returncode == 0, describe(s1)
     assert f"stage 0 output {tmp_path / 'stage0' / 'last'} is missing: running stage 0 first" in s1.stdout
     assert (tmp_path / "stage0" / "last" / weights.WEIGHTS_FILE).is_file()
+    # the same stage 1 as when stage 0 was already there (stage 0 running first changes nothing downstream)
+    again = run_train("--stage", 1, "--data", world, "--weights", tmp_path / "stage0" / "last", "--out",
+                      tmp_path / "stage1_again", "--max_steps", 3, cache=cache)
+    assert again.returncode == 0, describe(again)
+    assert max_diff(tensors(tmp_path / "stage1" / "last"), tensors(tmp_path / "stage1_again" / "last")) == 0
     s2 = run_train("--stage", 2, "--data", world, "--out", tmp_path / "stage2", "--max_steps", 3, cache=cache)
     assert s2.returncode == 0, describe(s2)
     assert "running stage 0" not in s2.stdout
