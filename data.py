@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
+from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import Unigram
 from tqdm import tqdm
@@ -319,17 +319,18 @@ MULTI30K_FILES = ([f"raw/{s}.{lang}.gz" for s, langs in MULTI30K_SPLITS.items() 
                   + [f"image_splits/{s}.txt" for s in MULTI30K_SPLITS])
 
 
-def _atomic_write(path, data: bytes):
-    """Write to a temporary file in the same folder, fsync, rename: readers see the old file or the new one."""
+def atomic_write(path, write):
+    """Write `path` through `write(tmp_path)` into a temporary file in the same folder, fsync, rename: readers see
+    the old file or the new one, never a half-written one (the converter and the checkpoints use it too)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the file is as readable as any other
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache file is as readable as any file
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -350,7 +351,7 @@ def download_multi30k(out, timeout: float = 5.0) -> Path:
             raise DataError(f"cannot download {MULTI30K_URL + rel} ({e}). Without internet, copy the files "
                             f"of github.com/multi30k/dataset data/task1 yourself: raw/{{split}}.{{lang}}.gz into "
                             f"{out / 'raw'} and image_splits/{{split}}.txt into {out / 'image_splits'}") from None
-        _atomic_write(out / rel, data)
+        atomic_write(out / rel, lambda tmp: Path(tmp).write_bytes(data))
     return out
 
 
@@ -390,7 +391,7 @@ def cached_embeddings(cache_dir, name: str, key: str, compute: Callable[[], torc
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"compute() for {name} returned {type(embeddings).__name__}, expected a tensor")
     embeddings = embeddings.detach().cpu().contiguous()
-    _atomic_write(path, save_safetensors({"embeddings": embeddings}, metadata={"key": key, "name": name}))
+    atomic_write(path, lambda tmp: save_file({"embeddings": embeddings}, tmp, metadata={"key": key, "name": name}))
     return embeddings
 
 

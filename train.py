@@ -631,8 +631,8 @@ def main(argv=None):
             micro = batches[batch_in_epoch:batch_in_epoch + c.grad_accum]
             # The loss is a mean over all target tokens of the global batch: each process divides its sum by
             # the global count, times world (DDP averages gradients), over the accumulated micro-batches.
-            counts = torch.tensor([sum(len(train_tgt[i]) for i in b) for b in micro], device=device,
-                                  dtype=torch.float)
+            sizes = [sum(len(train_tgt[i]) for i in b) for b in micro]  # target tokens of each micro-batch
+            counts = torch.tensor(sizes, device=device, dtype=torch.float)
             if world > 1:
                 dist.all_reduce(counts)
             for j, batch in enumerate(micro):
@@ -641,15 +641,15 @@ def main(argv=None):
                 with ctx:
                     ids, mask = pad([train_src[i] for i in batch], tok.pad_id)
                     tgt, _ = pad([train_tgt[i] for i in batch], tok.pad_id)
-                    n_tok = float(sum(len(train_tgt[i]) for i in batch))
+                    n_tok = sizes[j]
                     with autocast:
                         mean = train_model(train_feats[batch].to(device), ids.to(device), mask.to(device),
                                            tgt.to(device))
                     loss = mean * n_tok / counts.sum() * world
                     scaler.scale(loss).backward()
                 loss_sum += mean.detach() * n_tok / counts.sum()
-                tok_window += int(n_tok)
-                tokens_seen += int(n_tok)
+                tok_window += n_tok
+                tokens_seen += n_tok
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)

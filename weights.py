@@ -21,10 +21,8 @@ against the model's vocab_size). Then `model = weights.load("weights/paper")`.
 
 import argparse
 import json
-import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ from tokenizers.models import Unigram
 
 from cliptrans import (CLIPTrans, CLIPTransConfig, MappingConfig, MappingNetwork, MBartConfig, TextConfig,
                        VisionConfig, init_weights)
-from data import MBART50_LANGS, SPECIALS
+from data import MBART50_LANGS, SPECIALS, atomic_write
 
 WEIGHTS_FILE, CONFIG_FILE = "cliptrans.safetensors", "config.json"
 MBART_TOKENIZER, TEXT_TOKENIZER = "tokenizer_mbart.json", "tokenizer_text.json"
@@ -448,23 +446,9 @@ def save(model, folder, extra_config=None):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic(folder / WEIGHTS_FILE, lambda p: save_file(state, p))
+    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(state, p))
     config = {"cliptrans": model.config.to_dict(), **(extra_config or {})}
-    _atomic(folder / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
-
-
-def _atomic(path, write):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is as readable as any file
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(folder / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
 
 
 def read_config(folder):
@@ -518,12 +502,12 @@ def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in tokenizer_files.items():
-        _atomic(out / name, lambda p, text=text: Path(p).write_bytes(text))
+        atomic_write(out / name, lambda p, text=text: Path(p).write_bytes(text))
     state = {k: v.contiguous() for k, v in state.items()}
-    _atomic(out / WEIGHTS_FILE, lambda p: save_file(state, p))
+    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, p))
     meta = {"cliptrans": config.to_dict(), "sources": {"mbart": str(mbart), "mclip": str(mclip),
                                                       "xlmr": str(xlmr), "clip": str(clip)}}
-    _atomic(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
     return out
 
 
