@@ -221,21 +221,24 @@ def main():
             t = timed(lambda: ours.generate(clip, src, src_mask, lang, num_beams=5, max_new_tokens=GN,
                                             min_new_tokens=GN), dev, max(2, iters // 3))
             results["beam-5 generation (CLIPTrans, prefix)"] = {"ours_ms": t * 1e3, "ours_sentences_per_s": GB / t}
-            if dev == "cuda":  # what the CUDA graph and the choice of attention kernel for decoding buy
+            if dev == "cuda":  # what the CUDA graph, the attention kernel and the chunked top-k of decoding buy
                 # (2 new tokens, with and without the graph: what recording the graph costs each call)
-                variants = {"no CUDA graph": (dict(use_cuda_graph=False), cliptrans.DECODE_ATTENTION),
-                            "PyTorch's attention kernel": ({}, ALL_ATTENTION),
-                            "math attention": ({}, [SDPBackend.MATH]),
-                            "2 new tokens": (dict(max_new_tokens=2, min_new_tokens=2), cliptrans.DECODE_ATTENTION),
+                variants = {"no CUDA graph": (dict(use_cuda_graph=False), {}),
+                            "PyTorch's attention kernel": ({}, {"DECODE_ATTENTION": ALL_ATTENTION}),
+                            "math attention": ({}, {"DECODE_ATTENTION": [SDPBackend.MATH]}),
+                            "torch.topk": ({}, {"TOPK_CHUNK": 0}),
+                            "2 new tokens": (dict(max_new_tokens=2, min_new_tokens=2), {}),
                             "2 new tokens, no CUDA graph": (dict(max_new_tokens=2, min_new_tokens=2,
-                                                                 use_cuda_graph=False), cliptrans.DECODE_ATTENTION)}
-                chosen = cliptrans.DECODE_ATTENTION
-                for name, (extra, backends) in variants.items():
-                    cliptrans.DECODE_ATTENTION = backends
+                                                                 use_cuda_graph=False), {})}
+                for name, (extra, settings) in variants.items():
+                    chosen = {k: getattr(cliptrans, k) for k in settings}
+                    for k, v in settings.items():
+                        setattr(cliptrans, k, v)
                     t = timed(lambda: ours.mbart.generate(src, src_mask, **{**args, **extra}), dev, max(2, iters // 3))
                     results[f"beam-5 generation (mBART, {name})"] = {"ours_ms": t * 1e3,
                                                                       "ours_sentences_per_s": GB / t}
-                cliptrans.DECODE_ATTENTION = chosen
+                    for k, v in chosen.items():
+                        setattr(cliptrans, k, v)
             if a.profile:
                 results["profile: beam-5 generation (mBART)"] = {"hf": kernel_profile(hf_gen, dev),
                                                                  "ours": kernel_profile(ours_gen, dev)}
@@ -310,14 +313,21 @@ def main():
         if dev == "cuda":  # PyTorch may choose cuDNN's attention kernels on recent GPUs: are they the fastest here?
             variants.append(("no cuDNN attention", lambda: trainer(params, forward(ours), [ours], attention=[
                 SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])[0]))
-        if a.compile:  # the whole model as one graph; then each layer on its own (last: it compiles in place)
+            variants.append(("Linear weights cast once per step", lambda: trainer(params, cast_once_forward(
+                ours, ("mbart", "mapping"), (clip, src, src_mask, tgt), torch.bfloat16), [ours])[0]))
+        if a.compile:  # the whole model as one graph (its kernels launched one by one, or replayed as CUDA graphs
+            # recorded once per shape); then each layer on its own (last: it compiles in place)
             variants.append(("torch.compile", lambda: trainer(params, forward(torch.compile(ours)), [ours])[0]))
+            if dev == "cuda":
+                variants.append(("torch.compile, CUDA graphs", lambda: trainer(
+                    params, forward(torch.compile(ours, mode="reduce-overhead")), [ours])[0]))
             variants.append(("torch.compile per layer", lambda: trainer(params, forward(compile_layers(ours)),
                                                                         [ours])[0]))
         for name, make in variants:
             for p_ in params:
                 p_.grad = None
             name = f"stage 2 training step ({name})"
+            torch._dynamo.reset()  # each variant compiles afresh, with its own mode
             try:
                 t0 = time.perf_counter()
                 step = make()
@@ -350,6 +360,37 @@ def main():
                 print(f"  {name}: {extra}")
     save(results, a.out)
     print(f"wrote {a.out}")
+
+
+class CastOnce(torch.autograd.Function):
+    """fp32 parameters -> copies in `dtype` with one multi-tensor copy; their gradients back to fp32 the same way.
+    Under autocast each Linear casts its weight and bias at every call, and autograd casts each gradient back:
+    four small kernels per Linear and step, which this does in a few for all of them. The numbers are the same."""
+
+    @staticmethod
+    def forward(ctx, dtype, *params):
+        copies = [torch.empty_like(p, dtype=dtype) for p in params]
+        torch._foreach_copy_(copies, list(params))
+        return tuple(copies)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        fp32 = [torch.empty_like(g, dtype=torch.float32) for g in grads]
+        torch._foreach_copy_(fp32, list(grads))
+        return (None, *fp32)
+
+
+def cast_once_forward(model, parts, inputs, dtype):
+    """A function that runs model(*inputs), to be called under autocast to `dtype`, with the weights and biases
+    of the Linear layers in model.<part> for each of `parts` cast once, up front."""
+    names = [f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+             and name.split(".")[0] in parts for p, _ in m.named_parameters(recurse=False)]
+    params = [model.get_parameter(n) for n in names]
+
+    def forward():
+        copies = CastOnce.apply(dtype, *params)
+        return torch.func.functional_call(model, dict(zip(names, copies)), inputs)
+    return forward
 
 
 def compile_layers(model):

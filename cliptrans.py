@@ -418,9 +418,10 @@ class MBart(nn.Module):
 def topk_by_chunks(x, k, chunk=64):
     """torch.topk(x, k) over the last dimension of (R, V) rows of a vocabulary: the k largest entries of a row
     lie in the k chunks with the largest maxima, so one pass of maxima over the row replaces the several
-    passes of a selection over all V entries. V must be a multiple of `chunk`. Returns (values, indices)."""
+    passes of a selection over all V entries. V must be a multiple of `chunk` (chunk=0: torch.topk itself).
+    Returns (values, indices)."""
     R, V = x.shape
-    if V // chunk < k:  # a small vocabulary: fewer chunks than entries wanted
+    if chunk == 0 or V // chunk < k:  # or a small vocabulary: fewer chunks than entries wanted
         return torch.topk(x, k)
     chunks = x.view(R, V // chunk, chunk)
     best = torch.topk(chunks.amax(-1), k).indices  # (R, k): the chunks that hold the k largest entries
@@ -439,6 +440,7 @@ def _force(scores, token):  # every row may produce only `token`
 # cuDNN's attention, which PyTorch may prefer on recent GPUs and which costs tens of microseconds per call
 # at these sizes. Only the decoding steps use this list; the prompt and training keep PyTorch's choice.
 DECODE_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+TOPK_CHUNK = 64  # beam search's top-k per beam, from chunks of this many logits (see topk_by_chunks)
 
 
 @contextmanager
@@ -518,7 +520,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     # The padding logits are -inf: they are never chosen and add nothing to a softmax.
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else mbart.shared.weight.dtype
     V = c.vocab_size
-    weight = F.pad(mbart.shared.weight.to(dtype), (0, 0, 0, -V % 64))
+    weight = F.pad(mbart.shared.weight.to(dtype), (0, 0, 0, -V % 64))  # (also a multiple of TOPK_CHUNK)
     bias = F.pad(mbart.final_logits_bias.to(dtype), (0, -V % 64), value=-math.inf)
 
     def project(h):  # (B * nb, d) -> logits (B * nb, V + pad), in the autocast dtype like Hugging Face's
@@ -587,7 +589,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     for step in range(max_new_tokens):
         # The 2 nb best of all nb x V continuations are among the 2 nb best of each beam: a top-k per beam,
         # then over the nb x 2 nb survivors (the same set as transformers' top-k over nb x V, far cheaper).
-        top_logp, top_tok = topk_by_chunks(processed(step, logits), k)  # (B * nb, 2 nb)
+        top_logp, top_tok = topk_by_chunks(processed(step, logits), k, TOPK_CHUNK)  # (B * nb, 2 nb)
         scores = top_logp.view(B, nb, k) + run_scores[:, :, None]  # log-probabilities of whole sequences
         cand_scores, cand = torch.topk(scores.view(B, nb * k), k)  # (B, 2 nb)
         cand_beam, cand_tok = cand // k, torch.take_along_dim(top_tok.view(B, nb * k), cand, dim=1)

@@ -9,8 +9,9 @@ For each seed: stage 1 (captioning in the target language on all the world's tra
 on only `--pairs` sentence pairs, once from the stage 1 checkpoint and once without it
 (`--from_scratch_stage2`: from the stage 0 weights, the ablation). Each stage 2 model is scored on the
 test split (held-out colour-shape pairs) from the source sentence's text embedding (the paper's test-time
-setting) and from the image's embedding (`--test_with_image`). Prints BLEU mean and standard deviation
-over the seeds and writes every figure to OUT/results.json.
+setting) and from the image's embedding (`--test_with_image`), and with one of its two inputs taken away
+(`--ablate`): each sentence with the previous sentence's prefix, and the encoder without the source words.
+Prints BLEU mean and standard deviation over the seeds and writes every figure to OUT/results.json.
 """
 
 import argparse
@@ -25,9 +26,10 @@ from pathlib import Path
 def train(*args):
     cmd = [sys.executable, "train.py", *map(str, args)]
     print("$", " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    if done.returncode:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout[-2000:]}")
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode:  # train.py's own message ends its stderr (after the progress bars' lines)
+        why = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()][-5:]
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n" + "\n".join(why))
     return json.loads(done.stdout.strip().splitlines()[-1])  # train.py ends with one JSON line
 
 
@@ -52,7 +54,10 @@ def main():
             common = ["--stage", 2, "--seed", seed, "--out", o]
             s2 = train(*common, "--n_pairs", a.pairs, "--max_steps", a.stage2_steps, "--eval_every", 100, *extra)
             image = train(*common, "--eval_only", "--test_with_image")
-            row[name] = {"text": s2["test_bleu"], "image": image["bleu"], "val": s2["best_val_bleu"]}
+            other_prefix = train(*common, "--eval_only", "--ablate", "prefix")
+            no_source = train(*common, "--eval_only", "--ablate", "source")
+            row[name] = {"text": s2["test_bleu"], "image": image["bleu"], "val": s2["best_val_bleu"],
+                         "other prefix": other_prefix["bleu"], "no source": no_source["bleu"]}
         results["runs"][seed] = row
         (out / "results.json").write_text(json.dumps(results, indent=2))
 
@@ -62,14 +67,16 @@ def main():
 
     print(f"\nstage 2 on {a.pairs} parallel pairs, tiny world en -> de, test BLEU over seeds {a.seeds} "
           f"({(time.time() - t0) / 60:.1f} min)")
-    print(f"{'':18s} {'text embedding (paper)':>26s} {'image embedding':>26s}")
+    kinds = {"text": "text embedding (paper)", "image": "image embedding", "other prefix": "previous one's prefix",
+             "no source": "no source words"}
+    print(f"{'':18s} " + " ".join(f"{title:>28s}" for title in kinds.values()))
     for name in ("with stage 1", "without stage 1"):
         cells = []
-        for kind in ("text", "image"):
+        for kind in kinds:
             m, sd, xs = stat(name, kind)
             cells.append(f"{m:6.2f} ± {sd:5.2f} {xs}")
             results.setdefault("summary", {})[f"{name}, {kind}"] = {"mean": m, "std": sd, "values": xs}
-        print(f"{name:18s} {cells[0]:>26s} {cells[1]:>26s}")
+        print(f"{name:18s} " + " ".join(f"{cell:>28s}" for cell in cells))
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 

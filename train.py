@@ -21,6 +21,7 @@ The paper's setting (after `python weights.py ... --out weights/paper`, with Mul
 Scoring a checkpoint on any split, and resuming after an interruption:
 
     python train.py --stage 2 --eval_only --split test          # the best stage 2 checkpoint, test split
+    python train.py --stage 2 --eval_only --ablate prefix       # ... with another sentence's prefix
     python train.py --stage 2 --resume                          # continues exactly where `last` left off
 
 Every checkpoint folder (`OUT/last`, `OUT/best`) holds the model (`cliptrans.safetensors`, `config.json`,
@@ -97,6 +98,8 @@ class Config:
     eval_only: bool = False
     from_scratch_stage2: bool = False  # the ablation: stage 2 without stage 1
     test_with_image: bool = False  # stage 2 evaluation from the image embedding instead of the text's
+    ablate: str = ""  # --eval_only, stage 2: "prefix" (each sentence gets the previous sentence's embedding) or
+    # "source" (the encoder sees only `<src_lang> </s>`): how much the model reads each of its two inputs
 
 
 def defaults(c: Config):
@@ -110,6 +113,9 @@ def defaults(c: Config):
     if (c.preset, c.stage) not in table:
         raise SystemExit(f"error: stage {c.stage} exists for the tiny preset only (the paper's towers and mBART "
                          f"come pretrained: convert them with weights.py)")
+    if c.ablate and (c.ablate not in ("prefix", "source") or not c.eval_only or c.stage != 2):
+        raise SystemExit(f"error: --ablate {c.ablate}: expected --ablate prefix or --ablate source, with --stage 2 "
+                         f"--eval_only (it scores a trained translation model with one of its inputs taken away)")
     batch, epochs, lr = table[(c.preset, c.stage)]
     c.batch_size, c.epochs, c.lr = c.batch_size or batch, c.epochs or epochs, c.lr or lr
     c.grad_accum = c.grad_accum or (4 if c.preset == "paper" else 1)
@@ -497,12 +503,16 @@ def main(argv=None):
 
     if c.eval_only:
         s, feats, src_ids, _ = prepare(c.split)
-        path = out / "hyps" / f"{c.split}.eval.txt"
+        if c.ablate == "prefix":  # each sentence with the previous one's prefix: what the source alone carries
+            feats = feats.roll(1, dims=0)
+        elif c.ablate == "source":  # no source words for the encoder: what the prefix alone carries
+            src_ids = [[ids[0], tok.eos_id] for ids in src_ids]
+        path = out / "hyps" / f"{c.split}.eval{'.ablate_' + c.ablate if c.ablate else ''}.txt"
         bleu = evaluate(model, c, c.split, feats, tok, src_ids, tgt_lang, s.sentences[tgt_lang], rank, world,
                         device, autocast, path)
         if rank == 0:
             print(json.dumps({"split": c.split, "bleu": round(bleu, 2), "checkpoint": str(start),
-                              "hypotheses": str(path)}))
+                              "hypotheses": str(path), **({"ablate": c.ablate} if c.ablate else {})}))
         if dist.is_initialized():
             dist.destroy_process_group()
         return

@@ -5,6 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+import bench
+from cliptrans import CLIPTrans, CLIPTransConfig
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,3 +33,26 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
         for side in ("hf", "ours"):
             prof = figures[name][side]
             assert prof["top"] and 0 < prof["top"][0]["ms"] <= prof["busy_ms"], (name, side)
+
+
+def test_linear_weights_cast_once_give_the_same_numbers_as_autocast():
+    """bench.py's variant "Linear weights cast once per step": the same loss and gradients, bit for bit, as
+    autocast casting each weight at its use (CPU autocast to bf16 here)."""
+    torch.manual_seed(0)
+    model = CLIPTrans(CLIPTransConfig.preset("tiny"))
+    clip, src, tgt = torch.randn(3, 64), torch.randint(4, 1000, (3, 7)), torch.randint(4, 1000, (3, 6))
+    inputs = (clip, src, torch.ones_like(src), tgt)
+    params = list(model.mbart.parameters()) + list(model.mapping.parameters())
+    results = []
+    for forward in (lambda: model(*inputs), bench.cast_once_forward(model, ("mbart", "mapping"), inputs,
+                                                                    torch.bfloat16)):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = forward()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in params]))
+    (plain, plain_grads), (once, once_grads) = results
+    assert torch.equal(plain, once)
+    assert all(torch.equal(a, b) for a, b in zip(plain_grads, once_grads))
+    assert any(p.grad.abs().sum() > 0 for p in model.mbart.decoder.layers[0].mlp.fc1.parameters())

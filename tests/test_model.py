@@ -177,6 +177,7 @@ def test_topk_by_chunks_equals_torch_topk():
         assert torch.equal(x.gather(1, index), values)
     values, index = topk_by_chunks(x[:, :128], 4)  # fewer chunks than k: plain top-k
     assert torch.equal(values, torch.topk(x[:, :128], 4).values)
+    assert torch.equal(topk_by_chunks(x, 4, chunk=0)[0], torch.topk(x, 4).values)  # chunk=0: plain top-k
 
 
 @pytest.mark.parametrize("early_stopping,length_penalty", [(False, 1.0), ("never", 1.0), (True, 0.6), (True, 2.0)])
