@@ -224,7 +224,7 @@ def main():
             if dev == "cuda":  # what the CUDA graph, the attention kernel and the chunked top-k of decoding buy
                 # (2 new tokens, with and without the graph: what recording the graph costs each call)
                 variants = {"no CUDA graph": (dict(use_cuda_graph=False), {}),
-                            "PyTorch's attention kernel": ({}, {"DECODE_ATTENTION": ALL_ATTENTION}),
+                            "memory-efficient attention": ({}, {"DECODE_ATTENTION": [SDPBackend.EFFICIENT_ATTENTION]}),
                             "math attention": ({}, {"DECODE_ATTENTION": [SDPBackend.MATH]}),
                             "torch.topk": ({}, {"TOPK_CHUNK": 0}),
                             "2 new tokens": (dict(max_new_tokens=2, min_new_tokens=2), {}),

@@ -436,10 +436,10 @@ def _force(scores, token):  # every row may produce only `token`
     return forced
 
 
-# One query token against a few dozen keys: the memory-efficient kernel, or plain matmuls, start faster than
-# cuDNN's attention, which PyTorch may prefer on recent GPUs and which costs tens of microseconds per call
-# at these sizes. Only the decoding steps use this list; the prompt and training keep PyTorch's choice.
-DECODE_ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The attention kernels a decoding step may use (one query token against a few dozen keys). PyTorch's own
+# choice among all of them measured fastest on an H100; bench.py times the others.
+DECODE_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
 TOPK_CHUNK = 64  # beam search's top-k per beam, from chunks of this many logits (see topk_by_chunks)
 
 
