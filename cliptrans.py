@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import sdpa_kernel
 
 # -----------------------------------------------------------------------------
 # Configuration. The `paper` preset has the exact sizes of the public checkpoints; weights.py reads the
@@ -436,10 +436,9 @@ def _force(scores, token):  # every row may produce only `token`
     return forced
 
 
-# The attention kernels a decoding step may use (one query token against a few dozen keys). PyTorch's own
-# choice among all of them measured fastest on an H100; bench.py times the others.
-DECODE_ATTENTION = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                    SDPBackend.MATH]
+# The attention kernels a decoding step may use (one query token against a few dozen keys), or None: PyTorch
+# chooses among all of them, which measured fastest on an H100; bench.py times the others.
+DECODE_ATTENTION = None
 TOPK_CHUNK = 64  # beam search's top-k per beam, from chunks of this many logits (see topk_by_chunks)
 
 
@@ -531,7 +530,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     pos = torch.full((), P, dtype=torch.long, device=dev)
 
     def decode():
-        with sdpa_kernel(DECODE_ATTENTION) if dev.type == "cuda" else nullcontext():
+        with sdpa_kernel(DECODE_ATTENTION) if dev.type == "cuda" and DECODE_ATTENTION else nullcontext():
             h = mbart.decoder.step(mbart.embed_tokens(token_in[:, None]), pos, memory, memory_mask, cache)
         return project(h)
 
