@@ -132,40 +132,41 @@ ACTIVATIONS = {
 
 
 class KVCache:
-    """Keys and values of one attention layer, kept between decoding steps.
+    """The keys and values a decoder keeps between decoding steps.
 
-    Self-attention: a buffer (B, H, max_len, Dh) allocated once and filled step by step, so a decoding
-    step neither re-allocates nor copies the past. `append` takes the prompt (positions counted on the host);
-    `write` takes one position given as a device tensor and returns the whole buffer, so that a decoding step
-    has the same shapes every time (the caller masks the positions not written yet): a CUDA graph can replay it.
-    Cross-attention (max_len=None): the encoder's keys and values, computed once per sentence.
+    Self-attention: one buffer (layers, 2, B, max_len, C) holds the keys and values of every layer, allocated at
+    the prompt and filled position by position, so a decoding step neither re-allocates nor copies the past, and
+    a beam search reorders the whole cache with one gather. `write` takes the prompt at an int position (counted
+    on the host) or one new token at a position given as a device tensor; then it returns the whole buffer, so
+    that a decoding step has the same shapes every time (the caller masks the positions not written yet): a
+    CUDA graph can replay it.
+    Cross-attention: each layer's keys and values of the source, (B_src, S, C) each, computed at the first call:
+    one copy per sentence, not per beam.
     """
 
-    def __init__(self, max_len=None):
-        self.max_len, self.k, self.v, self.len = max_len, None, None, 0
+    def __init__(self, layers, max_len):
+        self.max_len, self.len, self.kv = max_len, 0, None
+        self.cross = [None] * layers
 
-    def append(self, k, v):  # k, v: (B, H, T, Dh)
-        if self.k is None:
-            B, H, _, Dh = k.shape
+    def write(self, layer, k, v, pos):  # k, v: (B, T, C) the new keys and values of `layer`
+        if self.kv is None:
+            B, _, C = k.shape
             # zeros, not empty: masked positions get weight 0, and 0 * (garbage NaN) would still be NaN
-            self.k = k.new_zeros(B, H, self.max_len, Dh)
-            self.v = v.new_zeros(B, H, self.max_len, Dh)
-        end = self.len + k.shape[2]
-        self.k[:, :, self.len:end] = k
-        self.v[:, :, self.len:end] = v
-        self.len = end
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-    def write(self, k, v, pos):  # k, v: (B, H, 1, Dh); pos: 0-d long tensor
-        self.k.index_copy_(2, pos.view(1), k)
-        self.v.index_copy_(2, pos.view(1), v)
-        return self.k, self.v
+            self.kv = k.new_zeros(len(self.cross), 2, B, self.max_len, C)
+        keys, values = self.kv[layer]  # (B, max_len, C) each, views
+        if isinstance(pos, int):
+            end = pos + k.shape[1]
+            keys[:, pos:end], values[:, pos:end] = k, v
+            return keys[:, :end], values[:, :end]
+        keys.index_copy_(1, pos.view(1), k)
+        values.index_copy_(1, pos.view(1), v)
+        return keys, values
 
     def reorder(self, index, length):  # beam search: row i continues the hypothesis of row index[i]
-        # Only the `length` positions written so far: the others are still zeros in every row.
-        if self.max_len is not None and self.k is not None:
-            self.k[:, :, :length] = self.k[index, :, :length]
-            self.v[:, :, :length] = self.v[index, :, :length]
+        # Only the `length` positions written so far (the others are still zeros in every row), all layers at once,
+        # moved as 8-byte words: a copy kernel works per element, and bf16 ones would take four times as many.
+        kv = self.kv.view(torch.int64) if self.kv.shape[-1] * self.kv.element_size() % 8 == 0 else self.kv
+        kv[:, :, :, :length] = kv[:, :, index, :length]
 
 
 class Attention(nn.Module):
@@ -179,26 +180,28 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x, memory=None, mask=None, causal=False, cache=None, pos=None):
-        # x: (B, T, C); memory: (B, S, C) for cross-attention; mask: bool, True = may attend, broadcast to (B, H, T, S)
-        # pos: with a cache, the position of a single new token as a device tensor (fixed-shape decoding)
+    def forward(self, x, memory=None, mask=None, causal=False, cache=None, layer=0, pos=0):
+        # x: (B, T, C); memory: (B_src, S, C) for cross-attention; mask: bool, True = may attend, broadcast to
+        # (B, H, T, S). With a cache (KVCache), this is decoder layer `layer` and x holds positions pos.. of the
+        # sequence (pos: an int, or a 0-d device tensor for a single new token: fixed-shape decoding).
         B, T, C = x.shape
-        H = self.heads
         if memory is None:
-            q, k, v = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, Dh)
+            q, k, v = self.qkv(x).view(B, T, 3, C).unbind(2)  # (B, T, C) each
             if cache is not None:
-                k, v = cache.append(k, v) if pos is None else cache.write(k, v, pos)  # (B, H, past + T or max_len, Dh)
+                k, v = cache.write(layer, k, v, pos)  # (B, past + T or max_len, C) each
         else:
+            # Beam search runs B = G x B_src rows, the G beams of a sentence next to each other: they share the
+            # sentence's keys and values, so their G x T queries attend them together, as one row.
+            G, S = B // memory.shape[0], memory.shape[1]
             w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(x, w[:C], None if b is None else b[:C]).view(B, T, H, C // H).transpose(1, 2)
-            if cache is not None and cache.k is not None:
-                k, v = cache.k, cache.v
+            q = F.linear(x, w[:C], None if b is None else b[:C]).view(B // G, G * T, C)
+            if cache is not None and cache.cross[layer] is not None:
+                k, v = cache.cross[layer]
             else:
-                S = memory.shape[1]
-                kv = F.linear(memory, w[C:], None if b is None else b[C:])
-                k, v = kv.view(B, S, 2, H, C // H).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, Dh)
+                k, v = F.linear(memory, w[C:], None if b is None else b[C:]).view(B // G, S, 2, C).unbind(2)
                 if cache is not None:
-                    cache.k, cache.v = k, v
+                    cache.cross[layer] = k, v
+        q, k, v = (t.unflatten(-1, (self.heads, C // self.heads)).transpose(1, 2) for t in (q, k, v))  # (., H, ., Dh)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
@@ -231,11 +234,12 @@ class Block(nn.Module):
             return x + self.drop(f(ln(x)))
         return ln(x + self.drop(f(x)))
 
-    def forward(self, x, mask=None, causal=False, memory=None, memory_mask=None, cache=None, pos=None):
-        self_cache, cross_cache = cache if cache is not None else (None, None)
-        x = self.residual(x, self.ln_attn, lambda h: self.attn(h, mask=mask, causal=causal, cache=self_cache, pos=pos))
+    def forward(self, x, mask=None, causal=False, memory=None, memory_mask=None, cache=None, layer=0, pos=0):
+        x = self.residual(x, self.ln_attn, lambda h: self.attn(h, mask=mask, causal=causal, cache=cache, layer=layer,
+                                                               pos=pos))
         if memory is not None:
-            x = self.residual(x, self.ln_cross, lambda h: self.cross(h, memory, mask=memory_mask, cache=cross_cache))
+            x = self.residual(x, self.ln_cross, lambda h: self.cross(h, memory, mask=memory_mask, cache=cache,
+                                                                     layer=layer))
         return self.residual(x, self.ln_mlp, self.mlp)
 
 
@@ -349,15 +353,18 @@ class Decoder(nn.Module):
         self.ln_final = nn.LayerNorm(c.d_model, eps=c.eps)
 
     def forward(self, x, memory, memory_mask=None, mask=None, cache=None):
-        # x: (B, T, d) decoder input vectors; mask: (T, T) bool, or None for plain causal attention.
+        # x: (B, T, d) decoder input vectors; memory (B_src, S, d), B a multiple of B_src (beams);
+        # mask: (T, T) bool, or None for plain causal attention.
         # With a cache, x holds only the new positions and they may see every cached one (mask=None, causal=False).
-        start = 0 if cache is None else cache[0][0].len
+        start = 0 if cache is None else cache.len
         x = self.embed(x, start)
         memory_mask = key_padding_mask(memory_mask)
         causal = mask is None and start == 0 and x.shape[1] > 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask,
-                      cache=None if cache is None else cache[i])
+            x = layer(x, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask, cache=cache, layer=i,
+                      pos=start)
+        if cache is not None:
+            cache.len += x.shape[1]
         return self.ln_final(x)
 
     def step(self, x, pos, memory, memory_mask, cache):
@@ -365,14 +372,14 @@ class Decoder(nn.Module):
         never change: each self-attention writes at `pos` and reads its whole cache buffer, the positions after
         `pos` masked. So a decoding step can be recorded once as a CUDA graph and replayed. Returns (B, d)."""
         x = self.embed.drop(self.embed.ln_embed(x + self.embed.pos_embed(pos + 2)))
-        written = (torch.arange(cache[0][0].max_len, device=x.device) <= pos).view(1, 1, 1, -1)  # (1, 1, 1, max_len)
+        written = (torch.arange(cache.max_len, device=x.device) <= pos).view(1, 1, 1, -1)  # (1, 1, 1, max_len)
         memory_mask = key_padding_mask(memory_mask)
-        for layer, layer_cache in zip(self.layers, cache):
-            x = layer(x, mask=written, memory=memory, memory_mask=memory_mask, cache=layer_cache, pos=pos)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask=written, memory=memory, memory_mask=memory_mask, cache=cache, layer=i, pos=pos)
         return self.ln_final(x)[:, -1]
 
     def new_cache(self, max_len):
-        return [(KVCache(max_len), KVCache()) for _ in self.layers]
+        return KVCache(len(self.layers), max_len)
 
 
 class MBart(nn.Module):
@@ -465,29 +472,41 @@ def linears_cast(module, dtype):
 
 @torch.no_grad()
 def cuda_graph(fn, module=None):
-    """Record the kernels that fn() launches once, then replay them with one call: a decoding step of mBART
-    is hundreds of small kernels whose launches, not the GPU, set the pace. fn must read its inputs from,
-    and return, tensors that stay in place (replays overwrite the returned tensor). Under autocast, the
-    Linear layers of `module` are recorded with their weights cast once (see linears_cast)."""
+    """fn() whose kernels, after the first call, are replayed as one CUDA graph: a decoding step of mBART is
+    hundreds of small kernels whose launches, not the GPU, set the pace. fn must read its inputs from, and return,
+    tensors that stay in place (replays overwrite the returned tensor).
+
+    The first call runs fn() with plain launches on a side stream (which sets up what its kernels need: cuBLAS
+    workspaces, cuDNN plans) and records the same kernels there while the GPU runs them. torch.cuda.graph would
+    first wait for the GPU and empty PyTorch's memory cache: the GPU would idle during the recording. Under
+    autocast, the Linear layers of `module` are recorded with their weights cast once (see linears_cast)."""
     autocast = torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda")
-    cast = linears_cast(module, dtype) if autocast and module is not None else nullcontext([])
-    graph = torch.cuda.CUDAGraph()
-    with cast as copies:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # warm-up outside the recording: lazy initialisation, kernel selection
-        torch.cuda.current_stream().wait_stream(side)
-        # autocast's cache of cast weights must stay off while recording (its tensors would live in the graph)
-        with torch.cuda.graph(graph), torch.autocast("cuda", dtype, enabled=autocast, cache_enabled=False):
-            out = fn()
+    graph, out = None, None
 
-    def replay():
-        graph.replay()
-        return out
-    replay.keep = copies  # the graph reads them
-    return replay
+    def call():
+        nonlocal graph, out
+        if graph is not None:
+            graph.replay()
+            return out
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(main)
+        cast = linears_cast(module, dtype) if autocast and module is not None else nullcontext([])
+        with torch.cuda.stream(side):
+            first = fn()
+            graph = torch.cuda.CUDAGraph()
+            # autocast's cache of cast weights must stay off while recording (its tensors would live in the graph)
+            with cast as copies, torch.autocast("cuda", dtype, enabled=autocast, cache_enabled=False):
+                graph.capture_begin()
+                try:
+                    out = fn()
+                finally:
+                    graph.capture_end()
+        call.keep = copies  # the graph reads them
+        main.wait_stream(side)
+        first.record_stream(main)  # made on the side stream, used on the main one
+        return first
+    return call
 
 
 def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new_tokens=60, min_new_tokens=0,
@@ -508,9 +527,8 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     nb, dev = num_beams, prompt.device
     if P + max_new_tokens > c.max_positions:
         raise ValueError(f"{P} prompt positions + max_new_tokens={max_new_tokens} exceed mBART's {c.max_positions}")
-    # Each sentence gets nb rows: (B * nb, ...) with the beams of a sentence next to each other.
-    memory = memory.repeat_interleave(nb, dim=0)
-    memory_mask = None if memory_mask is None else memory_mask.repeat_interleave(nb, dim=0)
+    # Each sentence gets nb rows: (B * nb, ...) with the beams of a sentence next to each other. The source is
+    # not repeated: the nb rows of a sentence attend its one copy (see Attention).
     cache = mbart.decoder.new_cache(P + max_new_tokens)
     h = mbart.decoder(prompt.repeat_interleave(nb, dim=0), memory, memory_mask, mask=prompt_mask, cache=cache)
 
@@ -542,18 +560,19 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
         pos.fill_(P + step)
         return decode()
 
+    def forced(step):  # the token that transformers' processors force at `step` (the last one applied wins), or None
+        if step == max_new_tokens - 1 and forced_eos:
+            return c.eos_id
+        return forced_bos_token_id if step == 0 else None
+
     def processed(step, logits):
         """Scores with transformers' processors applied, in its order: beam search ranks fp32 log-probabilities
         (log-softmax first, then the processors: a forced token has log-probability 0), greedy search the
-        logits themselves."""
+        logits themselves. A banned `</s>` is banned in the logits too (in place), which beam search ranks."""
         scores = F.log_softmax(logits, -1, dtype=torch.float32) if nb > 1 else logits
         if step < min_new_tokens:
-            scores[:, c.eos_id] = -math.inf
-        if step == 0 and forced_bos_token_id is not None:
-            scores = _force(scores, forced_bos_token_id)
-        if step == max_new_tokens - 1 and forced_eos:
-            scores = _force(scores, c.eos_id)
-        return scores
+            scores[:, c.eos_id] = logits[:, c.eos_id] = -math.inf
+        return scores if forced(step) is None else _force(scores, forced(step))
 
     logits = project(h[:, -1])  # only the prompt's last position predicts the next token
     if nb == 1:  # greedy
@@ -588,7 +607,11 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     for step in range(max_new_tokens):
         # The 2 nb best of all nb x V continuations are among the 2 nb best of each beam: a top-k per beam,
         # then over the nb x 2 nb survivors (the same set as transformers' top-k over nb x V, far cheaper).
-        top_logp, top_tok = topk_by_chunks(processed(step, logits), k, TOPK_CHUNK)  # (B * nb, 2 nb)
+        # The log-softmax keeps the order of a row, so the top-k reads the logits, half the bytes of the fp32
+        # scores under bf16 autocast; unless a token is forced, which only the scores show.
+        logp = processed(step, logits)  # (B * nb, V + pad)
+        top_tok = topk_by_chunks(logits if forced(step) is None else logp, k, TOPK_CHUNK)[1]  # (B * nb, 2 nb)
+        top_logp = logp.gather(1, top_tok)
         scores = top_logp.view(B, nb, k) + run_scores[:, :, None]  # log-probabilities of whole sequences
         cand_scores, cand = torch.topk(scores.view(B, nb * k), k)  # (B, 2 nb)
         cand_beam, cand_tok = cand // k, torch.take_along_dim(top_tok.view(B, nb * k), cand, dim=1)
@@ -627,8 +650,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
                 done = ~open_.any() | (fin_done.all() & (early_stopping is True))
                 if done:
                     break
-            for layer_cache in cache:
-                layer_cache[0].reorder((rows + parent).view(-1), P + step)
+            cache.reorder((rows + parent).view(-1), P + step)
             logits = next_logits(step, seqs[:, :, step].reshape(-1))
     out = fin_seqs[:, 0]  # the best finished hypothesis of each sentence
     out = torch.where(torch.arange(max_new_tokens, device=dev) < fin_lens[:, :1], out, c.pad_id)

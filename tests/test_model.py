@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import weights
-from cliptrans import CLIPTrans, CLIPTransConfig, linears_cast, prefix_mask, topk_by_chunks
+from cliptrans import CLIPTrans, CLIPTransConfig, KVCache, linears_cast, prefix_mask, topk_by_chunks
 from conftest import assert_close, hf_param_counts, mclip_reference
 
 import transformers  # noqa: E402  (a test dependency: requirements.txt)
@@ -190,6 +190,57 @@ def test_beam_search_options_equal_hf(peaked_pair, early_stopping, length_penalt
     ref = hf_generate_with_eos_boost(hf_mbart, boost, input_ids=ids, attention_mask=mask, **args)
     ours = ours_generate_with_eos_boost(model, boost, ids, mask, **args)
     assert torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_min_new_tokens_equals_hf(peaked_pair, num_beams, device):
+    """`</s>` banned for the first min_new_tokens steps, with `</s>` raised so that without the ban some sentence
+    would end sooner: the same tokens as Hugging Face."""
+    hf_mbart, model = peaked_pair
+    V = model.config.mbart.vocab_size
+    ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=5, device=device)
+    args = dict(input_ids=ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=12,
+                forced_bos_token_id=V - 48, early_stopping=True, length_penalty=1.0)
+    lengths = lambda out: (out != 1).sum(1) - 1  # noqa: E731  new tokens, after the decoder start
+    boost = next(b for b in torch.arange(0.0, 20.0, 0.5).tolist()
+                 if lengths(hf_generate_with_eos_boost(hf_mbart, b, **args)).min() < 6)
+    ref = hf_generate_with_eos_boost(hf_mbart, boost, min_new_tokens=6, **args)
+    ours = ours_generate_with_eos_boost(model, boost, ids, mask, min_new_tokens=6,
+                                        **{k: v for k, v in args.items() if k not in ("input_ids", "attention_mask")})
+    assert lengths(ref).min() >= 6
+    assert torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
+
+
+def test_beams_attend_one_copy_of_the_source(model, device):
+    """The decoder given G rows per source (a sentence's beams, next to each other) and one copy of each source
+    computes what it computes with every source repeated G times, with and without a cache."""
+    dec, c = model.mbart.decoder, model.config.mbart
+    src, src_mask = padded_batch(c.vocab_size, [7, 4], lang_id=c.vocab_size - 51, seed=13, device=device)
+    x = torch.randn(2 * 3, 5, c.d_model, generator=torch.Generator().manual_seed(14)).to(device)
+    with torch.no_grad():
+        memory = model.mbart.encode(src, src_mask)
+        repeated = dec(x, memory.repeat_interleave(3, 0), src_mask.repeat_interleave(3, 0))
+        assert_close(dec(x, memory, src_mask), repeated, atol=1e-6, name="shared source")
+        cache = dec.new_cache(6)
+        dec(x[:, :4], memory, src_mask, cache=cache)
+        assert_close(dec(x[:, 4:], memory, src_mask, cache=cache), repeated[:, 4:], atol=1e-5, name="cached step")
+
+
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 8), (torch.bfloat16, 8), (torch.bfloat16, 6)])
+def test_beam_reorder_moves_what_was_written_in_every_layer(dtype, dim):
+    """KVCache.reorder: row i takes row index[i]'s first `length` positions of every layer, the later positions
+    stay; also when a position's values are not whole 8-byte words (6 bf16 = 12 bytes)."""
+    g = torch.Generator().manual_seed(15)
+    cache = KVCache(layers=3, max_len=7)
+    for i in range(3):
+        k, v = torch.randn(2, 5, 6, dim, generator=g).to(dtype)
+        keys, values = cache.write(i, k, v, 0)
+        assert torch.equal(keys, k) and torch.equal(values, v)
+    before = cache.kv.clone()  # (layers, 2, B, max_len, C)
+    index = torch.tensor([2, 2, 0, 4, 1])
+    cache.reorder(index, 4)
+    assert torch.equal(cache.kv[:, :, :, :4], before[:, :, index, :4])
+    assert torch.equal(cache.kv[:, :, :, 4:], before[:, :, :, 4:])
 
 
 # ----------------------------------------------------------------------------- CLIPTrans: prefix, cache, loss
