@@ -134,39 +134,57 @@ ACTIVATIONS = {
 class KVCache:
     """The keys and values a decoder keeps between decoding steps.
 
-    Self-attention: one buffer (layers, 2, B, max_len, C) holds the keys and values of every layer, allocated at
-    the prompt and filled position by position, so a decoding step neither re-allocates nor copies the past, and
-    a beam search reorders the whole cache with one gather. `write` takes the prompt at an int position (counted
-    on the host) or one new token at a position given as a device tensor; then it returns the whole buffer, so
-    that a decoding step has the same shapes every time (the caller masks the positions not written yet): a
-    CUDA graph can replay it.
-    Cross-attention: each layer's keys and values of the source, (B_src, S, C) each, computed at the first call:
-    one copy per sentence, not per beam.
+    Self-attention: one buffer (layers, 2, B, H, max_len, Dh) holds the keys and values of every layer,
+    allocated at the prompt and filled position by position, so a decoding step neither re-allocates nor copies
+    the past, and a beam search reorders the whole cache with one gather. `write` takes the prompt at an int
+    position (counted on the host) or one new token at a position given as a device tensor; then it returns the
+    whole buffer, so that a decoding step has the same shapes every time (the caller masks the positions not
+    written yet): a CUDA graph can replay it.
+    Cross-attention: each layer's keys and values of the source, (B_src, H, S, Dh) each, computed at the first
+    call: one copy per sentence, not per beam.
     """
 
     def __init__(self, layers, max_len):
         self.max_len, self.len, self.kv = max_len, 0, None
         self.cross = [None] * layers
 
-    def write(self, layer, k, v, pos):  # k, v: (B, T, C) the new keys and values of `layer`
+    def write(self, layer, k, v, pos):  # k, v: (B, H, T, Dh) the new keys and values of `layer`
         if self.kv is None:
-            B, _, C = k.shape
+            B, H, _, Dh = k.shape
             # zeros, not empty: masked positions get weight 0, and 0 * (garbage NaN) would still be NaN
-            self.kv = k.new_zeros(len(self.cross), 2, B, self.max_len, C)
-        keys, values = self.kv[layer]  # (B, max_len, C) each, views
+            self.kv = k.new_zeros(len(self.cross), 2, B, H, self.max_len, Dh)
+        keys, values = self.kv[layer]  # (B, H, max_len, Dh) each, views
         if isinstance(pos, int):
-            end = pos + k.shape[1]
-            keys[:, pos:end], values[:, pos:end] = k, v
-            return keys[:, :end], values[:, :end]
-        keys.index_copy_(1, pos.view(1), k)
-        values.index_copy_(1, pos.view(1), v)
+            end = pos + k.shape[2]
+            keys[:, :, pos:end], values[:, :, pos:end] = k, v
+            return keys[:, :, :end], values[:, :, :end]
+        keys.index_copy_(2, pos.view(1), k)
+        values.index_copy_(2, pos.view(1), v)
         return keys, values
 
     def reorder(self, index, length):  # beam search: row i continues the hypothesis of row index[i]
         # Only the `length` positions written so far (the others are still zeros in every row), all layers at once,
         # moved as 8-byte words: a copy kernel works per element, and bf16 ones would take four times as many.
         kv = self.kv.view(torch.int64) if self.kv.shape[-1] * self.kv.element_size() % 8 == 0 else self.kv
-        kv[:, :, :, :length] = kv[:, :, index, :length]
+        kv[:, :, :, :, :length] = kv[:, :, index, :, :length]
+
+
+def matmul_attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(Dh)) v as two batched matrix products, for decoding (a few queries per row), with
+    the scores in fp32 as the fused kernels keep them. q (B, H, T, Dh); k, v (B, H, L, Dh) contiguous; mask
+    bool, True = may attend, broadcast to (B, H, T, L), at least one key per query."""
+    B, H, T, Dh = q.shape
+    L = k.shape[2]
+    q, kt = q.reshape(B * H, T, Dh), k.view(B * H, L, Dh).transpose(1, 2)
+    if q.is_cuda and q.dtype != torch.float32:
+        s = torch.bmm(q, kt, out_dtype=torch.float32)  # bf16 products summed in fp32 (CUDA only)
+    else:
+        s = torch.bmm(q.float(), kt.float())
+    s = s.view(B, H, T, L) * Dh ** -0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    p = s.softmax(-1).to(v.dtype)  # the probabilities in the input dtype, as flash attention multiplies them
+    return torch.bmm(p.view(B * H, T, L), v.view(B * H, L, Dh)).view(B, H, T, Dh)
 
 
 class Attention(nn.Module):
@@ -185,26 +203,32 @@ class Attention(nn.Module):
         # (B, H, T, S). With a cache (KVCache), this is decoder layer `layer` and x holds positions pos.. of the
         # sequence (pos: an int, or a 0-d device tensor for a single new token: fixed-shape decoding).
         B, T, C = x.shape
+        heads = self.split_heads
         if memory is None:
-            q, k, v = self.qkv(x).view(B, T, 3, C).unbind(2)  # (B, T, C) each
+            q, k, v = map(heads, self.qkv(x).view(B, T, 3, C).unbind(2))  # (B, H, T, Dh) each
             if cache is not None:
-                k, v = cache.write(layer, k, v, pos)  # (B, past + T or max_len, C) each
+                k, v = cache.write(layer, k, v, pos)  # (B, H, past + T or max_len, Dh)
         else:
             # Beam search runs B = G x B_src rows, the G beams of a sentence next to each other: they share the
             # sentence's keys and values, so their G x T queries attend them together, as one row.
             G, S = B // memory.shape[0], memory.shape[1]
             w, b = self.qkv.weight, self.qkv.bias
-            q = F.linear(x, w[:C], None if b is None else b[:C]).view(B // G, G * T, C)
+            q = heads(F.linear(x, w[:C], None if b is None else b[:C]).view(B // G, G * T, C))
             if cache is not None and cache.cross[layer] is not None:
                 k, v = cache.cross[layer]
             else:
-                k, v = F.linear(memory, w[C:], None if b is None else b[C:]).view(B // G, S, 2, C).unbind(2)
+                k, v = map(heads, F.linear(memory, w[C:], None if b is None else b[C:]).view(B // G, S, 2, C).unbind(2))
                 if cache is not None:
-                    cache.cross[layer] = k, v
-        q, k, v = (t.unflatten(-1, (self.heads, C // self.heads)).transpose(1, 2) for t in (q, k, v))  # (., H, ., Dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                    k, v = cache.cross[layer] = k.contiguous(), v.contiguous()
+        if cache is not None and T == 1 and DECODE_ATTENTION == "matmul":
+            y = matmul_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                               dropout_p=self.dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
+
+    def split_heads(self, t):  # (b, t, C) -> (b, H, t, Dh)
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -443,8 +467,9 @@ def _force(scores, token):  # every row may produce only `token`
     return forced
 
 
-# The attention kernels a decoding step may use (one query token against a few dozen keys), or None: PyTorch
-# chooses among all of them, which measured fastest on an H100; bench.py times the others.
+# How a decoding step attends (one query token per row against a few dozen keys): None, PyTorch's
+# scaled_dot_product_attention choosing its kernel (measured fastest of its kernels on an H100); a list of
+# SDPBackend, those kernels only; or "matmul", matmul_attention. bench.py times them.
 DECODE_ATTENTION = None
 TOPK_CHUNK = 64  # beam search's top-k per beam, from chunks of this many logits (see topk_by_chunks)
 
@@ -548,7 +573,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     pos = torch.full((), P, dtype=torch.long, device=dev)
 
     def decode():
-        with sdpa_kernel(DECODE_ATTENTION) if dev.type == "cuda" and DECODE_ATTENTION else nullcontext():
+        with sdpa_kernel(DECODE_ATTENTION) if isinstance(DECODE_ATTENTION, list) else nullcontext():
             h = mbart.decoder.step(mbart.embed_tokens(token_in[:, None]), pos, memory, memory_mask, cache)
         return project(h)
 

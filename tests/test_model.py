@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import cliptrans
 import weights
-from cliptrans import CLIPTrans, CLIPTransConfig, KVCache, linears_cast, prefix_mask, topk_by_chunks
+from cliptrans import CLIPTrans, CLIPTransConfig, KVCache, linears_cast, matmul_attention, prefix_mask, topk_by_chunks
 from conftest import assert_close, hf_param_counts, mclip_reference
 
 import transformers  # noqa: E402  (a test dependency: requirements.txt)
@@ -147,7 +148,9 @@ def boost_for_varied_lengths(hf_mbart, **kw):
 
 @pytest.mark.parametrize("num_beams", [1, 4])
 @pytest.mark.parametrize("vary_lengths", [False, True])
-def test_generate_equals_hf(peaked_pair, num_beams, vary_lengths, device):
+@pytest.mark.parametrize("attention", [None, "matmul"])
+def test_generate_equals_hf(peaked_pair, num_beams, vary_lengths, attention, device, monkeypatch):
+    monkeypatch.setattr(cliptrans, "DECODE_ATTENTION", attention)  # how the decoding steps attend
     hf_mbart, model = peaked_pair
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=3, device=device)
@@ -159,6 +162,16 @@ def test_generate_equals_hf(peaked_pair, num_beams, vary_lengths, device):
     ours = ours_generate_with_eos_boost(model, boost, ids, mask, **args)
     assert ours[:, 1].eq(lang).all(), "the target language is forced as the first generated token"
     assert torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_matmul_attention_equals_sdpa(T):
+    g = torch.Generator().manual_seed(16)
+    q, k, v = (torch.randn(3, 4, n, 8, generator=g) for n in (T, 9, 9))
+    mask = torch.rand(3, 1, 1, 9, generator=g) > 0.3
+    mask[:, :, :, 0] = True  # every query sees a key
+    for m in (None, mask):
+        assert_close(matmul_attention(q, k, v, m), F.scaled_dot_product_attention(q, k, v, attn_mask=m), atol=1e-6)
 
 
 def test_topk_by_chunks_equals_torch_topk():
@@ -226,21 +239,21 @@ def test_beams_attend_one_copy_of_the_source(model, device):
         assert_close(dec(x[:, 4:], memory, src_mask, cache=cache), repeated[:, 4:], atol=1e-5, name="cached step")
 
 
-@pytest.mark.parametrize("dtype,dim", [(torch.float32, 8), (torch.bfloat16, 8), (torch.bfloat16, 6)])
-def test_beam_reorder_moves_what_was_written_in_every_layer(dtype, dim):
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 8), (torch.bfloat16, 8), (torch.bfloat16, 6)])
+def test_beam_reorder_moves_what_was_written_in_every_layer(dtype, head_dim):
     """KVCache.reorder: row i takes row index[i]'s first `length` positions of every layer, the later positions
-    stay; also when a position's values are not whole 8-byte words (6 bf16 = 12 bytes)."""
+    stay; also when a head's values are not whole 8-byte words (6 bf16 = 12 bytes)."""
     g = torch.Generator().manual_seed(15)
     cache = KVCache(layers=3, max_len=7)
     for i in range(3):
-        k, v = torch.randn(2, 5, 6, dim, generator=g).to(dtype)
+        k, v = torch.randn(2, 5, 2, 6, head_dim, generator=g).to(dtype)  # (B, H, T, Dh) each
         keys, values = cache.write(i, k, v, 0)
         assert torch.equal(keys, k) and torch.equal(values, v)
-    before = cache.kv.clone()  # (layers, 2, B, max_len, C)
+    before = cache.kv.clone()  # (layers, 2, B, H, max_len, Dh)
     index = torch.tensor([2, 2, 0, 4, 1])
     cache.reorder(index, 4)
-    assert torch.equal(cache.kv[:, :, :, :4], before[:, :, index, :4])
-    assert torch.equal(cache.kv[:, :, :, 4:], before[:, :, :, 4:])
+    assert torch.equal(cache.kv[..., :4, :], before[:, :, index, :, :4])
+    assert torch.equal(cache.kv[..., 4:, :], before[..., 4:, :])
 
 
 # ----------------------------------------------------------------------------- CLIPTrans: prefix, cache, loss
@@ -361,7 +374,9 @@ def test_decoding_with_linears_cast_once_equals_autocast(peaked_pair, device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("num_beams", [1, 4])
-def test_cuda_graph_decoding_equals_plain_launches_in_bf16(peaked_pair, num_beams):
+@pytest.mark.parametrize("attention", [None, "matmul"])
+def test_cuda_graph_decoding_equals_plain_launches_in_bf16(peaked_pair, num_beams, attention, monkeypatch):
+    monkeypatch.setattr(cliptrans, "DECODE_ATTENTION", attention)
     model = peaked_pair[1]
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=3, device="cuda")
