@@ -227,6 +227,9 @@ def main():
                             "math attention": ({}, {"DECODE_ATTENTION": [SDPBackend.MATH]}),
                             "matmul attention": ({}, {"DECODE_ATTENTION": "matmul"}),
                             "torch.topk": ({}, {"TOPK_CHUNK": 0}),
+                            "compiled scores": (dict(compile_scores=True), {}),
+                            "matmul attention, compiled scores": (dict(compile_scores=True),
+                                                                  {"DECODE_ATTENTION": "matmul"}),
                             "2 new tokens": (dict(max_new_tokens=2, min_new_tokens=2), {}),
                             "2 new tokens, no CUDA graph": (dict(max_new_tokens=2, min_new_tokens=2,
                                                                  use_cuda_graph=False), {})}

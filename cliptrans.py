@@ -461,6 +461,21 @@ def topk_by_chunks(x, k, chunk=64):
     return values, torch.gather(best, 1, i // chunk) * chunk + i % chunk
 
 
+def beam_candidates(logits, k, banned=None, chunk=64):
+    """Beam search's candidates from each row of logits (R, V): the k tokens of highest fp32 log-probability
+    (transformers' scores, log_softmax first) and those log-probabilities, with token `banned` (or None) at -inf.
+    A row's log-softmax keeps its order, so the tokens are found in the logits (under bf16 autocast, half the
+    bytes of the fp32 log-probabilities), one more than k in case `banned` is among them.
+    Returns (log-probabilities (R, k), tokens (R, k))."""
+    logp = F.log_softmax(logits, -1, dtype=torch.float32)  # (R, V)
+    tok = topk_by_chunks(logits, k + (banned is not None), chunk)[1]
+    top = logp.gather(1, tok)
+    if banned is not None:
+        top, i = torch.topk(top.masked_fill(tok == banned, -math.inf), k)
+        tok = tok.gather(1, i)
+    return top, tok
+
+
 def _force(scores, token):  # every row may produce only `token`
     forced = torch.full_like(scores, -math.inf)
     forced[:, token] = 0.0
@@ -536,7 +551,7 @@ def cuda_graph(fn, module=None):
 
 def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new_tokens=60, min_new_tokens=0,
            forced_bos_token_id=None, forced_eos=True, length_penalty=1.0, early_stopping=True, check_every=4,
-           use_cuda_graph=True):
+           use_cuda_graph=True, compile_scores=False):
     """Continue the decoder prompt `prompt` (B, P, d) (already embedded: `</s>` for mBART, `</s> P1..P10` for
     CLIPTrans; `prompt_mask` its (P, P) self-attention mask or None) by up to `max_new_tokens` tokens.
 
@@ -546,6 +561,8 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     (its heuristic) or "never". The stopping test needs the GPU's answer, so it runs every `check_every`
     steps only: steps taken after every sentence has finished change nothing (finished sentences are masked).
     On CUDA each decoding step is replayed as a CUDA graph (use_cuda_graph=False: plain launches).
+    compile_scores: beam search's log-softmax and top-k under torch.compile, which reads each row of logits
+    once instead of writing and reading fp32 log-probabilities (compiled at the first call).
     Returns the new tokens (B, n), padded with pad_id after `</s>`."""
     c = mbart.config
     B, P, _ = prompt.shape
@@ -593,10 +610,10 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     def processed(step, logits):
         """Scores with transformers' processors applied, in its order: beam search ranks fp32 log-probabilities
         (log-softmax first, then the processors: a forced token has log-probability 0), greedy search the
-        logits themselves. A banned `</s>` is banned in the logits too (in place), which beam search ranks."""
+        logits themselves."""
         scores = F.log_softmax(logits, -1, dtype=torch.float32) if nb > 1 else logits
         if step < min_new_tokens:
-            scores[:, c.eos_id] = logits[:, c.eos_id] = -math.inf
+            scores[:, c.eos_id] = -math.inf
         return scores if forced(step) is None else _force(scores, forced(step))
 
     logits = project(h[:, -1])  # only the prompt's last position predicts the next token
@@ -618,6 +635,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
         return out[:, :int(lengths.max())]
 
     # Beam search. Running beams (B, nb) and finished hypotheses (B, nb), all in static tensors.
+    candidates = torch.compile(beam_candidates, dynamic=True) if compile_scores else beam_candidates
     k = 2 * nb  # keep 2 nb candidates so nb survive even if nb of them just ended
     seqs = torch.full((B, nb, max_new_tokens), c.pad_id, dtype=torch.long, device=dev)
     run_scores = torch.zeros(B, nb, device=dev)
@@ -632,11 +650,10 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     for step in range(max_new_tokens):
         # The 2 nb best of all nb x V continuations are among the 2 nb best of each beam: a top-k per beam,
         # then over the nb x 2 nb survivors (the same set as transformers' top-k over nb x V, far cheaper).
-        # The log-softmax keeps the order of a row, so the top-k reads the logits, half the bytes of the fp32
-        # scores under bf16 autocast; unless a token is forced, which only the scores show.
-        logp = processed(step, logits)  # (B * nb, V + pad)
-        top_tok = topk_by_chunks(logits if forced(step) is None else logp, k, TOPK_CHUNK)[1]  # (B * nb, 2 nb)
-        top_logp = logp.gather(1, top_tok)
+        if forced(step) is None:  # (B * nb, 2 nb) each
+            top_logp, top_tok = candidates(logits, k, c.eos_id if step < min_new_tokens else None, TOPK_CHUNK)
+        else:
+            top_logp, top_tok = topk_by_chunks(processed(step, logits), k, TOPK_CHUNK)
         scores = top_logp.view(B, nb, k) + run_scores[:, :, None]  # log-probabilities of whole sequences
         cand_scores, cand = torch.topk(scores.view(B, nb * k), k)  # (B, 2 nb)
         cand_beam, cand_tok = cand // k, torch.take_along_dim(top_tok.view(B, nb * k), cand, dim=1)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import cliptrans
 import weights
-from cliptrans import CLIPTrans, CLIPTransConfig, KVCache, linears_cast, matmul_attention, prefix_mask, topk_by_chunks
+from cliptrans import (CLIPTrans, CLIPTransConfig, KVCache, beam_candidates, linears_cast, matmul_attention, prefix_mask,
+                       topk_by_chunks)
 from conftest import assert_close, hf_param_counts, mclip_reference
 
 import transformers  # noqa: E402  (a test dependency: requirements.txt)
@@ -191,6 +192,34 @@ def test_topk_by_chunks_equals_torch_topk():
     values, index = topk_by_chunks(x[:, :128], 4)  # fewer chunks than k: plain top-k
     assert torch.equal(values, torch.topk(x[:, :128], 4).values)
     assert torch.equal(topk_by_chunks(x, 4, chunk=0)[0], torch.topk(x, 4).values)  # chunk=0: plain top-k
+
+
+def test_beam_candidates_are_the_top_k_of_the_log_probabilities():
+    """beam_candidates finds the tokens in the logits: the same as a top-k over transformers' scores (log-softmax,
+    then the banned token at -inf), also when the banned token is among the best; compiled, the same tokens."""
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(6, 64 * 40, generator=g) * 3
+    x[:3, 2] += 10.0  # the banned token first in half of the rows
+    for banned in (None, 2):
+        scores = F.log_softmax(x, -1)
+        if banned is not None:
+            scores[:, banned] = -math.inf
+        ref_values, ref_tokens = torch.topk(scores, 8)
+        values, tokens = beam_candidates(x, 8, banned)
+        assert torch.equal(tokens, ref_tokens) and torch.equal(values, ref_values)
+        compiled = torch.compile(beam_candidates, dynamic=True)(x, 8, banned)
+        assert torch.equal(compiled[1], ref_tokens)
+        assert_close(compiled[0], ref_values, atol=1e-5, name="compiled log-probabilities")
+
+
+def test_compiled_scores_give_the_same_beams(peaked_pair, device):
+    model = peaked_pair[1]
+    V = model.config.mbart.vocab_size
+    ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=3, device=device)
+    args = dict(num_beams=4, max_new_tokens=10, min_new_tokens=4, forced_bos_token_id=V - 48)
+    with torch.no_grad():
+        assert torch.equal(model.mbart.generate(ids, mask, compile_scores=True, **args),
+                           model.mbart.generate(ids, mask, **args))
 
 
 @pytest.mark.parametrize("early_stopping,length_penalty", [(False, 1.0), ("never", 1.0), (True, 0.6), (True, 2.0)])
