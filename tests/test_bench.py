@@ -27,6 +27,8 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
     assert figures["image tower (ViT)"]["max_abs_diff"] < 1e-4
     assert figures["beam-5 generation (mBART)"]["same_tokens"] == 1.0
     assert figures["stage 2 training step"]["first_loss_abs_diff"] < 1e-4
+    for variant in bench.CPU_VARIANTS:  # the generation variants a CPU can run: their tokens are HF's too
+        assert figures[f"beam-5 generation (mBART, {variant})"]["same_tokens"] == 1.0, variant
     assert "speed-up" in done.stdout
     # --profile: the busiest operators of each side, the first a part of the total busy time
     for name in ("profile: beam-5 generation (mBART)", "profile: stage 2 training step"):

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import cliptrans
 import weights
-from cliptrans import (CLIPTrans, CLIPTransConfig, KVCache, beam_candidates, linears_cast, matmul_attention, prefix_mask,
-                       topk_by_chunks)
+from cliptrans import (CLIPTrans, CLIPTransConfig, KVCache, beam_candidates, linears_cast, matmul_attention,
+                       prefix_mask, topk_by_chunks)
 from conftest import assert_close, hf_param_counts, mclip_reference
 
 import transformers  # noqa: E402  (a test dependency: requirements.txt)
