@@ -35,6 +35,8 @@ def test_bench_smoke_run_writes_every_figure(tmp_path):
         for side in ("hf", "ours"):
             prof = figures[name][side]
             assert prof["top"] and 0 < prof["top"][0]["ms"] <= prof["busy_ms"], (name, side)
+    prof = figures[f"profile: beam-5 generation (mBART, {bench.PROFILED_VARIANT})"]["ours"]
+    assert prof["top"] and 0 < prof["top"][0]["ms"] <= prof["busy_ms"]
 
 
 def test_linear_weights_cast_once_give_the_same_numbers_as_autocast():
