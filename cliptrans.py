@@ -162,11 +162,12 @@ class KVCache:
         values.index_copy_(2, pos.view(1), v)
         return keys, values
 
-    def reorder(self, index, length):  # beam search: row i continues the hypothesis of row index[i]
-        # Only the `length` positions written so far (the others are still zeros in every row), all layers at once,
-        # moved as 8-byte words: a copy kernel works per element, and bf16 ones would take four times as many.
+    def reorder(self, index, start, end):  # beam search: row i continues the hypothesis of row index[i]
+        # Positions start..end-1 only, of all layers at once: those before `start` (the prompt) are the same in every
+        # beam of a sentence, those from `end` on are not written yet. Moved as 8-byte words: a copy kernel works
+        # per element, and bf16 ones would take four times as many.
         kv = self.kv.view(torch.int64) if self.kv.shape[-1] * self.kv.element_size() % 8 == 0 else self.kv
-        kv[:, :, :, :, :length] = kv[:, :, index, :, :length]
+        kv[:, :, :, :, start:end] = kv[:, :, index, :, start:end]
 
 
 def matmul_attention(q, k, v, mask=None):
@@ -692,7 +693,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
                 done = ~open_.any() | (fin_done.all() & (early_stopping is True))
                 if done:
                     break
-            cache.reorder((rows + parent).view(-1), P + step)
+            cache.reorder((rows + parent).view(-1), P, P + step)  # parents are beams of the same sentence
             logits = next_logits(step, seqs[:, :, step].reshape(-1))
     out = fin_seqs[:, 0]  # the best finished hypothesis of each sentence
     out = torch.where(torch.arange(max_new_tokens, device=dev) < fin_lens[:, :1], out, c.pad_id)

@@ -270,8 +270,8 @@ def test_beams_attend_one_copy_of_the_source(model, device):
 
 @pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 8), (torch.bfloat16, 8), (torch.bfloat16, 6)])
 def test_beam_reorder_moves_what_was_written_in_every_layer(dtype, head_dim):
-    """KVCache.reorder: row i takes row index[i]'s first `length` positions of every layer, the later positions
-    stay; also when a head's values are not whole 8-byte words (6 bf16 = 12 bytes)."""
+    """KVCache.reorder(index, start, end): row i takes row index[i]'s positions start..end-1 of every layer, the
+    others stay; also when a head's values are not whole 8-byte words (6 bf16 = 12 bytes)."""
     g = torch.Generator().manual_seed(15)
     cache = KVCache(layers=3, max_len=7)
     for i in range(3):
@@ -280,8 +280,9 @@ def test_beam_reorder_moves_what_was_written_in_every_layer(dtype, head_dim):
         assert torch.equal(keys, k) and torch.equal(values, v)
     before = cache.kv.clone()  # (layers, 2, B, H, max_len, Dh)
     index = torch.tensor([2, 2, 0, 4, 1])
-    cache.reorder(index, 4)
-    assert torch.equal(cache.kv[..., :4, :], before[:, :, index, :, :4])
+    cache.reorder(index, 1, 4)
+    assert torch.equal(cache.kv[..., 1:4, :], before[:, :, index, :, 1:4])
+    assert torch.equal(cache.kv[..., :1, :], before[..., :1, :])
     assert torch.equal(cache.kv[..., 4:, :], before[..., 4:, :])
 
 
