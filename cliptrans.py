@@ -595,8 +595,8 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
             h = mbart.decoder.step(mbart.embed_tokens(token_in[:, None]), pos, memory, memory_mask, cache)
         return project(h)
 
-    if use_cuda_graph and dev.type == "cuda" and max_new_tokens > 1:
-        decode = cuda_graph(decode, mbart.decoder)
+    if use_cuda_graph and dev.type == "cuda" and max_new_tokens > 2:  # decode() runs max_new_tokens - 1 times:
+        decode = cuda_graph(decode, mbart.decoder)                       # the first records, the others replay
 
     def next_logits(step, tokens):  # the tokens chosen at `step` -> logits for step + 1
         token_in.copy_(tokens)
