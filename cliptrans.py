@@ -477,12 +477,6 @@ def beam_candidates(logits, k, banned=None, chunk=64):
     return top, tok
 
 
-def _force(scores, token):  # every row may produce only `token`
-    forced = torch.full_like(scores, -math.inf)
-    forced[:, token] = 0.0
-    return forced
-
-
 # How a decoding step attends (one query token per row against a few dozen keys): None, PyTorch's
 # scaled_dot_product_attention choosing its kernel (measured fastest of its kernels on an H100); a list of
 # SDPBackend, those kernels only; or "matmul", matmul_attention. bench.py times them.
@@ -608,21 +602,19 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
             return c.eos_id
         return forced_bos_token_id if step == 0 else None
 
-    def processed(step, logits):
-        """Scores with transformers' processors applied, in its order: beam search ranks fp32 log-probabilities
-        (log-softmax first, then the processors: a forced token has log-probability 0), greedy search the
-        logits themselves."""
-        scores = F.log_softmax(logits, -1, dtype=torch.float32) if nb > 1 else logits
+    def greedy_token(step, logits):  # transformers' processors on the logits, in its order, then the best token
+        if forced(step) is not None:  # a forced token replaces the whole distribution
+            return torch.full((B,), forced(step), device=dev)
         if step < min_new_tokens:
-            scores[:, c.eos_id] = -math.inf
-        return scores if forced(step) is None else _force(scores, forced(step))
+            logits[:, c.eos_id] = -math.inf  # (in place: the logits are not used again)
+        return logits.argmax(-1)
 
     logits = project(h[:, -1])  # only the prompt's last position predicts the next token
     if nb == 1:  # greedy
         out = torch.full((B, max_new_tokens), c.pad_id, dtype=torch.long, device=dev)
         running = torch.ones(B, dtype=torch.bool, device=dev)
         for step in range(max_new_tokens):
-            tok = processed(step, logits).argmax(-1)
+            tok = greedy_token(step, logits)
             tok = torch.where(running, tok, c.pad_id)  # finished sentences emit padding
             out[:, step] = tok
             running = running & (tok != c.eos_id)
@@ -653,8 +645,11 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
         # then over the nb x 2 nb survivors (the same set as transformers' top-k over nb x V, far cheaper).
         if forced(step) is None:  # (B * nb, 2 nb) each
             top_logp, top_tok = candidates(logits, k, c.eos_id if step < min_new_tokens else None, TOPK_CHUNK)
-        else:
-            top_logp, top_tok = topk_by_chunks(processed(step, logits), k, TOPK_CHUNK)
+        else:  # a forced token replaces the whole distribution: log-probability 0, every other token -inf (those
+            # candidates never survive, whatever their token)
+            top_logp = torch.full((B * nb, k), -math.inf, device=dev)
+            top_logp[:, 0] = 0.0
+            top_tok = torch.full((B * nb, k), forced(step), device=dev)
         scores = top_logp.view(B, nb, k) + run_scores[:, :, None]  # log-probabilities of whole sequences
         cand_scores, cand = torch.topk(scores.view(B, nb * k), k)  # (B, 2 nb)
         cand_beam, cand_tok = cand // k, torch.take_along_dim(top_tok.view(B, nb * k), cand, dim=1)
