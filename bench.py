@@ -261,7 +261,8 @@ def main():
                         "ours_ms": t * 1e3, "ours_sentences_per_s": GB / t,
                         "same_tokens": (a_hf == out).float().mean().item() if a_hf.shape == out.shape else None}
                 except Exception as e:  # noqa: BLE001  (reported, and the other figures still measured)
-                    results[f"beam-5 generation (mBART, {name})"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                    results[f"beam-5 generation (mBART, {name})"] = {"error": repr(e)}
+                    print(f"beam-5 generation (mBART, {name}): failed: {e!r}", flush=True)
                     continue
                 if a.profile and name == PROFILED_VARIANT:
                     profile_jobs.append((f"profile: beam-5 generation (mBART, {name})", "ours",
