@@ -5,7 +5,8 @@ scarce, and does the text embedding stand in for the image at test time?
     python experiment.py                      # 3 seeds, 500 parallel pairs, the tiny world, en -> de
     python experiment.py --seeds 1 2 3 4 5 --pairs 1000
 
-For each seed: stage 1 (captioning in the target language on all the world's training images), then stage 2
+For each seed: stage 1 (captioning in the target language on all the world's training images; it first runs
+its own stage 0, with the same seed, into OUT/seedN/stage0), then stage 2
 on only `--pairs` sentence pairs, once from the stage 1 checkpoint and once without it
 (`--from_scratch_stage2`: from the stage 0 weights, the ablation). Each stage 2 model is scored on the
 test split (held-out colour-shape pairs) from the source sentence's text embedding (the paper's test-time
@@ -42,7 +43,6 @@ def main():
     a = p.parse_args()
     out = Path(a.out)
     t0 = time.time()
-    train("--stage", 0, "--out", "runs/tiny/stage0") if not Path("runs/tiny/stage0/last").exists() else None
     results = {"pairs": a.pairs, "seeds": a.seeds, "runs": {}}
     for seed in a.seeds:
         d = out / f"seed{seed}"
