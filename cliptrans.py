@@ -517,10 +517,12 @@ def cuda_graph(fn, module=None):
     autocast, the Linear layers of `module` are recorded with their weights cast once (see linears_cast)."""
     autocast = torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda")
-    graph, out = None, None
+    graph, out, keep = None, None, None
 
+    # call must not refer to itself: in a reference cycle the graph would be freed by Python's cycle collector,
+    # which can run in the middle of a later recording, and freeing a graph there breaks that recording.
     def call():
-        nonlocal graph, out
+        nonlocal graph, out, keep
         if graph is not None:
             graph.replay()
             return out
@@ -537,7 +539,7 @@ def cuda_graph(fn, module=None):
                     out = fn()
                 finally:
                     graph.capture_end()
-        call.keep = copies  # the graph reads them
+        keep = copies  # the graph reads them
         main.wait_stream(side)
         first.record_stream(main)  # made on the side stream, used on the main one
         return first
@@ -628,7 +630,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
         return out[:, :int(lengths.max())]
 
     # Beam search. Running beams (B, nb) and finished hypotheses (B, nb), all in static tensors.
-    candidates = torch.compile(beam_candidates, dynamic=True) if compile_scores else beam_candidates
+    candidates = torch.compile(beam_candidates) if compile_scores else beam_candidates
     k = 2 * nb  # keep 2 nb candidates so nb survive even if nb of them just ended
     seqs = torch.full((B, nb, max_new_tokens), c.pad_id, dtype=torch.long, device=dev)
     run_scores = torch.zeros(B, nb, device=dev)
