@@ -548,7 +548,7 @@ def cuda_graph(fn, module=None):
 
 def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new_tokens=60, min_new_tokens=0,
            forced_bos_token_id=None, forced_eos=True, length_penalty=1.0, early_stopping=True, check_every=4,
-           use_cuda_graph=True, compile_scores=False):
+           use_cuda_graph=True, compile_scores=None):
     """Continue the decoder prompt `prompt` (B, P, d) (already embedded: `</s>` for mBART, `</s> P1..P10` for
     CLIPTrans; `prompt_mask` its (P, P) self-attention mask or None) by up to `max_new_tokens` tokens.
 
@@ -559,7 +559,8 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     steps only: steps taken after every sentence has finished change nothing (finished sentences are masked).
     On CUDA each decoding step is replayed as a CUDA graph (use_cuda_graph=False: plain launches).
     compile_scores: beam search's log-softmax and top-k under torch.compile, which reads each row of logits
-    once instead of writing and reading fp32 log-probabilities (compiled at the first call).
+    once instead of writing and reading fp32 log-probabilities (compiled at the first call); None: on CUDA only,
+    where it made beam-5 search 1.3x faster on an H100 (on a CPU the compilation outweighs the gain).
     Returns the new tokens (B, n), padded with pad_id after `</s>`."""
     c = mbart.config
     B, P, _ = prompt.shape
@@ -630,6 +631,8 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
         return out[:, :int(lengths.max())]
 
     # Beam search. Running beams (B, nb) and finished hypotheses (B, nb), all in static tensors.
+    if compile_scores is None:
+        compile_scores = dev.type == "cuda"
     candidates = torch.compile(beam_candidates) if compile_scores else beam_candidates
     k = 2 * nb  # keep 2 nb candidates so nb survive even if nb of them just ended
     seqs = torch.full((B, nb, max_new_tokens), c.pad_id, dtype=torch.long, device=dev)
