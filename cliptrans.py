@@ -478,8 +478,9 @@ def beam_candidates(logits, k, banned=None, chunk=64):
 
 
 # How a decoding step attends (one query token per row against a few dozen keys): None, PyTorch's
-# scaled_dot_product_attention choosing its kernel (measured fastest of its kernels on an H100); a list of
-# SDPBackend, those kernels only; or "matmul", matmul_attention. bench.py times them.
+# scaled_dot_product_attention choosing its kernel; a list of SDPBackend, those kernels only; or "matmul",
+# matmul_attention. bench.py times them: on an H100 the memory-efficient kernel and the matmul attention were
+# faster than PyTorch's choice in one run and about as fast in another (README, Performance).
 DECODE_ATTENTION = None
 TOPK_CHUNK = 64  # beam search's top-k per beam, from chunks of this many logits (see topk_by_chunks)
 
