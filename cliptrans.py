@@ -134,40 +134,60 @@ ACTIVATIONS = {
 class KVCache:
     """The keys and values a decoder keeps between decoding steps.
 
-    Self-attention: one buffer (layers, 2, B, H, max_len, Dh) holds the keys and values of every layer,
-    allocated at the prompt and filled position by position, so a decoding step neither re-allocates nor copies
-    the past, and a beam search reorders the whole cache with one gather. `write` takes the prompt at an int
-    position (counted on the host) or one new token at a position given as a device tensor; then it returns the
-    whole buffer, so that a decoding step has the same shapes every time (the caller masks the positions not
-    written yet): a CUDA graph can replay it.
-    Cross-attention: each layer's keys and values of the source, (B_src, H, S, Dh) each, computed at the first
-    call: one copy per sentence, not per beam.
+    Self-attention: one buffer (layers, 2, B, H, beams, max_len, Dh) holds the keys and values of every layer:
+    B sentences with `beams` slots each, allocated at the prompt and filled position by position, so a decoding
+    step neither re-allocates nor copies the past. The prompt, the same for every beam, is written once, into
+    slot 0, at an int position counted on the host. A decoding step writes beam j's new token into slot j, at a
+    position given as a device tensor, and reads all the slots of its sentence: the shapes never change, so a
+    CUDA graph can replay it.
+    Beam search never moves keys or values. When beam j continues another beam's hypothesis, it takes that beam's
+    `owner` row: owner[b, j, t] is the slot that holds position t of beam j's history (-1: not written yet).
+    A reorder gathers B x beams x max_len integers instead of the keys and values written so far (up to 1 GB of
+    bf16 for 128 sentences x 5 beams x 33 positions at the paper's sizes), and the beams of a sentence attend all
+    its slots together, as one row, each masked to its own history (see `attend`).
+    Cross-attention: each layer's keys and values of the source, (B, H, S, Dh) each, computed at the first call:
+    one copy per sentence, not per beam.
     """
 
-    def __init__(self, layers, max_len):
-        self.max_len, self.len, self.kv = max_len, 0, None
+    def __init__(self, layers, max_len, beams=1):
+        self.max_len, self.beams, self.len, self.kv, self.owner = max_len, beams, 0, None, None
         self.cross = [None] * layers
 
-    def write(self, layer, k, v, pos):  # k, v: (B, H, T, Dh) the new keys and values of `layer`
+    def write(self, layer, k, v, pos):
+        """k, v: the new keys and values of `layer`. At an int `pos`, (B, H, T, Dh) for T positions of each
+        sentence, into slot 0; returns that slot's keys and values so far, (B, H, pos + T, Dh) each. At a tensor
+        `pos`, (B * beams, H, 1, Dh), each beam's into its own slot; returns every slot, (B, H, beams * max_len, Dh)
+        each: the keys of slot s at rows s * max_len ..."""
         if self.kv is None:
             B, H, _, Dh = k.shape
             # zeros, not empty: masked positions get weight 0, and 0 * (garbage NaN) would still be NaN
-            self.kv = k.new_zeros(len(self.cross), 2, B, H, self.max_len, Dh)
-        keys, values = self.kv[layer]  # (B, H, max_len, Dh) each, views
+            self.kv = k.new_zeros(len(self.cross), 2, B, H, self.beams, self.max_len, Dh)
+            self.owner = torch.full((B, self.beams, self.max_len), -1, dtype=torch.long, device=k.device)
+        keys, values = self.kv[layer]  # (B, H, beams, max_len, Dh) each, views
         if isinstance(pos, int):
             end = pos + k.shape[2]
-            keys[:, :, pos:end], values[:, :, pos:end] = k, v
-            return keys[:, :, :end], values[:, :, :end]
-        keys.index_copy_(2, pos.view(1), k)
-        values.index_copy_(2, pos.view(1), v)
-        return keys, values
+            keys[:, :, 0, pos:end], values[:, :, 0, pos:end] = k, v
+            self.owner[:, :, pos:end] = 0  # every beam's history starts with the prompt in slot 0
+            return keys[:, :, 0, :end], values[:, :, 0, :end]
+        B, H, beams, _, Dh = keys.shape
+        k, v = (t.view(B, beams, H, 1, Dh).transpose(1, 2) for t in (k, v))  # (B, H, beams, 1, Dh)
+        keys.index_copy_(3, pos.view(1), k)
+        values.index_copy_(3, pos.view(1), v)
+        return keys.flatten(2, 3), values.flatten(2, 3)
 
-    def reorder(self, index, start, end):  # beam search: row i continues the hypothesis of row index[i]
-        # Positions start..end-1 only, of all layers at once: those before `start` (the prompt) are the same in every
-        # beam of a sentence, those from `end` on are not written yet. Moved as 8-byte words: a copy kernel works
-        # per element, and bf16 ones would take four times as many.
-        kv = self.kv.view(torch.int64) if self.kv.shape[-1] * self.kv.element_size() % 8 == 0 else self.kv
-        kv[:, :, :, :, start:end] = kv[:, :, index, :, start:end]
+    def attend(self, pos):
+        """Before a decoding step at `pos` (a device tensor): beam j's token at `pos` lies in slot j. Returns the
+        step's self-attention mask, bool (B, 1, beams, beams * max_len): beam j may attend slot s's position t
+        when that is where position t of its history lies, which also masks the positions not written yet."""
+        B, beams, _ = self.owner.shape
+        slots = torch.arange(beams, device=self.owner.device)
+        self.owner.index_copy_(2, pos.view(1), slots.view(1, beams, 1).expand(B, beams, 1))
+        return (self.owner[:, :, None, :] == slots[:, None]).flatten(2)[:, None]
+
+    def reorder(self, parent):
+        """Beam search: beam j of sentence b continues the hypothesis of that sentence's beam parent[b, j], (B, beams):
+        it takes that beam's history. In place: a recorded CUDA graph reads `owner` where it is."""
+        self.owner.copy_(self.owner.gather(1, parent[:, :, None].expand_as(self.owner)))
 
 
 def matmul_attention(q, k, v, mask=None):
@@ -205,22 +225,26 @@ class Attention(nn.Module):
         # sequence (pos: an int, or a 0-d device tensor for a single new token: fixed-shape decoding).
         B, T, C = x.shape
         heads = self.split_heads
+        w, b = self.qkv.weight, self.qkv.bias
         if memory is None:
-            q, k, v = map(heads, self.qkv(x).view(B, T, 3, C).unbind(2))  # (B, H, T, Dh) each
+            q, k, v = self.qkv(x).view(B, T, 3, C).unbind(2)  # (B, T, C) each
+            k, v = heads(k), heads(v)  # (B, H, T, Dh)
             if cache is not None:
-                k, v = cache.write(layer, k, v, pos)  # (B, H, past + T or max_len, Dh)
+                k, v = cache.write(layer, k, v, pos)  # (B, H, past + T, Dh), or a decoding step's (B / beams, ...)
         else:
-            # Beam search runs B = G x B_src rows, the G beams of a sentence next to each other: they share the
-            # sentence's keys and values, so their G x T queries attend them together, as one row.
-            G, S = B // memory.shape[0], memory.shape[1]
-            w, b = self.qkv.weight, self.qkv.bias
-            q = heads(F.linear(x, w[:C], None if b is None else b[:C]).view(B // G, G * T, C))
+            q = F.linear(x, w[:C], None if b is None else b[:C])
             if cache is not None and cache.cross[layer] is not None:
                 k, v = cache.cross[layer]
             else:
-                k, v = map(heads, F.linear(memory, w[C:], None if b is None else b[C:]).view(B // G, S, 2, C).unbind(2))
+                k, v = map(heads, F.linear(memory, w[C:], None if b is None else b[C:]).view(*memory.shape[:2], 2, C)
+                           .unbind(2))
                 if cache is not None:
                     k, v = cache.cross[layer] = k.contiguous(), v.contiguous()
+        # Beam search runs B = G x B_src rows, the G beams of a sentence next to each other. They share the keys and
+        # values of the sentence's source, and in a decoding step those of all its beams (KVCache): their G x T
+        # queries attend them together, as one row.
+        G = B // k.shape[0]
+        q = heads(q.reshape(B // G, G * T, C))  # (B / G, H, G * T, Dh)
         if cache is not None and T == 1 and DECODE_ATTENTION == "matmul":
             y = matmul_attention(q, k, v, mask)
         else:
@@ -394,17 +418,18 @@ class Decoder(nn.Module):
 
     def step(self, x, pos, memory, memory_mask, cache):
         """One new token per row, x (B, 1, d), at position `pos` (a 0-d tensor on the device), with shapes that
-        never change: each self-attention writes at `pos` and reads its whole cache buffer, the positions after
-        `pos` masked. So a decoding step can be recorded once as a CUDA graph and replayed. Returns (B, d)."""
+        never change: each self-attention writes at `pos` and reads all the cache slots of the row's sentence,
+        masked to the row's own history (KVCache.attend). So a decoding step can be recorded once as a CUDA graph
+        and replayed. Returns (B, d)."""
         x = self.embed.drop(self.embed.ln_embed(x + self.embed.pos_embed(pos + 2)))
-        written = (torch.arange(cache.max_len, device=x.device) <= pos).view(1, 1, 1, -1)  # (1, 1, 1, max_len)
+        mask = cache.attend(pos)  # (B / beams, 1, beams, beams * max_len): each beam its own history
         memory_mask = key_padding_mask(memory_mask)
         for i, layer in enumerate(self.layers):
-            x = layer(x, mask=written, memory=memory, memory_mask=memory_mask, cache=cache, layer=i, pos=pos)
+            x = layer(x, mask=mask, memory=memory, memory_mask=memory_mask, cache=cache, layer=i, pos=pos)
         return self.ln_final(x)[:, -1]
 
-    def new_cache(self, max_len):
-        return KVCache(len(self.layers), max_len)
+    def new_cache(self, max_len, beams=1):
+        return KVCache(len(self.layers), max_len, beams)
 
 
 class MBart(nn.Module):
@@ -477,10 +502,11 @@ def beam_candidates(logits, k, banned=None, chunk=64):
     return top, tok
 
 
-# How a decoding step attends (one query token per row against a few dozen keys): None, PyTorch's
+# How a decoding step attends (a sentence's beams, one query token each, against its cache slots): None, PyTorch's
 # scaled_dot_product_attention choosing its kernel; a list of SDPBackend, those kernels only; or "matmul",
-# matmul_attention. bench.py times them: on an H100 the memory-efficient kernel and the matmul attention were
-# faster than PyTorch's choice in one run and about as fast in another (README, Performance).
+# matmul_attention. bench.py times them. On an H100, when each beam still attended a row of keys of its own, the
+# memory-efficient kernel and the matmul attention were faster than PyTorch's choice in one run and about as fast
+# in another (README, Performance).
 DECODE_ATTENTION = None
 TOPK_CHUNK = 64  # beam search's top-k per beam, from chunks of this many logits (see topk_by_chunks)
 
@@ -568,10 +594,11 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     nb, dev = num_beams, prompt.device
     if P + max_new_tokens > c.max_positions:
         raise ValueError(f"{P} prompt positions + max_new_tokens={max_new_tokens} exceed mBART's {c.max_positions}")
-    # Each sentence gets nb rows: (B * nb, ...) with the beams of a sentence next to each other. The source is
-    # not repeated: the nb rows of a sentence attend its one copy (see Attention).
-    cache = mbart.decoder.new_cache(P + max_new_tokens)
-    h = mbart.decoder(prompt.repeat_interleave(nb, dim=0), memory, memory_mask, mask=prompt_mask, cache=cache)
+    # Each sentence gets nb rows: (B * nb, ...) with the beams of a sentence next to each other. Neither the source
+    # nor the prompt is repeated: the prompt runs once per sentence, and the nb rows of a sentence attend one copy
+    # of its source and of its prompt (see Attention and KVCache).
+    cache = mbart.decoder.new_cache(P + max_new_tokens, beams=nb)
+    h = mbart.decoder(prompt, memory, memory_mask, mask=prompt_mask, cache=cache)  # (B, P, d)
 
     # The output projection, cast once for the whole search and padded to a multiple of 64 rows: 250054 is
     # not a multiple of 8, and misaligned logits rows keep the GPU's matrix units off their fast kernels.
@@ -613,7 +640,8 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
             logits[:, c.eos_id] = -math.inf  # (in place: the logits are not used again)
         return logits.argmax(-1)
 
-    logits = project(h[:, -1])  # only the prompt's last position predicts the next token
+    # Only the prompt's last position predicts the next token, the same for all the beams of a sentence.
+    logits = project(h[:, -1].repeat_interleave(nb, dim=0))  # (B * nb, V + pad)
     if nb == 1:  # greedy
         out = torch.full((B, max_new_tokens), c.pad_id, dtype=torch.long, device=dev)
         running = torch.ones(B, dtype=torch.bool, device=dev)
@@ -645,7 +673,6 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     fin_done = torch.zeros(B, nb, dtype=torch.bool, device=dev)
     open_ = torch.ones(B, 1, dtype=torch.bool, device=dev)  # could a running beam still beat a finished one?
     top_nb = torch.arange(k, device=dev) < nb
-    rows = torch.arange(B, device=dev)[:, None] * nb
     for step in range(max_new_tokens):
         # The 2 nb best of all nb x V continuations are among the 2 nb best of each beam: a top-k per beam,
         # then over the nb x 2 nb survivors (the same set as transformers' top-k over nb x V, far cheaper).
@@ -694,7 +721,7 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
                 done = ~open_.any() | (fin_done.all() & (early_stopping is True))
                 if done:
                     break
-            cache.reorder((rows + parent).view(-1), P, P + step)  # parents are beams of the same sentence
+            cache.reorder(parent)  # parents are beams of the same sentence
             logits = next_logits(step, seqs[:, :, step].reshape(-1))
     out = fin_seqs[:, 0]  # the best finished hypothesis of each sentence
     out = torch.where(torch.arange(max_new_tokens, device=dev) < fin_lens[:, :1], out, c.pad_id)

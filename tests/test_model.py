@@ -270,22 +270,37 @@ def test_beams_attend_one_copy_of_the_source(model, device):
         assert_close(dec(x[:, 4:], memory, src_mask, cache=cache), repeated[:, 4:], atol=1e-5, name="cached step")
 
 
-@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 8), (torch.bfloat16, 8), (torch.bfloat16, 6)])
-def test_beam_reorder_moves_what_was_written_in_every_layer(dtype, head_dim):
-    """KVCache.reorder(index, start, end): row i takes row index[i]'s positions start..end-1 of every layer, the
-    others stay; also when a head's values are not whole 8-byte words (6 bf16 = 12 bytes)."""
+def test_beams_attend_their_own_history_without_moving_the_cache():
+    """KVCache: beam search with reorders by `owner` (no key or value moves) attends what each beam's own history,
+    moved row by row as transformers does, attends: the prompt written once for all beams, then decoding steps whose
+    beams continue random parents of the same sentence."""
     g = torch.Generator().manual_seed(15)
-    cache = KVCache(layers=3, max_len=7)
-    for i in range(3):
-        k, v = torch.randn(2, 5, 2, 6, head_dim, generator=g).to(dtype)  # (B, H, T, Dh) each
-        keys, values = cache.write(i, k, v, 0)
+    B, nb, H, P, Dh, steps = 2, 3, 2, 2, 4, 4
+    cache = KVCache(layers=2, max_len=P + steps, beams=nb)
+    randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    k, v = randn(B, H, P, Dh), randn(B, H, P, Dh)
+    for layer in range(2):
+        keys, values = cache.write(layer, k, v, 0)
         assert torch.equal(keys, k) and torch.equal(values, v)
-    before = cache.kv.clone()  # (layers, 2, B, H, max_len, Dh)
-    index = torch.tensor([2, 2, 0, 4, 1])
-    cache.reorder(index, 1, 4)
-    assert torch.equal(cache.kv[..., 1:4, :], before[:, :, index, :, 1:4])
-    assert torch.equal(cache.kv[..., :1, :], before[..., :1, :])
-    assert torch.equal(cache.kv[..., 4:, :], before[..., 4:, :])
+    hist_k, hist_v = k.repeat_interleave(nb, 0), v.repeat_interleave(nb, 0)  # (B * nb, H, t, Dh): every beam's own
+    rows = torch.arange(B)[:, None] * nb
+    for step in range(steps):
+        if step:
+            parent = torch.randint(nb, (B, nb), generator=g)
+            cache.reorder(parent)
+            hist_k, hist_v = hist_k[(rows + parent).view(-1)], hist_v[(rows + parent).view(-1)]
+        pos = torch.tensor(P + step)
+        mask = cache.attend(pos)  # (B, 1, nb, nb * max_len)
+        k, v, q = randn(B * nb, H, 1, Dh), randn(B * nb, H, 1, Dh), randn(B * nb, H, 1, Dh)
+        keys, values = cache.write(1, k, v, pos)  # (B, H, nb * max_len, Dh)
+        hist_k, hist_v = torch.cat([hist_k, k], 2), torch.cat([hist_v, v], 2)
+        assert mask.sum(-1).eq(P + step + 1).all(), "each beam sees its P + step + 1 positions, once each"
+        grouped = q.view(B, nb, H, Dh).transpose(1, 2)  # the beams of a sentence as one row: (B, H, nb, Dh)
+        ours = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask).transpose(1, 2)
+        ref = F.scaled_dot_product_attention(q, hist_k, hist_v)  # (B * nb, H, 1, Dh)
+        assert_close(ours.reshape(B * nb, H, Dh), ref[:, :, 0], atol=1e-6, name=f"step {step}")
+        assert_close(matmul_attention(grouped, keys, values, mask).transpose(1, 2).reshape(B * nb, H, Dh),
+                     ref[:, :, 0], atol=1e-6, name=f"matmul attention, step {step}")
 
 
 # ----------------------------------------------------------------------------- CLIPTrans: prefix, cache, loss
