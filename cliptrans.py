@@ -225,13 +225,13 @@ class Attention(nn.Module):
         # sequence (pos: an int, or a 0-d device tensor for a single new token: fixed-shape decoding).
         B, T, C = x.shape
         heads = self.split_heads
-        w, b = self.qkv.weight, self.qkv.bias
         if memory is None:
             q, k, v = self.qkv(x).view(B, T, 3, C).unbind(2)  # (B, T, C) each
             k, v = heads(k), heads(v)  # (B, H, T, Dh)
             if cache is not None:
                 k, v = cache.write(layer, k, v, pos)  # (B, H, past + T, Dh), or a decoding step's (B / beams, ...)
         else:
+            w, b = self.qkv.weight, self.qkv.bias
             q = F.linear(x, w[:C], None if b is None else b[:C])
             if cache is not None and cache.cross[layer] is not None:
                 k, v = cache.cross[layer]

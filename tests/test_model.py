@@ -271,8 +271,8 @@ def test_beams_attend_one_copy_of_the_source(model, device):
 
 
 def test_beams_attend_their_own_history_without_moving_the_cache():
-    """KVCache: beam search with reorders by `owner` (no key or value moves) attends what each beam's own history,
-    moved row by row as transformers does, attends: the prompt written once for all beams, then decoding steps whose
+    """KVCache, reordered through `owner` (no key or value moves), against each beam's own history moved row by row
+    as transformers does: the same attention for the prompt written once for all beams, then decoding steps whose
     beams continue random parents of the same sentence."""
     g = torch.Generator().manual_seed(15)
     B, nb, H, P, Dh, steps = 2, 3, 2, 2, 4, 4
