@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.nn.attention import SDPBackend
 
 import cliptrans
 import weights
@@ -149,9 +150,16 @@ def boost_for_varied_lengths(hf_mbart, **kw):
     raise AssertionError("no </s> bias makes these sentences end at different lengths")
 
 
+# How the decoding steps attend (cliptrans.DECODE_ATTENTION): PyTorch's choice, the matmul attention, and on CUDA
+# the memory-efficient kernel alone (SDPA has no such kernel on a CPU).
+DECODE_ATTENTIONS = [None, "matmul", pytest.param(
+    [SDPBackend.EFFICIENT_ATTENTION], id="efficient",
+    marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="SDPA's memory-efficient kernel needs a GPU"))]
+
+
 @pytest.mark.parametrize("num_beams", [1, 4])
 @pytest.mark.parametrize("vary_lengths", [False, True])
-@pytest.mark.parametrize("attention", [None, "matmul"])
+@pytest.mark.parametrize("attention", DECODE_ATTENTIONS)
 def test_generate_equals_hf(peaked_pair, num_beams, vary_lengths, attention, device, monkeypatch):
     monkeypatch.setattr(cliptrans, "DECODE_ATTENTION", attention)  # how the decoding steps attend
     hf_mbart, model = peaked_pair
@@ -421,7 +429,7 @@ def test_decoding_with_linears_cast_once_equals_autocast(peaked_pair, device):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("num_beams", [1, 4])
-@pytest.mark.parametrize("attention", [None, "matmul"])
+@pytest.mark.parametrize("attention", DECODE_ATTENTIONS)
 def test_cuda_graph_decoding_equals_plain_launches_in_bf16(peaked_pair, num_beams, attention, monkeypatch):
     monkeypatch.setattr(cliptrans, "DECODE_ATTENTION", attention)
     model = peaked_pair[1]
