@@ -331,6 +331,7 @@ class TextTower(nn.Module):
     def __init__(self, c: TextConfig):
         super().__init__()
         self.pad_id = c.pad_id
+        self.max_tokens = c.max_positions - c.pad_id - 1  # positions pad_id + 1 ..: 512 for XLM-R's 514 rows
         self.tok_embed = nn.Embedding(c.vocab_size, c.width)
         self.pos_embed = nn.Embedding(c.max_positions, c.width)
         self.type_embed = nn.Embedding(c.type_vocab_size, c.width)  # one type: a learned constant
@@ -342,6 +343,9 @@ class TextTower(nn.Module):
         self.proj = nn.Linear(c.width, c.embed_dim)
 
     def forward(self, input_ids, attention_mask):  # (B, T) each, `<s> x </s>` right-padded
+        if input_ids.shape[1] > self.max_tokens:
+            raise ValueError(f"{input_ids.shape[1]} tokens exceed the text tower's {self.max_tokens}: truncate them "
+                             f"(TextTowerTokenizer.encode(texts, max_len={self.max_tokens}))")
         # Padding-aware positions as in fairseq: real tokens count up from pad_id + 1, padding sits at pad_id.
         real = (input_ids != self.pad_id).long()
         positions = torch.cumsum(real, dim=1) * real + self.pad_id
@@ -592,8 +596,11 @@ def search(mbart, memory, memory_mask, prompt, prompt_mask, num_beams=5, max_new
     c = mbart.config
     B, P, _ = prompt.shape
     nb, dev = num_beams, prompt.device
+    if num_beams < 1 or max_new_tokens < 1:
+        raise ValueError(f"num_beams={num_beams}, max_new_tokens={max_new_tokens}: expected at least 1 of each")
     if P + max_new_tokens > c.max_positions:
-        raise ValueError(f"{P} prompt positions + max_new_tokens={max_new_tokens} exceed mBART's {c.max_positions}")
+        raise ValueError(f"{P} prompt positions + max_new_tokens={max_new_tokens} exceed mBART's {c.max_positions}: "
+                         f"max_new_tokens can be at most {c.max_positions - P}")
     # Each sentence gets nb rows: (B * nb, ...) with the beams of a sentence next to each other. Neither the source
     # nor the prompt is repeated: the prompt runs once per sentence, and the nb rows of a sentence attend one copy
     # of its source and of its prompt (see Attention and KVCache).

@@ -211,7 +211,7 @@ def load_image(path, size: int) -> torch.Tensor:
             image.load()
             return clip_preprocess(image, size)
     except FileNotFoundError:
-        raise DataError(f"image {path} not found: check the images folder given to read_split") from None
+        raise DataError(f"image {path} not found: check its path (for a split, the images folder)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path} ({e}): the file is damaged or not an image; "
                         f"download it again") from None
@@ -252,6 +252,8 @@ def _read_lines(path) -> list[str]:
             lines = [line.strip() for line in f]  # strip: newline and stray spaces around the sentence
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise DataError(f"cannot read {path} ({e}): expected UTF-8 text, one sentence per line") from None
+    if not lines:
+        raise DataError(f"{path} is empty: expected one line per example of the split")
     empty = [i + 1 for i, line in enumerate(lines) if not line]
     if empty:
         raise DataError(f"{path} has {len(empty)} empty line(s), at line {', '.join(map(str, empty[:5]))}"
@@ -391,7 +393,11 @@ def cached_embeddings(cache_dir, name: str, key: str, compute: Callable[[], torc
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"compute() for {name} returned {type(embeddings).__name__}, expected a tensor")
     embeddings = embeddings.detach().cpu().contiguous()
-    atomic_write(path, lambda tmp: save_file({"embeddings": embeddings}, tmp, metadata={"key": key, "name": name}))
+    try:
+        atomic_write(path, lambda tmp: save_file({"embeddings": embeddings}, tmp, metadata={"key": key, "name": name}))
+    except OSError as e:  # a read-only dataset folder, say
+        raise DataError(f"cannot write the feature cache {path} ({e}): make {path.parent} writable, or cache the "
+                        f"features in another folder (train.py --features DIR)") from None
     return embeddings
 
 
@@ -413,11 +419,12 @@ def embed_images(encode_image, files, size: int, batch_size: int, device) -> tor
 
 
 @torch.no_grad()
-def embed_texts(encode_text, tokenizer, sentences, batch_size: int, device) -> torch.Tensor:
-    """(N, D) features of N sentences; encode_text takes (input_ids, attention_mask), both (B, T)."""
+def embed_texts(encode_text, tokenizer, sentences, batch_size: int, device, max_len: int = 512) -> torch.Tensor:
+    """(N, D) features of N sentences, each cut to max_len tokens (the text tower's positions); encode_text takes
+    (input_ids, attention_mask), both (B, T)."""
     out = []
     for chunk in tqdm(_chunks(list(sentences), batch_size), desc="embed texts", unit="batch"):
-        input_ids, attention_mask = tokenizer.encode(chunk)
+        input_ids, attention_mask = tokenizer.encode(chunk, max_len)
         out.append(encode_text(input_ids.to(device), attention_mask.to(device)).float().cpu())
     return torch.cat(out)
 

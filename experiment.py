@@ -13,6 +13,8 @@ test split (held-out colour-shape pairs) from the source sentence's text embeddi
 setting) and from the image's embedding (`--test_with_image`), and with one of its two inputs taken away
 (`--ablate`): each sentence with the previous sentence's prefix, and the encoder without the source words.
 Prints BLEU mean and standard deviation over the seeds and writes every figure to OUT/results.json.
+Run again with the same arguments after an interruption, it continues: a finished training run is read back
+from its summary.json, an interrupted one is resumed from its `last` checkpoint.
 """
 
 import argparse
@@ -24,14 +26,21 @@ import time
 from pathlib import Path
 
 
-def train(*args):
+def train(*args, out=None):
+    """Run train.py and return the JSON line it ends with. A training run (`out`: its --out folder) that finished
+    before is read back from OUT/summary.json; one interrupted after a checkpoint continues with --resume."""
+    if out is not None and (out / "summary.json").is_file():
+        print(f"done before: {out}", flush=True)
+        return json.loads((out / "summary.json").read_text())
+    if out is not None and ((out / "last").is_dir() or (out / ".last.old").is_dir()):  # (see train.find_checkpoint)
+        args = (*args, "--resume")
     cmd = [sys.executable, "train.py", *map(str, args)]
     print("$", " ".join(cmd), flush=True)
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if done.returncode:  # train.py's own message ends its stderr (after the progress bars' lines)
-        why = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()][-5:]
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n" + "\n".join(why))
-    return json.loads(done.stdout.strip().splitlines()[-1])  # train.py ends with one JSON line
+    # stderr (the progress bars and, on failure, train.py's message) goes to the terminal; stdout ends with the JSON
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -42,17 +51,25 @@ def main():
     p.add_argument("--out", default="runs/experiment")
     a = p.parse_args()
     out = Path(a.out)
+    settings = {"pairs": a.pairs, "stage2_steps": a.stage2_steps}
+    saved = out / "settings.json"  # continuing in OUT: only with the settings its runs were made with
+    if saved.is_file() and json.loads(saved.read_text()) != settings:
+        raise SystemExit(f"error: {out} holds runs made with {json.loads(saved.read_text())}, not {settings}: "
+                         f"give another --out, or the same settings to continue them")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(settings))
     t0 = time.time()
     results = {"pairs": a.pairs, "seeds": a.seeds, "runs": {}}
     for seed in a.seeds:
         d = out / f"seed{seed}"
-        s1 = train("--stage", 1, "--caption_lang", "de", "--seed", seed, "--out", d / "stage1")
+        s1 = train("--stage", 1, "--caption_lang", "de", "--seed", seed, "--out", d / "stage1", out=d / "stage1")
         row = {"stage1_caption_bleu": s1["test_bleu"]}
         for name, extra in (("with stage 1", ["--init", d / "stage1" / "last"]),
                             ("without stage 1", ["--from_scratch_stage2"])):
             o = d / ("stage2" if name == "with stage 1" else "stage2_scratch")
             common = ["--stage", 2, "--seed", seed, "--out", o]
-            s2 = train(*common, "--n_pairs", a.pairs, "--max_steps", a.stage2_steps, "--eval_every", 100, *extra)
+            s2 = train(*common, "--n_pairs", a.pairs, "--max_steps", a.stage2_steps, "--eval_every", 100, *extra,
+                       out=o)
             image = train(*common, "--eval_only", "--test_with_image")
             other_prefix = train(*common, "--eval_only", "--ablate", "prefix")
             no_source = train(*common, "--eval_only", "--ablate", "source")

@@ -63,6 +63,7 @@ class Config:
     init: str = ""  # stage 2: the stage 1 checkpoint to start from (default: stage 1's `last`)
     data: str = ""  # a folder in the Multi30k layout (default: the tiny world)
     images: str = ""  # the images folder (default: DATA/images)
+    features: str = ""  # where the frozen towers' features are cached (default: DATA/features)
     src: str = "en"
     tgt: str = "de"
     caption_lang: str = "en"  # stage 1 captions (the official code's default: English)
@@ -102,6 +103,15 @@ class Config:
     # "source" (the encoder sees only `<src_lang> </s>`): how much the model reads each of its two inputs
 
 
+# The flags with a fixed set of values (argparse rejects the others), and the numbers that must be positive or
+# non-negative (checked once the preset's defaults are in).
+CHOICES = {"stage": (0, 1, 2), "preset": ("tiny", "paper"), "mapping": ("mlp", "hidden_mlp", "transformer"),
+           "schedule": ("constant", "cosine"), "dtype": ("auto", "bf16", "fp16", "fp32")}
+POSITIVE = ("batch_size", "grad_accum", "epochs", "lr", "save_every", "log_every", "beam", "max_new_tokens",
+            "eval_batch_size")
+NON_NEGATIVE = ("n_pairs", "max_steps", "max_eval", "warmup_steps", "eval_every", "weight_decay")
+
+
 def defaults(c: Config):
     """Fill what the command line left at 0 / empty from the preset and stage."""
     tiny = c.preset == "tiny"
@@ -119,6 +129,13 @@ def defaults(c: Config):
     batch, epochs, lr = table[(c.preset, c.stage)]
     c.batch_size, c.epochs, c.lr = c.batch_size or batch, c.epochs or epochs, c.lr or lr
     c.grad_accum = c.grad_accum or (4 if c.preset == "paper" else 1)
+    for name in POSITIVE + NON_NEGATIVE:
+        value, positive = getattr(c, name), name in POSITIVE
+        if value < 0 or (value == 0 and positive):
+            raise SystemExit(f"error: --{name} {value}: expected a {'positive' if positive else 'non-negative'} "
+                             f"number")
+    if not (c.dropout == -1 or 0 <= c.dropout < 1):
+        raise SystemExit(f"error: --dropout {c.dropout}: expected a rate in [0, 1), or -1 to keep the model's")
     if not c.data:
         if not tiny:
             raise SystemExit("error: --data is required with --preset paper (a folder in the Multi30k layout: "
@@ -142,7 +159,7 @@ def parse_args(argv=None):
         if f.type is bool or f.type == "bool":
             p.add_argument("--" + f.name, action="store_true", default=f.default)
         else:
-            p.add_argument("--" + f.name, type=type(f.default), default=f.default)
+            p.add_argument("--" + f.name, type=type(f.default), default=f.default, choices=CHOICES.get(f.name))
     return defaults(Config(**vars(p.parse_args(argv))))
 
 
@@ -162,7 +179,12 @@ def setup(c: Config):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     else:
         device = c.device
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {c.device}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {c.device}, but PyTorch sees no GPU here: use --device cpu (or auto)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -223,6 +245,29 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What fixes a run's data order and what it trains: --resume must continue with the same.
+RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs", "batch_size", "grad_accum",
+               "seed")
+
+
+def check_resumable(state, c: Config, folder, world):
+    """--resume continues a run exactly: its checkpoint must hold a training state, from the same settings."""
+    saved = state.get("config")
+    if "optimizer" not in state or saved is None:
+        raise SystemExit(f"error: {folder} holds no training state to resume (a stage {state.get('stage', '?')} "
+                         f"checkpoint or converted weights): --resume continues a stage 1 or 2 run from its `last`; "
+                         f"to start stage 2 from a stage 1 checkpoint, give it as --init without --resume")
+    diff = [k for k in RESUME_SAME if saved.get(k) != getattr(c, k)]
+    if diff:
+        raise SystemExit(f"error: {folder} was trained with " + ", ".join(f"--{k} {saved.get(k)}" for k in diff)
+                         + "; this run has " + ", ".join(f"--{k} {getattr(c, k)}" for k in diff) + ": resume with "
+                         "the same settings (they fix the data order and what trains), or start a new run")
+    ranks = len(state["rng"]) if isinstance(state["rng"], list) else 1
+    if ranks != world:
+        raise SystemExit(f"error: {folder} was trained by {ranks} process(es), this run has {world}: resume with "
+                         f"{ranks} (each process continues its own share of the data)")
+
+
 def load_model(folder, c: Config, device, what):
     folder = find_checkpoint(folder)
     try:
@@ -281,8 +326,15 @@ def features(model, c: Config, split: data.Split, kind, folder, device, rank):
         tok = data.TextTowerTokenizer(Path(folder) / weights.TEXT_TOKENIZER)
         sentences = split.sentences[c.src]
         key = data.fingerprint(model.text, "text", *sentences)
-        compute = lambda: data.embed_texts(model.encode_text, tok, sentences, 64, device)  # noqa: E731
-    get = lambda: data.cached_embeddings(Path(c.data) / "features", f"{split.name}.{kind}", key, compute)  # noqa
+        compute = lambda: data.embed_texts(model.encode_text, tok, sentences, 64, device,  # noqa: E731
+                                           max_len=model.text.max_tokens)
+    cache_dir = Path(c.features or Path(c.data) / "features")
+
+    def get():
+        try:
+            return data.cached_embeddings(cache_dir, f"{split.name}.{kind}", key, compute)
+        except data.DataError as e:
+            raise SystemExit(f"error: {e}")
     if rank == 0:
         feats = get()
     if dist.is_initialized():
@@ -345,6 +397,11 @@ def stage0(c: Config, rank, world, device, autocast):
         raise SystemExit("error: stage 0 runs in one process (it takes a minute on a CPU)")
     world_dir = Path(c.data)
     tok_path = world_dir / "tokenizer.json"
+    if not tok_path.is_file():
+        raise SystemExit(f"error: stage 0 makes the tiny preset's stand-in models on a tiny world (the default, or a "
+                         f"folder written by `python data.py tiny`, which holds their tokenizer.json); {world_dir} has "
+                         f"no tokenizer.json. Other data needs the pretrained models: --preset paper --weights "
+                         f"(converted with weights.py)")
     mtok = data.MBartTokenizer(tok_path)
     ttok = data.TextTowerTokenizer(tok_path)
     cfg = CLIPTransConfig.preset("tiny")
@@ -370,7 +427,8 @@ def stage0(c: Config, rank, world, device, autocast):
     for step in bar:
         idx = torch.randint(n, (B,), generator=g)
         lang = [langs[j] for j in torch.randint(len(langs), (B,), generator=g).tolist()]
-        ids, mask = ttok.encode([train.sentences[lang[j]][i] for j, i in enumerate(idx.tolist())])
+        ids, mask = ttok.encode([train.sentences[lang[j]][i] for j, i in enumerate(idx.tolist())],
+                                model.text.max_tokens)
         img = F.normalize(model.encode_image(pixels[idx].to(device)), dim=-1)
         txt = F.normalize(model.encode_text(ids.to(device), mask.to(device)), dim=-1)
         logits = img @ txt.T * temp.exp().clamp(max=100)
@@ -442,6 +500,9 @@ def main(argv=None):
         stage0(c, rank, world, device, autocast)
         return
     out = Path(c.out)
+    if not (c.resume or c.eval_only) and find_checkpoint(out / "last").exists():  # before any slow preparation
+        raise SystemExit(f"error: {out} already holds a checkpoint: --resume to continue it, or give another "
+                         f"--out (or delete the folder) to start over")
 
     # ---- the starting point: converted weights (stage 1, ablation), stage 1's checkpoint (stage 2), or our own
     if c.resume or c.eval_only:
@@ -552,7 +613,8 @@ def main(argv=None):
     # ---- resume: model, optimizer, scaler, position in the data and RNG states, exactly
     step, epoch, batch_in_epoch, best = 0, 0, 0, -1.0
     if c.resume:
-        state = torch.load(start / "state.pt", weights_only=True)
+        state = torch.load(start / "state.pt", weights_only=True) if (start / "state.pt").exists() else {}
+        check_resumable(state, c, start, world)
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
@@ -604,19 +666,23 @@ def main(argv=None):
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    if not c.resume and find_checkpoint(out / "last").exists():
-        raise SystemExit(f"error: {out} already holds a checkpoint: --resume to continue it, or give another "
-                         f"--out (or delete the folder) to start over")
     out.mkdir(parents=True, exist_ok=True)
     metrics = None
     if rank == 0:
         path = out / "metrics.jsonl"
-        kept = []
         if c.resume and path.exists():  # drop what was logged after the checkpoint: those steps run again
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", step + 1) <= step]
-        metrics = open(path, "w")
-        metrics.write("".join(line + "\n" for line in kept))
+            kept = []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a run killed while writing it
+                    log0(rank, f"{path}: line {n} is not a complete record (cut short by the interruption?): "
+                               f"dropped")
+                    continue
+                if record.get("step", step + 1) <= step:
+                    kept.append(line + "\n")
+            data.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+        metrics = open(path, "a" if c.resume else "w")
 
     def log(record):
         metrics.write(json.dumps(record) + "\n")

@@ -40,7 +40,7 @@ def translate(model, mbart_tok, text_tok, sentences, src, tgt, beam=5, max_new_t
     out = []
     for i in range(0, len(sentences), batch_size):
         chunk = sentences[i:i + batch_size]
-        ids, mask = text_tok.encode(chunk)
+        ids, mask = text_tok.encode(chunk, max_len=model.text.max_tokens)  # as XLM-R, cut at the tower's length
         clip = model.encode_text(ids.to(device), mask.to(device))
         src_ids, src_mask = mbart_tok.encode(chunk, src)
         tokens = model.generate(clip, src_ids.to(device), src_mask.to(device), mbart_tok.lang_id(tgt),
@@ -69,6 +69,14 @@ def caption(model, mbart_tok, files, lang, beam=5, max_new_tokens=60, batch_size
     return out
 
 
+def positive(text):
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sentences", nargs="*", help="sentences to translate (default: one per line on stdin)")
@@ -76,11 +84,16 @@ def main(argv=None):
     p.add_argument("--image", nargs="+", default=None, help="caption these images instead (a stage 1 checkpoint)")
     p.add_argument("--src", default=None, help="source language (default: the checkpoint's)")
     p.add_argument("--tgt", default=None, help="target / caption language (default: the checkpoint's)")
-    p.add_argument("--beam", type=int, default=5)
-    p.add_argument("--max_new_tokens", type=int, default=60)
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--beam", type=positive, default=5, help="beams (1: greedy)")
+    p.add_argument("--max_new_tokens", type=positive, default=60)
+    p.add_argument("--batch_size", type=positive, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    try:
+        if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("PyTorch sees no GPU here")
+    except RuntimeError as e:
+        p.error(f"--device {a.device}: {e}; expected cpu, cuda or cuda:N")
     model, trained, mbart_tok, text_tok = load(a.checkpoint, a.device)
     stage = trained.get("stage")
     amp = torch.autocast("cuda", torch.bfloat16) if a.device.startswith("cuda") else contextlib.nullcontext()
@@ -94,8 +107,10 @@ def main(argv=None):
                     print(f"note: {a.checkpoint} is a stage 1 (captioning) checkpoint; translations come "
                           f"from stage 2", file=sys.stderr)
                 sentences = a.sentences or [line.rstrip("\n") for line in sys.stdin]
-                if not sentences or any(not s.strip() for s in sentences):
-                    raise SystemExit("error: expected non-empty sentences, as arguments or one per line on stdin")
+                empty = [i + 1 for i, s in enumerate(sentences) if not s.strip()]
+                if not sentences or empty:
+                    raise SystemExit("error: expected non-empty sentences, as arguments or one per line on stdin"
+                                     + (f"; sentence {', '.join(map(str, empty[:5]))} is empty" if empty else ""))
                 lines = translate(model, mbart_tok, text_tok, sentences, a.src or trained.get("src", "en"),
                                   a.tgt or trained.get("tgt", "de"), a.beam, a.max_new_tokens, a.batch_size)
     except ValueError as e:  # an unknown language code, say

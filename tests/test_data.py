@@ -253,6 +253,9 @@ def test_read_split_errors(tmp_path):
     write_dataset(tmp_path, "val", {"en": ["a", "", "c", " ", "e"]})
     with pytest.raises(DataError, match=r"val\.en has 2 empty line\(s\), at line 2, 4"):
         data.read_split(tmp_path, "val", ["en"])
+    (tmp_path / "raw" / "val.en").write_text("")
+    with pytest.raises(DataError, match=r"val\.en is empty: expected one line per example"):
+        data.read_split(tmp_path, "val", ["en"])
     # images: list of another length, then missing and unreadable files, all counted and named
     write_dataset(tmp_path, "test", {"en": ["a", "b", "c"]}, ["1.png", "2.png"])
     with pytest.raises(DataError, match=r"test\.txt lists 2 images but .*test\.en has 3"):
@@ -329,7 +332,7 @@ def test_cached_embeddings(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         data.cached_embeddings(tmp_path, "test.text", "c" * 64, crash)
     monkeypatch.setattr(data.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DataError, match=r"cannot write the feature cache .*test\.text.* \(disk full\).*--features"):
         data.cached_embeddings(tmp_path, "test.text", "c" * 64, compute)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
@@ -359,6 +362,12 @@ def test_embed_images_and_texts(tmp_path):
     got = data.embed_texts(mean_pool, tokenizer, sentences, batch_size=2, device="cpu")
     expected = torch.cat([mean_pool(*tokenizer.encode([s])) for s in sentences]).detach()
     torch.testing.assert_close(got, expected)
+    # cut to max_len tokens: "hgfedcba ab" is embedded from `<s>`, its first 2 pieces and `</s>`
+    got = data.embed_texts(mean_pool, tokenizer, sentences, batch_size=2, device="cpu", max_len=4)
+    ids, mask = tokenizer.encode(["hgfedcba ab"], 4)
+    assert ids.shape == (1, 4)
+    torch.testing.assert_close(got[2:3], mean_pool(ids, mask).detach())
+    assert not torch.allclose(got[2], expected[2])
 
 
 # -----------------------------------------------------------------------------

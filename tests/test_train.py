@@ -1,5 +1,6 @@
 """Tests of train.py: overfitting, the stage 1 -> stage 2 handoff, what trains in each stage, exact resume,
-2-process DDP, the default commands end to end, bad input, and scoring a checkpoint.
+2-process DDP, the default commands end to end, bad input, and scoring a checkpoint; and of translate.py and
+experiment.py, which use its checkpoints and runs.
 
 Everything runs on a CPU, in tmp folders only: a small tiny world (256 training scenes, 32-pixel images), a
 stage 0 of a few seconds on it, and stage 1 / stage 2 runs of a few steps from there. Runs whose exit code,
@@ -28,7 +29,9 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import experiment
 import train
+import translate
 import weights
 from cliptrans import CLIPTrans, CLIPTransConfig, MappingConfig
 from conftest import ROOT
@@ -376,6 +379,18 @@ def test_resume_after_max_steps_equals_an_uninterrupted_run(world, stage1, unint
     assert max_diff(tensors(uninterrupted / "last"), tensors(out / "last")) <= 1e-6
 
 
+def test_resume_drops_a_record_cut_short_by_the_interruption(world, stage1, uninterrupted, tmp_path, capsys):
+    """A run killed while writing metrics.jsonl leaves half a line: --resume says so, drops it, and goes on."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "epo')
+    lines = len((out / "metrics.jsonl").read_text().splitlines())
+    train.main(resume_args(world, stage1, out, "--resume", "--max_steps", 13))
+    assert f"line {lines} is not a complete record" in capsys.readouterr().out
+    assert sorted(step_losses(records(out))) == list(range(1, 14))
+
+
 def test_resume_into_a_new_folder_keeps_its_own_best(world, stage1, uninterrupted, tmp_path):
     """--resume --checkpoint A/last --out B: B gets its own `best`, and the summary scores it (the best BLEU of
     A is not B's to beat). The last step is logged even when --log_every does not divide it."""
@@ -535,11 +550,24 @@ def test_unknown_flag_is_an_argparse_error(cache):
     fails_cleanly(proc, "unrecognized arguments: --no_such_flag 3", code=2)
 
 
+@pytest.mark.parametrize("flag, value", [("stage", 3), ("preset", "base"), ("schedule", "linear"), ("dtype", "bf17"),
+                                         ("mapping", "mlp2")])
+def test_flags_with_fixed_choices(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(args(f"--{flag}", value))
+    assert e.value.code == 2
+    assert f"argument --{flag}: invalid choice: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", ["stage0_as_init", "resume_nothing", "score_nothing", "stage0_paper",
-                                  "paper_no_data", "paper_no_weights", "fp16_on_cpu"])
-def test_more_bad_input_in_process(case, world, stage0, tmp_path):
+                                  "paper_no_data", "paper_no_weights", "fp16_on_cpu", "save_every_0", "batch_negative",
+                                  "n_pairs_negative", "dropout_1", "bad_device", "stage0_not_a_tiny_world",
+                                  "resume_stage0", "resume_other_batch", "resume_stage1_as_stage2",
+                                  "features_unwritable"])
+def test_more_bad_input_in_process(case, world, stage0, stage1, tmp_path):
     """Cheap checks of further messages, in this process (SystemExit carries the message)."""
     out = tmp_path / "out"
+    (tmp_path / "a_file").write_text("")
     cli, message = {
         "stage0_as_init": (["--stage", 2, "--init", stage0], f"{stage0} is not a stage 1 checkpoint"),
         "resume_nothing": (["--stage", 1, "--weights", stage0, "--resume"], f"no checkpoint in {out / 'last'} "
@@ -550,8 +578,26 @@ def test_more_bad_input_in_process(case, world, stage0, tmp_path):
         "paper_no_weights": (["--stage", 1, "--preset", "paper"], "--weights is required"),
         "fp16_on_cpu": (["--stage", 1, "--weights", stage0, "--dtype", "fp16", "--device", "cpu"],
                         "--dtype fp16 needs a GPU"),
+        "save_every_0": (["--stage", 1, "--weights", stage0, "--save_every", 0],
+                         "--save_every 0: expected a positive number"),
+        "batch_negative": (["--stage", 1, "--weights", stage0, "--batch_size", -4],
+                           "--batch_size -4: expected a positive number"),
+        "n_pairs_negative": (["--stage", 2, "--n_pairs", -5], "--n_pairs -5: expected a non-negative number"),
+        "dropout_1": (["--stage", 2, "--dropout", 1.0], "--dropout 1.0: expected a rate in [0, 1)"),
+        "bad_device": (["--stage", 1, "--weights", stage0, "--device", "foo"],
+                       "--device foo: expected auto, cpu, cuda or cuda:N"),
+        "stage0_not_a_tiny_world": (["--stage", 0, "--data", tmp_path], f"{tmp_path} has no tokenizer.json"),
+        "resume_stage0": (["--stage", 1, "--resume", "--checkpoint", stage0],
+                          f"{stage0} holds no training state to resume (a stage 0 checkpoint"),
+        "resume_other_batch": (["--stage", 1, "--resume", "--checkpoint", stage1 / "last", "--batch_size", 8],
+                               "was trained with --batch_size 16; this run has --batch_size 8: resume with the same"),
+        "resume_stage1_as_stage2": (["--stage", 2, "--resume", "--checkpoint", stage1 / "last"],
+                                    "was trained with --stage 1, --batch_size 16; this run has --stage 2, "
+                                    "--batch_size 64"),
+        "features_unwritable": (["--stage", 1, "--weights", stage0, "--features", tmp_path / "a_file" / "cache"],
+                                "cannot write the feature cache"),
     }[case]
-    data_arg = [] if case == "paper_no_data" else ["--data", world]
+    data_arg = [] if case == "paper_no_data" or "--data" in cli else ["--data", world]
     with pytest.raises(SystemExit) as e:
         train.main(args(*cli, *data_arg, "--out", out))
     assert message in str(e.value.code), e.value.code
@@ -644,6 +690,100 @@ def test_ablate_needs_stage2_eval_only_and_a_known_input(cli, world, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main(args(*cli, "--data", world, "--out", tmp_path / "out"))
     assert "expected --ablate prefix or --ablate source, with --stage 2 --eval_only" in str(e.value.code)
+
+
+# ----------------------------------------------------------------------------- 9. translate.py, experiment.py
+
+
+def translate_lines(capsys, *cli):
+    capsys.readouterr()
+    translate.main(args(*cli))
+    return capsys.readouterr().out.splitlines()
+
+
+@pytest.fixture(scope="module")
+def scrambled(world, tmp_path_factory):
+    """A tiny CLIPTrans checkpoint whose output varies with its inputs: random, its Linear weights 20x their init
+    scale. (Fresh from init, the tied-embedding mBART copies its input token, the language code, which decoding
+    drops; and the few-step fixtures above still output empty lines.)"""
+    cfg = CLIPTransConfig.preset("tiny")
+    cfg.mbart.vocab_size = cfg.text.vocab_size = data.MBartTokenizer(world / "tokenizer.json").vocab_size
+    torch.manual_seed(0)
+    model = CLIPTrans(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(20)
+    folder = tmp_path_factory.mktemp("scrambled") / "last"
+    weights.save(model, folder, extra_config={"train": {"stage": 2, "src": "en", "tgt": "de", "caption_lang": "en"}})
+    for name in (weights.MBART_TOKENIZER, weights.TEXT_TOKENIZER):
+        shutil.copyfile(world / "tokenizer.json", folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("stage, split, inputs", [(2, "test", "sentences"), (1, "val", "images")])
+def test_translate_gives_the_hypotheses_of_eval_only(stage, split, inputs, world, scrambled, tmp_path, capsys):
+    """translate.py, in batches of 3, from sentences alone (the M-CLIP text embedding as the prefix) or from
+    images (captions): the lines `train.py --eval_only` writes for the same checkpoint, split and settings."""
+    result = eval_only(capsys, "--stage", stage, "--data", world, "--checkpoint", scrambled, "--split", split,
+                       "--out", tmp_path)
+    want = Path(result["hypotheses"]).read_text().splitlines()
+    if inputs == "sentences":
+        cli = (world / "raw" / f"{split}.en").read_text().splitlines()[:8]
+    else:
+        cli = ["--tgt", "en", "--image",
+               *[world / "images" / n for n in (world / "image_splits" / f"{split}.txt").read_text().split()[:8]]]
+    got = translate_lines(capsys, "--checkpoint", scrambled, "--beam", 1, "--max_new_tokens", 20, "--batch_size", 3,
+                          *cli)
+    assert len(set(want)) == 8, want  # eight different lines: the comparison can tell the inputs apart
+    assert got == want
+
+
+def test_translate_a_sentence_longer_than_the_text_tower(world, stage2, capsys):
+    """The text tower reads at most max_tokens ids (64 for the tiny one): a longer source is cut there for its
+    embedding, as XLM-R's tokenizer cuts at 512, while mBART's encoder reads all of it."""
+    model = weights.load(stage2 / "best")
+    tok = data.TextTowerTokenizer(stage2 / "best" / weights.TEXT_TOKENIZER)
+    long = " ".join(["a small red circle is above a large blue star ."] * 8)
+    ids, mask = tok.encode([long])
+    assert ids.shape[1] > model.text.max_tokens == 64
+    with pytest.raises(ValueError, match="tokens exceed the text tower's 64: truncate them"):
+        model.encode_text(ids, mask)
+    assert len(translate_lines(capsys, "--checkpoint", stage2 / "best", "--beam", 2, long)) == 1
+
+
+@pytest.mark.parametrize("cli, message", [
+    (["--beam", 0, "x"], "argument --beam: expected a positive integer, got 0"),
+    (["--batch_size", 0, "x"], "argument --batch_size: expected a positive integer, got 0"),
+    (["--device", "foo", "x"], "--device foo: "),
+    (["--max_new_tokens", 500, "x"], "max_new_tokens can be at most 117"),
+    (["--src", "xx", "x"], "unknown language 'xx': expected an mBART-50 code"),
+    (["a sentence", " ", "another"], "expected non-empty sentences, as arguments or one per line on stdin; "
+                                     "sentence 2 is empty"),
+])
+def test_translate_bad_input(cli, message, stage2, capsys):
+    with pytest.raises(SystemExit) as e:
+        translate.main(args("--checkpoint", stage2 / "best", *cli))
+    said = capsys.readouterr().err if e.value.code == 2 else str(e.value.code)  # argparse's own errors: code 2
+    assert message in said, said
+
+
+def test_experiment_continues_an_interrupted_experiment(tmp_path, monkeypatch):
+    """experiment.train reads a finished run back from its summary.json and resumes an interrupted one."""
+    calls = []
+
+    def run(cmd, **kw):
+        calls.append(cmd[2:])
+        return subprocess.CompletedProcess(cmd, 0, stdout='log\n{"test_bleu": 12.5}\n')
+    monkeypatch.setattr(experiment.subprocess, "run", run)
+    done, killed, new = tmp_path / "done", tmp_path / "killed", tmp_path / "new"
+    done.mkdir()
+    (done / "summary.json").write_text('{"test_bleu": 40.0}')
+    (killed / "last").mkdir(parents=True)
+    assert experiment.train("--stage", 1, "--out", done, out=done) == {"test_bleu": 40.0}
+    assert experiment.train("--stage", 1, "--out", killed, out=killed) == {"test_bleu": 12.5}
+    assert experiment.train("--stage", 1, "--out", new, out=new) == {"test_bleu": 12.5}
+    assert calls == [["--stage", "1", "--out", str(killed), "--resume"], ["--stage", "1", "--out", str(new)]]
 
 
 # ----------------------------------------------------------------------------- smaller flag contracts
