@@ -21,6 +21,7 @@ against the model's vocab_size). Then `model = weights.load("weights/paper")`.
 
 import argparse
 import json
+import pickle
 import re
 import struct
 from pathlib import Path
@@ -85,6 +86,10 @@ class HFCheckpoint:
                     handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
                     handle = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # (torch's message suggests weights_only=False: never for a downloaded file)
+            raise ConversionError(f"cannot read {path}: not a tensor checkpoint that loads without running code. The "
+                                  f"file is damaged, incomplete or a Git LFS pointer (a clone made without `git lfs`): "
+                                  f"download it again") from None
         except (SafetensorError, RuntimeError, OSError, EOFError) as e:
             raise ConversionError(f"cannot read {path}: {e}. The file is damaged or incomplete: download it again")
         self._handles[path] = handle
@@ -131,12 +136,15 @@ def mbart_config(cfg, where):
             raise ConversionError(f"{where}: {a}={g(a)} differs from {b}={g(b)}; this implementation needs them equal")
     if cfg.get("activation_function", "gelu") != "gelu":
         raise ConversionError(f"{where}: activation {cfg['activation_function']!r} is not supported (expected gelu)")
+    # transformers 5 writes an unset field as null: absent or null, a field takes its default
+    opt = lambda k, default: default if cfg.get(k) is None else cfg[k]  # noqa: E731
+    bos_id = opt("bos_token_id", 0)
     return MBartConfig(vocab_size=g("vocab_size"), d_model=g("d_model"), encoder_layers=g("encoder_layers"),
                        decoder_layers=g("decoder_layers"), heads=g("encoder_attention_heads"), ffn=g("encoder_ffn_dim"),
-                       max_positions=g("max_position_embeddings"), dropout=cfg.get("dropout", 0.1),
-                       scale_embedding=cfg.get("scale_embedding", False), pad_id=cfg.get("pad_token_id", 1),
-                       bos_id=cfg.get("bos_token_id", 0), eos_id=cfg.get("eos_token_id", 2),
-                       decoder_start_id=cfg.get("decoder_start_token_id", 2))
+                       max_positions=g("max_position_embeddings"), dropout=opt("dropout", 0.1),
+                       scale_embedding=opt("scale_embedding", False), pad_id=opt("pad_token_id", 1),
+                       bos_id=bos_id, eos_id=opt("eos_token_id", 2),
+                       decoder_start_id=opt("decoder_start_token_id", bos_id))  # unset: <s>, as transformers' generate
 
 
 def vision_config(cfg, where):
@@ -226,6 +234,7 @@ def convert(ckpt, rules, expected, where=None):
     """Rename (and fuse) every tensor of `ckpt` (an HFCheckpoint or a state dict) by `rules`. Strict: a key no
     rule knows is an error; the result is checked against `expected` ({name: shape}) for missing keys and shapes."""
     where = where or str(ckpt.folder)
+    files = getattr(ckpt, "files", {})  # {key: file} of an HFCheckpoint; a plain state dict has none
     out, parts = {}, {}
     for key in ckpt.keys():
         for pattern, target in rules:
@@ -234,8 +243,9 @@ def convert(ckpt, rules, expected, where=None):
                 break
         else:
             unknown = [k for k in ckpt.keys() if not any(re.fullmatch(p, k) for p, _ in rules)]
-            raise ConversionError(f"{ckpt.folder}: {len(unknown)} unexpected keys, first: {unknown[:5]} "
-                                  f"(in {ckpt.files[unknown[0]].name}). Is this the right kind of model folder?")
+            source = f" (in {files[unknown[0]].name})" if unknown[0] in files else ""
+            raise ConversionError(f"{where}: {len(unknown)} unexpected keys, first: {unknown[:5]}{source}. Is this "
+                                  f"the right kind of model folder?")
         if target is DROP:
             continue
         name = m.expand(target)

@@ -4,6 +4,7 @@ Each Hugging Face model is saved with `save_pretrained`, converted by weights.py
 compared in fp32 with eager attention on the same inputs."""
 
 import gc
+import json
 import math
 import shutil
 import weakref
@@ -510,6 +511,8 @@ def _broken_copy(src, dst, edit):
     ("missing_key", "missing keys, first: ['mbart.encoder.layers.1.mlp.fc2.bias']"),
     ("wrong_shape", "mbart.decoder.ln_final.weight: (7,) in the file"),
     ("truncated", "is damaged or incomplete"),
+    ("lfs_pointer", "pytorch_model.bin: not a tensor checkpoint that loads without running code. The file is damaged, "
+                    "incomplete or a Git LFS pointer"),
 ])
 def test_bad_mbart_folder_fails_clearly(tmp_path, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir,
                                         breakage, message):
@@ -528,6 +531,10 @@ def test_bad_mbart_folder_fails_clearly(tmp_path, hf_mbart_dir, hf_mclip_dir, hf
         elif breakage == "truncated":
             data = path.read_bytes()
             path.write_bytes(data[: len(data) // 2])
+        elif breakage == "lfs_pointer":  # a clone made without `git lfs`: a pickle-sized text file in its place
+            path.unlink()
+            (path.parent / "pytorch_model.bin").write_text("version https://git-lfs.github.com/spec/v1\n"
+                                                          f"oid sha256:{'0' * 64}\nsize 1234\n")
 
     bad = _broken_copy(hf_mbart_dir, tmp_path / "bad", edit)
     with pytest.raises(weights.ConversionError) as e:
@@ -535,6 +542,34 @@ def test_bad_mbart_folder_fails_clearly(tmp_path, hf_mbart_dir, hf_mclip_dir, hf
     assert message in str(e.value), str(e.value)
     assert str(bad) in str(e.value), "the error names the folder"
     assert not (tmp_path / "out" / weights.WEIGHTS_FILE).exists(), "nothing half-written"
+
+
+def test_unset_decoder_start_token_starts_from_bos_as_hf(peaked_pair, hf_mbart_dir, device):
+    """A config with decoder_start_token_id null (transformers 5 writes unset fields so): the converter takes <s>,
+    the token transformers' generate falls back to, and generation agrees with generate's."""
+    hf_mbart, model = peaked_pair
+    cfg = json.loads((hf_mbart_dir / "config.json").read_text())
+    cfg["decoder_start_token_id"] = None
+    start = weights.mbart_config(cfg, "a config").decoder_start_id
+    assert start == cfg["bos_token_id"] != cfg["eos_token_id"]
+    V = model.config.mbart.vocab_size
+    ids, mask = padded_batch(V, [9, 6, 4], lang_id=V - 51, seed=3, device=device)
+    saved = hf_mbart.config.decoder_start_token_id, hf_mbart.generation_config.decoder_start_token_id
+    hf_mbart.config.decoder_start_token_id = hf_mbart.generation_config.decoder_start_token_id = None
+    model.mbart.config.decoder_start_id = start
+    try:
+        ref = hf_mbart.generate(input_ids=ids, attention_mask=mask, num_beams=1, max_new_tokens=6,
+                                forced_bos_token_id=V - 48, do_sample=False)
+        ours = model.mbart.generate(ids, mask, num_beams=1, max_new_tokens=6, forced_bos_token_id=V - 48)
+    finally:
+        hf_mbart.config.decoder_start_token_id, hf_mbart.generation_config.decoder_start_token_id = saved
+        model.mbart.config.decoder_start_id = saved[0]
+    assert (ref[:, 0] == start).all() and torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
+
+
+def test_convert_names_unexpected_keys_of_a_state_dict():
+    with pytest.raises(weights.ConversionError, match=r"hf clip: 1 unexpected keys, first: \['bogus\.key'\]\. Is"):
+        weights.convert({"bogus.key": torch.zeros(1)}, weights.CLIP_RULES, {}, "hf clip")
 
 
 def test_wrong_folder_for_clip_fails_clearly(tmp_path, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir):
