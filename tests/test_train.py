@@ -156,6 +156,26 @@ def stage2(world, runs, stage1):
     return out
 
 
+@pytest.fixture(scope="module")
+def scrambled(world, tmp_path_factory):
+    """A tiny CLIPTrans checkpoint whose output varies with its inputs: random, its Linear weights 20x their init
+    scale. (Fresh from init, the tied-embedding mBART copies its input token, the language code, which decoding
+    drops; and the few-step runs above write one line, empty or not, for every sentence alike.)"""
+    cfg = CLIPTransConfig.preset("tiny")
+    cfg.mbart.vocab_size = cfg.text.vocab_size = data.MBartTokenizer(world / "tokenizer.json").vocab_size
+    torch.manual_seed(0)
+    model = CLIPTrans(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(20)
+    folder = tmp_path_factory.mktemp("scrambled") / "last"
+    weights.save(model, folder, extra_config={"train": {"stage": 2, "src": "en", "tgt": "de", "caption_lang": "en"}})
+    for name in (weights.MBART_TOKENIZER, weights.TEXT_TOKENIZER):
+        shutil.copyfile(world / "tokenizer.json", folder / name)
+    return folder
+
+
 # ----------------------------------------------------------------------------- 1. overfitting one batch
 
 
@@ -614,7 +634,7 @@ def eval_only(capsys, *cli):
     return summary_line(capsys.readouterr().out)
 
 
-def test_eval_only_scores_the_best_stage2_checkpoint(world, stage2, tmp_path, capsys):
+def test_eval_only_scores_the_best_stage2_checkpoint(world, stage2, scrambled, tmp_path, capsys):
     import sacrebleu
     # by default --eval_only scores OUT/best of stage 2 on the test split: here the run's own folder,
     # copied, so that this test writes nothing into the shared one
@@ -628,6 +648,12 @@ def test_eval_only_scores_the_best_stage2_checkpoint(world, stage2, tmp_path, ca
     assert result["bleu"] == json.loads((stage2 / "summary.json").read_text())["test_bleu"]
     refs = (world / "raw" / "test.de").read_text().splitlines()[:8]
     assert result["bleu"] == round(sacrebleu.corpus_bleu(hyps.splitlines(), [refs]).score, 2)
+    # The few-step run writes the same line for every sentence, from `best` and `last` alike. With `best` replaced
+    # by a checkpoint whose eight lines all differ, so do the hypotheses: --eval_only read `best`.
+    shutil.rmtree(out / "best")
+    shutil.copytree(scrambled, out / "best")
+    result = eval_only(capsys, "--stage", 2, "--data", world, "--out", out)
+    assert len(set(Path(result["hypotheses"]).read_text().splitlines())) == 8
 
 
 def test_eval_only_stage1_any_split(world, stage1, tmp_path, capsys):
@@ -699,26 +725,6 @@ def translate_lines(capsys, *cli):
     capsys.readouterr()
     translate.main(args(*cli))
     return capsys.readouterr().out.splitlines()
-
-
-@pytest.fixture(scope="module")
-def scrambled(world, tmp_path_factory):
-    """A tiny CLIPTrans checkpoint whose output varies with its inputs: random, its Linear weights 20x their init
-    scale. (Fresh from init, the tied-embedding mBART copies its input token, the language code, which decoding
-    drops; and the few-step fixtures above still output empty lines.)"""
-    cfg = CLIPTransConfig.preset("tiny")
-    cfg.mbart.vocab_size = cfg.text.vocab_size = data.MBartTokenizer(world / "tokenizer.json").vocab_size
-    torch.manual_seed(0)
-    model = CLIPTrans(cfg)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.mul_(20)
-    folder = tmp_path_factory.mktemp("scrambled") / "last"
-    weights.save(model, folder, extra_config={"train": {"stage": 2, "src": "en", "tgt": "de", "caption_lang": "en"}})
-    for name in (weights.MBART_TOKENIZER, weights.TEXT_TOKENIZER):
-        shutil.copyfile(world / "tokenizer.json", folder / name)
-    return folder
 
 
 @pytest.mark.parametrize("stage, split, inputs", [(2, "test", "sentences"), (1, "val", "images")])
