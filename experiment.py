@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from train import find_checkpoint
+
 
 def train(*args, out=None):
     """Run train.py and return the JSON line it ends with. A training run (`out`: its --out folder) that finished
@@ -32,7 +34,7 @@ def train(*args, out=None):
     if out is not None and (out / "summary.json").is_file():
         print(f"done before: {out}", flush=True)
         return json.loads((out / "summary.json").read_text())
-    if out is not None and ((out / "last").is_dir() or (out / ".last.old").is_dir()):  # (see train.find_checkpoint)
+    if out is not None and find_checkpoint(out / "last").exists():  # (or the copy a crash left aside)
         args = (*args, "--resume")
     cmd = [sys.executable, "train.py", *map(str, args)]
     print("$", " ".join(cmd), flush=True)

@@ -554,16 +554,17 @@ def test_unset_decoder_start_token_starts_from_bos_as_hf(peaked_pair, hf_mbart_d
     assert start == cfg["bos_token_id"] != cfg["eos_token_id"]
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4], lang_id=V - 51, seed=3, device=device)
-    saved = hf_mbart.config.decoder_start_token_id, hf_mbart.generation_config.decoder_start_token_id
+    saved = (hf_mbart.config.decoder_start_token_id, hf_mbart.generation_config.decoder_start_token_id,
+             model.mbart.config.decoder_start_id)
     hf_mbart.config.decoder_start_token_id = hf_mbart.generation_config.decoder_start_token_id = None
     model.mbart.config.decoder_start_id = start
     try:
         ref = hf_mbart.generate(input_ids=ids, attention_mask=mask, num_beams=1, max_new_tokens=6,
                                 forced_bos_token_id=V - 48, do_sample=False)
         ours = model.mbart.generate(ids, mask, num_beams=1, max_new_tokens=6, forced_bos_token_id=V - 48)
-    finally:
-        hf_mbart.config.decoder_start_token_id, hf_mbart.generation_config.decoder_start_token_id = saved
-        model.mbart.config.decoder_start_id = saved[0]
+    finally:  # the session's shared models, as they were
+        (hf_mbart.config.decoder_start_token_id, hf_mbart.generation_config.decoder_start_token_id,
+         model.mbart.config.decoder_start_id) = saved
     assert (ref[:, 0] == start).all() and torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
 
 
