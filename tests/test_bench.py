@@ -1,4 +1,4 @@
-"""bench.py runs end to end on the CPU with the tiny preset (the timings themselves are not asserted)."""
+"""bench/bench.py runs end to end on the CPU with the tiny preset (the timings themselves are not asserted)."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-import bench
+from bench import bench  # bench/bench.py
 from cliptrans import CLIPTrans, CLIPTransConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_bench_smoke_run_writes_every_figure(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "bench.py", "--device", "cpu", "--preset", "tiny", "--iters", "1",
+    done = subprocess.run([sys.executable, "bench/bench.py", "--device", "cpu", "--preset", "tiny", "--iters", "1",
                            "--profile", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(out.read_text())

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend
 
-import cliptrans
 import weights
-from cliptrans import (CLIPTrans, CLIPTransConfig, KVCache, beam_candidates, cuda_graph, linears_cast,
-                       matmul_attention, prefix_mask, topk_by_chunks)
+from cliptrans import CLIPTrans, CLIPTransConfig, prefix_mask
+from decoding import (KVCache, beam_candidates, cuda_graph, decode_layers, decode_step, linears_cast,
+                      matmul_attention, topk_by_chunks)
 from conftest import assert_close, hf_param_counts, mclip_reference
 
 import transformers  # noqa: E402  (a test dependency: requirements.txt)
@@ -151,7 +151,7 @@ def boost_for_varied_lengths(hf_mbart, **kw):
     raise AssertionError("no </s> bias makes these sentences end at different lengths")
 
 
-# How the decoding steps attend (cliptrans.DECODE_ATTENTION): PyTorch's choice, the matmul attention, and on CUDA
+# How the decoding steps attend (generate's `attention`): PyTorch's choice, the matmul attention, and on CUDA
 # the memory-efficient kernel alone (SDPA has no such kernel on a CPU).
 DECODE_ATTENTIONS = [None, "matmul", pytest.param(
     [SDPBackend.EFFICIENT_ATTENTION], id="efficient",
@@ -161,8 +161,7 @@ DECODE_ATTENTIONS = [None, "matmul", pytest.param(
 @pytest.mark.parametrize("num_beams", [1, 4])
 @pytest.mark.parametrize("vary_lengths", [False, True])
 @pytest.mark.parametrize("attention", DECODE_ATTENTIONS)
-def test_generate_equals_hf(peaked_pair, num_beams, vary_lengths, attention, device, monkeypatch):
-    monkeypatch.setattr(cliptrans, "DECODE_ATTENTION", attention)  # how the decoding steps attend
+def test_generate_equals_hf(peaked_pair, num_beams, vary_lengths, attention, device):
     hf_mbart, model = peaked_pair
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=3, device=device)
@@ -171,7 +170,7 @@ def test_generate_equals_hf(peaked_pair, num_beams, vary_lengths, attention, dev
     hf_args = dict(input_ids=ids, attention_mask=mask, early_stopping=True, length_penalty=1.0, **args)
     boost = boost_for_varied_lengths(hf_mbart, **hf_args) if vary_lengths else 0.0
     ref = hf_generate_with_eos_boost(hf_mbart, boost, **hf_args)
-    ours = ours_generate_with_eos_boost(model, boost, ids, mask, **args)
+    ours = ours_generate_with_eos_boost(model, boost, ids, mask, attention=attention, **args)
     assert ours[:, 1].eq(lang).all(), "the target language is forced as the first generated token"
     assert torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
 
@@ -265,18 +264,24 @@ def test_min_new_tokens_equals_hf(peaked_pair, num_beams, device):
 
 
 def test_beams_attend_one_copy_of_the_source(model, device):
-    """The decoder given G rows per source (a sentence's beams, next to each other) and one copy of each source
-    computes what it computes with every source repeated G times, with and without a cache."""
+    """Decoding with G beams per sentence, which run the prompt once per sentence and attend one copy of its source
+    and of its prompt, computes what the whole decoder computes on each beam's sequence with every source repeated
+    G times."""
     dec, c = model.mbart.decoder, model.config.mbart
+    G, P = 3, 4
     src, src_mask = padded_batch(c.vocab_size, [7, 4], lang_id=c.vocab_size - 51, seed=13, device=device)
-    x = torch.randn(2 * 3, 5, c.d_model, generator=torch.Generator().manual_seed(14)).to(device)
+    g = torch.Generator().manual_seed(14)
+    prompt = torch.randn(2, P, c.d_model, generator=g).to(device)
+    new = torch.randn(2 * G, 1, c.d_model, generator=g).to(device)  # each beam its own next token
     with torch.no_grad():
         memory = model.mbart.encode(src, src_mask)
-        repeated = dec(x, memory.repeat_interleave(3, 0), src_mask.repeat_interleave(3, 0))
-        assert_close(dec(x, memory, src_mask), repeated, atol=1e-6, name="shared source")
-        cache = dec.new_cache(6)
-        dec(x[:, :4], memory, src_mask, cache=cache)
-        assert_close(dec(x[:, 4:], memory, src_mask, cache=cache), repeated[:, 4:], atol=1e-5, name="cached step")
+        full = dec(torch.cat([prompt.repeat_interleave(G, 0), new], 1), memory.repeat_interleave(G, 0),
+                   src_mask.repeat_interleave(G, 0))  # (2 G, P + 1, d)
+        cache = KVCache(len(dec.layers), P + 1, beams=G)
+        once = decode_layers(dec, dec.embed(prompt), 0, memory, src_mask, cache, causal=True)
+        assert_close(once, full[::G, :P], atol=1e-5, name="the prompt, once per sentence")
+        step = decode_step(dec, new, torch.tensor(P, device=device), memory, src_mask, cache)
+        assert_close(step, full[:, P], atol=1e-5, name="cached step of each beam")
 
 
 def test_beams_attend_their_own_history_without_moving_the_cache():
@@ -397,11 +402,12 @@ def test_kv_cache_decoding_equals_full_recomputation(peaked_pair, device):
         full[ended] = 1
         assert torch.equal(out, full[:, :out.shape[1]])
         # And the hidden states of one cached step equal the full computation's last position.
-        cache = model.mbart.decoder.new_cache(seq.shape[1])
-        model.mbart.decoder(seq[:, :-1], memory, src_mask, mask=prefix_mask(P, seq.shape[1] - 1, device), cache=cache)
-        step = model.mbart.decoder(seq[:, -1:], memory, src_mask, cache=cache)
-        full_h = model.mbart.decoder(seq, memory, src_mask, mask=prefix_mask(P, seq.shape[1], device))
-        assert_close(step[:, 0], full_h[:, -1], atol=1e-5, name="cached step")
+        dec, L = model.mbart.decoder, seq.shape[1]
+        cache = KVCache(len(dec.layers), L)
+        decode_layers(dec, dec.embed(seq[:, :-1]), 0, memory, src_mask, cache, prefix_mask(P, L - 1, device))
+        step = decode_step(dec, seq[:, -1:], torch.tensor(L - 1, device=device), memory, src_mask, cache)
+        full_h = dec(seq, memory, src_mask, mask=prefix_mask(P, L, device))
+        assert_close(step, full_h[:, -1], atol=1e-5, name="cached step")
 
 
 def test_decoding_with_linears_cast_once_equals_autocast(peaked_pair, device):
@@ -431,12 +437,11 @@ def test_decoding_with_linears_cast_once_equals_autocast(peaked_pair, device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("num_beams", [1, 4])
 @pytest.mark.parametrize("attention", DECODE_ATTENTIONS)
-def test_cuda_graph_decoding_equals_plain_launches_in_bf16(peaked_pair, num_beams, attention, monkeypatch):
-    monkeypatch.setattr(cliptrans, "DECODE_ATTENTION", attention)
+def test_cuda_graph_decoding_equals_plain_launches_in_bf16(peaked_pair, num_beams, attention):
     model = peaked_pair[1]
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=3, device="cuda")
-    args = dict(num_beams=num_beams, max_new_tokens=12, forced_bos_token_id=V - 48)
+    args = dict(num_beams=num_beams, max_new_tokens=12, forced_bos_token_id=V - 48, attention=attention)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         graph = model.mbart.generate(ids, mask, use_cuda_graph=True, **args)
         plain = model.mbart.generate(ids, mask, use_cuda_graph=False, **args)

@@ -2,8 +2,8 @@
 Speed of this implementation against Hugging Face transformers, side by side in one process, on the
 same random weights (converted from the Hugging Face models with weights.py's rules).
 
-    python bench.py                            # paper sizes on CUDA, bf16 autocast: the README's table
-    python bench.py --device cpu --preset tiny # a smoke run in seconds
+    python bench/bench.py                            # paper sizes on CUDA, bf16 autocast: bench/README.md
+    python bench/bench.py --device cpu --preset tiny # a smoke run in seconds
 
 Three measurements:
 1. stage 2 training step: 64 precomputed 512-d text embeddings -> mapping network -> 10-vector prefix +
@@ -19,15 +19,17 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import cliptrans
-import weights
-from cliptrans import CLIPTrans, CLIPTransConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's files: bench/ sits beside them
+import weights  # noqa: E402
+from cliptrans import CLIPTrans, CLIPTransConfig  # noqa: E402
 
 CPU_VARIANTS = ("matmul attention", "torch.topk", "eager scores", "compiled scores")  # they need no GPU
 # --profile: these variants' kernels too, next to the default's (3 new tokens with plain launches: what a search
@@ -228,16 +230,15 @@ def main():
             # with and without the graph: the step that records the graph and one replay against two steps of
             # plain launches). A smoke run on the CPU runs the variants that do not need a GPU. A variant that
             # fails is reported in the JSON, not fatal.
-            variants = {"no CUDA graph": (dict(use_cuda_graph=False), {}),
-                        "memory-efficient attention": ({}, {"DECODE_ATTENTION": [SDPBackend.EFFICIENT_ATTENTION]}),
-                        "math attention": ({}, {"DECODE_ATTENTION": [SDPBackend.MATH]}),
-                        "matmul attention": ({}, {"DECODE_ATTENTION": "matmul"}),
-                        "torch.topk": ({}, {"TOPK_CHUNK": 0}),
-                        "eager scores": (dict(compile_scores=False), {}),  # (default on CUDA: compiled)
-                        "compiled scores": (dict(compile_scores=True), {}),  # (default on a CPU: eager)
-                        "3 new tokens": (dict(max_new_tokens=3, min_new_tokens=3), {}),
-                        "3 new tokens, no CUDA graph": (dict(max_new_tokens=3, min_new_tokens=3,
-                                                             use_cuda_graph=False), {})}
+            variants = {"no CUDA graph": dict(use_cuda_graph=False),
+                        "memory-efficient attention": dict(attention=[SDPBackend.EFFICIENT_ATTENTION]),
+                        "math attention": dict(attention=[SDPBackend.MATH]),
+                        "matmul attention": dict(attention="matmul"),
+                        "torch.topk": dict(topk_chunk=0),
+                        "eager scores": dict(compile_scores=False),  # (default on CUDA: compiled)
+                        "compiled scores": dict(compile_scores=True),  # (default on a CPU: eager)
+                        "3 new tokens": dict(max_new_tokens=3, min_new_tokens=3),
+                        "3 new tokens, no CUDA graph": dict(max_new_tokens=3, min_new_tokens=3, use_cuda_graph=False)}
             if dev != "cuda":
                 variants = {k: v for k, v in variants.items() if k in CPU_VARIANTS}
 
@@ -251,10 +252,9 @@ def main():
                     return call
                 return setup
 
-            for name, (extra, settings) in variants.items():
-                def gen(extra=extra, settings=settings):
-                    with cliptrans_settings(settings):
-                        return ours.mbart.generate(src, src_mask, **{**args, **extra})
+            for name, extra in variants.items():
+                def gen(extra=extra):
+                    return ours.mbart.generate(src, src_mask, **{**args, **extra})
                 try:
                     out = gen()
                     t = timed(gen, dev, iters)
@@ -436,19 +436,6 @@ def compile_layers(model):
     for layer in [*model.mbart.encoder.layers, *model.mbart.decoder.layers]:
         layer.compile()
     return model
-
-
-@contextmanager
-def cliptrans_settings(settings):
-    """cliptrans's module-level choices (DECODE_ATTENTION, TOPK_CHUNK) set to `settings` within the block."""
-    chosen = {k: getattr(cliptrans, k) for k in settings}
-    for k, v in settings.items():
-        setattr(cliptrans, k, v)
-    try:
-        yield
-    finally:
-        for k, v in chosen.items():
-            setattr(cliptrans, k, v)
 
 
 def save(results, path):
