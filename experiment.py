@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from train import find_checkpoint
+from weights import find_checkpoint
 
 
 def train(*args, out=None):

@@ -1,28 +1,32 @@
 """
 Train CLIPTrans in its two stages, as the paper does, and score it.
 
-    python train.py --stage 1        # captioning: image embedding -> mapping network -> prefix -> mBART decoder
-    python train.py --stage 2        # translation: the same, from the M-CLIP embedding of the source sentence
+    python train.py --stage 1   # captioning: image embedding -> mapping network -> prefix -> mBART decoder
+    python train.py --stage 2   # translation: the same, from the M-CLIP embedding of the source sentence
+    python train.py --stage 0   # tiny preset only: stand-ins for the pretrained models (see tiny_world.py)
 
 With no other argument this runs the tiny preset on the built-in tiny world (en -> de) on any CPU, in
-minutes. The paper's models come from pretrained checkpoints; the tiny ones have none, so stage 0 makes
-their stand-ins first (stage 1 runs it when its output is missing, and says so):
-
-    python train.py --stage 0        # tiny preset only: align the tiny towers contrastively on the tiny world's
-                                     # images and captions in all its languages, and pre-train the tiny mBART
-                                     # as a denoising autoencoder on its text (mBART's own pre-training task)
-
-The paper's setting (after `python weights.py ... --out weights/paper`, with Multi30k and its images):
+minutes; stage 1 runs stage 0 first when its output is missing, and says so. The paper's setting (after
+`python weights.py ... --out weights/paper`, with Multi30k and its images), and DDP with one process per GPU:
 
     python train.py --stage 1 --preset paper --weights weights/paper --data multi30k --images flickr30k-images
     python train.py --stage 2 --preset paper --weights weights/paper --data multi30k --images flickr30k-images
-    torchrun --nproc_per_node 4 train.py --stage 2 --preset paper ...        # DDP, one process per GPU
+    torchrun --nproc_per_node 4 train.py --stage 2 --preset paper ...
 
 Scoring a checkpoint on any split, and resuming after an interruption:
 
     python train.py --stage 2 --eval_only --split test          # the best stage 2 checkpoint, test split
     python train.py --stage 2 --eval_only --ablate prefix       # ... with another sentence's prefix
     python train.py --stage 2 --resume                          # continues exactly where `last` left off
+
+One recipe (`main`) serves both stages. They differ in five places, marked (1) to (5) in the code:
+
+                                stage 1 (captioning)                 stage 2 (translation)
+    (1) the starting point      converted weights (tiny: stage 0's)  stage 1's checkpoint (--init)
+    (2) the tower that embeds   the image (CLIP)                     the source sentence (M-CLIP's text tower)
+    (3) the encoder input       `<lang> </s>` only ("trivial")       the source sentence
+    (4) what trains             mBART's decoder + mapping network    all of mBART + mapping network
+    (5) the checkpoint kept     `last`                               `best`: the best validation BLEU
 
 Every checkpoint folder (`OUT/last`, `OUT/best`) holds the model (`cliptrans.safetensors`, `config.json`,
 the tokenizers: `weights.load` and translate.py read it) and the training state (`state.pt`: optimizer,
@@ -36,71 +40,77 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import tiny_world
 import weights
-from cliptrans import Attention, CLIPTrans, CLIPTransConfig, MappingConfig
+from cliptrans import Attention, CLIPTransConfig
 
 # -----------------------------------------------------------------------------
-# Settings. Every field is a command-line flag (`--batch_size 32`); unknown flags are errors. Defaults
-# that depend on the preset and the stage are filled in by `defaults()`.
+# Settings. Every field is a command-line flag (`--batch_size 32`); unknown flags are errors. What is left at
+# 0 / empty is filled from the preset and stage by `defaults()`.
+
+
+def flag(default, text):  # a setting, with its --help text
+    return dataclasses.field(default=default, metadata={"help": text})
 
 
 @dataclass
 class Config:
-    stage: int = 1  # 0: tiny stand-ins for the pretrained models; 1: captioning; 2: translation
-    preset: str = "tiny"  # tiny | paper
-    weights: str = ""  # starting weights: a folder from weights.py (paper) or stage 0 (tiny)
-    init: str = ""  # stage 2: the stage 1 checkpoint to start from (default: stage 1's `last`)
-    data: str = ""  # a folder in the Multi30k layout (default: the tiny world)
-    images: str = ""  # the images folder (default: DATA/images)
-    features: str = ""  # where the frozen towers' features are cached (default: DATA/features)
-    src: str = "en"
-    tgt: str = "de"
-    caption_lang: str = "en"  # stage 1 captions (the official code's default: English)
-    train_split: str = "train"
-    val_split: str = "val"
-    split: str = ""  # --eval_only: the split to score (default: the test split)
-    test_split: str = ""  # scored at the end of training (tiny world: test; Multi30k: test_2016_flickr)
-    n_pairs: int = 0  # use only the first n training examples (0: all); the low-resource experiment
-    mapping: str = "mlp"  # mlp | hidden_mlp | transformer (the mapping network, for new weights)
-    batch_size: int = 0  # per process
-    grad_accum: int = 0  # micro-batches per optimizer step (the loss is divided accordingly; paper: 4)
-    epochs: int = 0
-    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs)
-    lr: float = 0.0
-    schedule: str = "constant"  # constant (the paper) | cosine (linear warmup, cosine decay to 0)
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    dropout: float = -1.0  # override the model's dropout (-1: keep it)
-    eval_every: int = 0  # evaluate every n steps (0: at the end of each epoch)
-    save_every: int = 100  # write `last` every n steps (and at every evaluation)
-    log_every: int = 10
-    beam: int = 5
-    max_new_tokens: int = 60
-    eval_batch_size: int = 64
-    max_eval: int = 0  # evaluate on the first n examples only (0: all)
-    seed: int = 29
-    dtype: str = "auto"  # auto (bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU) | bf16 | fp16 | fp32
-    compile: bool = False  # torch.compile the model
-    device: str = "auto"
-    out: str = ""  # default: runs/{preset}/stage{stage}
-    checkpoint: str = ""  # --eval_only / --resume: the checkpoint folder (default: OUT/best or OUT/last)
-    resume: bool = False
-    eval_only: bool = False
-    from_scratch_stage2: bool = False  # the ablation: stage 2 without stage 1
-    test_with_image: bool = False  # stage 2 evaluation from the image embedding instead of the text's
-    ablate: str = ""  # --eval_only, stage 2: "prefix" (each sentence gets the previous sentence's embedding) or
-    # "source" (the encoder sees only `<src_lang> </s>`): how much the model reads each of its two inputs
+    stage: int = flag(1, "0: tiny stand-ins for the pretrained models; 1: captioning; 2: translation")
+    preset: str = flag("tiny", "the model sizes and the recipe: tiny, or the paper's")
+    weights: str = flag("", "starting weights: a folder from weights.py (paper) or stage 0 (tiny; default: "
+                            "runs/tiny/stage0/last)")
+    init: str = flag("", "stage 2: the stage 1 checkpoint to start from (default: stage 1's `last`)")
+    data: str = flag("", "a folder in the Multi30k layout (default: the tiny world)")
+    images: str = flag("", "the images folder (default: DATA/images)")
+    features: str = flag("", "where the frozen towers' features are cached (default: DATA/features)")
+    src: str = flag("en", "the source language (stage 2)")
+    tgt: str = flag("de", "the target language (stage 2)")
+    caption_lang: str = flag("en", "stage 1 captions (the official code's default: English)")
+    train_split: str = flag("train", "the split to train on")
+    val_split: str = flag("val", "the split to validate on (stage 2 keeps the checkpoint best on it)")
+    split: str = flag("", "--eval_only: the split to score (default: the test split)")
+    test_split: str = flag("", "scored at the end of training (tiny world: test; Multi30k: test_2016_flickr)")
+    n_pairs: int = flag(0, "use only the first n training examples (0: all); the low-resource experiment")
+    mapping: str = flag("mlp", "the mapping network, for new weights")
+    batch_size: int = flag(0, "examples per micro-batch, per process (default: the preset's, for the stage)")
+    grad_accum: int = flag(0, "micro-batches per optimizer step; the loss is divided accordingly (default: "
+                              "paper 4, tiny 1)")
+    epochs: int = flag(0, "passes over the training split (default: the preset's, for the stage)")
+    max_steps: int = flag(0, "stop after this many optimizer steps (0: run all epochs)")
+    lr: float = flag(0.0, "AdamW's learning rate (default: the preset's, for the stage)")
+    schedule: str = flag("constant", "constant (the paper), or cosine (linear warmup, cosine decay to 0)")
+    warmup_steps: int = flag(0, "steps of linear warmup (0: none)")
+    weight_decay: float = flag(0.0, "AdamW's weight decay (0: none)")
+    dropout: float = flag(-1.0, "override the model's dropout (-1: keep it)")
+    eval_every: int = flag(0, "evaluate every n steps (0: at the end of each epoch)")
+    save_every: int = flag(100, "write `last` every n steps (and at every evaluation)")
+    log_every: int = flag(10, "log the training loss every n steps")
+    beam: int = flag(5, "beams in evaluation (1: greedy)")
+    max_new_tokens: int = flag(60, "the longest hypothesis, in tokens")
+    eval_batch_size: int = flag(64, "sentences per evaluation batch, per process")
+    max_eval: int = flag(0, "evaluate on the first n examples only (0: all)")
+    seed: int = flag(29, "seeds the model's initialisation, the data order and dropout")
+    dtype: str = flag("auto", "auto: bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU")
+    compile: bool = flag(False, "torch.compile the model (off: eager)")
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N")
+    out: str = flag("", "the run's folder (default: runs/PRESET/stageSTAGE)")
+    checkpoint: str = flag("", "--eval_only / --resume: the checkpoint (default: OUT/best or OUT/last)")
+    resume: bool = flag(False, "continue the run in OUT exactly where its `last` checkpoint left off")
+    eval_only: bool = flag(False, "score a checkpoint on --split instead of training")
+    from_scratch_stage2: bool = flag(False, "the ablation: stage 2 without stage 1, from --weights")
+    test_with_image: bool = flag(False, "stage 2 evaluation from the image embedding instead of the text's")
+    ablate: str = flag("", "--eval_only, stage 2: prefix (each sentence gets the previous sentence's "
+                           "embedding) or source (the encoder sees only `<src_lang> </s>`)")
 
 
 # The flags with a fixed set of values (argparse rejects the others), and the numbers that must be positive or
@@ -121,26 +131,29 @@ def defaults(c: Config):
         ("paper", 1): (32, 15, 1e-5), ("paper", 2): (32, 15, 1e-5),
     }
     if (c.preset, c.stage) not in table:
-        raise SystemExit(f"error: stage {c.stage} exists for the tiny preset only (the paper's towers and mBART "
-                         f"come pretrained: convert them with weights.py)")
+        raise SystemExit(f"error: stage {c.stage} exists for the tiny preset only (the paper's towers and "
+                         f"mBART come pretrained: convert them with weights.py)")
     if c.ablate and (c.ablate not in ("prefix", "source") or not c.eval_only or c.stage != 2):
-        raise SystemExit(f"error: --ablate {c.ablate}: expected --ablate prefix or --ablate source, with --stage 2 "
-                         f"--eval_only (it scores a trained translation model with one of its inputs taken away)")
+        raise SystemExit(f"error: --ablate {c.ablate}: expected --ablate prefix or --ablate source, with "
+                         f"--stage 2 --eval_only (it scores a trained translation model with one of its "
+                         f"inputs taken away)")
     batch, epochs, lr = table[(c.preset, c.stage)]
     c.batch_size, c.epochs, c.lr = c.batch_size or batch, c.epochs or epochs, c.lr or lr
     c.grad_accum = c.grad_accum or (4 if c.preset == "paper" else 1)
     for name in POSITIVE + NON_NEGATIVE:
         value, positive = getattr(c, name), name in POSITIVE
         if value < 0 or (value == 0 and positive):
-            raise SystemExit(f"error: --{name} {value}: expected a {'positive' if positive else 'non-negative'} "
-                             f"number")
+            kind = "positive" if positive else "non-negative"
+            raise SystemExit(f"error: --{name} {value}: expected a {kind} number")
     if not (c.dropout == -1 or 0 <= c.dropout < 1):
-        raise SystemExit(f"error: --dropout {c.dropout}: expected a rate in [0, 1), or -1 to keep the model's")
+        raise SystemExit(f"error: --dropout {c.dropout}: expected a rate in [0, 1), or -1 to keep the "
+                         f"model's")
     if not c.data:
         if not tiny:
-            raise SystemExit("error: --data is required with --preset paper (a folder in the Multi30k layout: "
-                             "raw/{split}.{lang}[.gz] and image_splits/{split}.txt; `python data.py multi30k`)")
-        c.data = str(data.tiny_world())
+            raise SystemExit("error: --data is required with --preset paper (a folder in the Multi30k "
+                             "layout: raw/{split}.{lang}[.gz] and image_splits/{split}.txt; `python data.py "
+                             "multi30k`)")
+        c.data = str(tiny_world.tiny_world())
     c.test_split = c.test_split or ("test" if tiny else "test_2016_flickr")
     c.split = c.split or c.test_split
     c.out = c.out or f"runs/{c.preset}/stage{c.stage}"
@@ -156,10 +169,14 @@ def defaults(c: Config):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
+        text = f.metadata["help"]
+        if "default" not in text and f.default not in ("", 0, False):  # (0, "": the text says what it means)
+            text += f" (default: {f.default})"
         if f.type is bool or f.type == "bool":
-            p.add_argument("--" + f.name, action="store_true", default=f.default)
+            p.add_argument("--" + f.name, action="store_true", default=f.default, help=text)
         else:
-            p.add_argument("--" + f.name, type=type(f.default), default=f.default, choices=CHOICES.get(f.name))
+            p.add_argument("--" + f.name, type=type(f.default), default=f.default, help=text,
+                           choices=CHOICES.get(f.name))
     return defaults(Config(**vars(p.parse_args(argv))))
 
 
@@ -167,24 +184,30 @@ def parse_args(argv=None):
 # Processes, devices and precision.
 
 
-def setup(c: Config):
+class Env(NamedTuple):
+    rank: int  # this process among `world`: DDP from torchrun's environment; 0 of 1 without it
+    world: int
+    device: torch.device
+    dtype: str  # bf16 | fp16 | fp32
+    autocast: object  # torch.autocast in bf16 or fp16, nullcontext() in fp32
+
+
+def setup(c: Config) -> Env:
     """DDP from torchrun's environment (NCCL on GPUs, gloo on CPUs), the device, and autocast."""
-    ddp = "RANK" in os.environ
-    if ddp:
+    rank, world = 0, 1
+    if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() and c.device != "cpu" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
+    device = c.device
     if c.device == "auto":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    else:
-        device = c.device
     try:
         device = torch.device(device)
     except RuntimeError:
         raise SystemExit(f"error: --device {c.device}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {c.device}, but PyTorch sees no GPU here: use --device cpu (or auto)")
+        raise SystemExit(f"error: --device {c.device}, but PyTorch sees no GPU here: use --device cpu (or "
+                         f"auto)")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -194,8 +217,8 @@ def setup(c: Config):
     if device.type != "cuda" and dtype != "fp32":
         raise SystemExit(f"error: --dtype {dtype} needs a GPU; on {device} training runs in fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext())
-    return rank, world, device, dtype, autocast
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    return Env(rank, world, device, dtype, autocast)
 
 
 def log0(rank, *args):
@@ -204,31 +227,238 @@ def log0(rank, *args):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: the model as safetensors (weights.save), the rest in state.pt; each folder written into a
-# temporary folder and renamed into place, so an interruption never leaves a half-written checkpoint.
+# (1) The starting point: converted weights (for the tiny preset, stage 0's), stage 1's checkpoint, or this
+# run's own (--resume, --eval_only).
 
 
-def save_checkpoint(folder, model, c: Config, state, tokenizers_from):
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    weights.save(model, tmp, extra_config={"train": dataclasses.asdict(c)})
-    for name in (weights.MBART_TOKENIZER, weights.TEXT_TOKENIZER):
-        shutil.copyfile(Path(tokenizers_from) / name, tmp / name)
-    torch.save(state, tmp / "state.pt")
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+def read_state(folder):
+    """The training state of a checkpoint (state.pt: optimizer, step, RNG states, settings), or {}."""
+    path = Path(folder) / "state.pt"
+    return torch.load(path, weights_only=True) if path.exists() else {}
 
 
-def find_checkpoint(folder):
-    """`folder`, or the copy a crash between the two renames of save_checkpoint left aside."""
-    folder = Path(folder)
-    old = folder.with_name(f".{folder.name}.old")
-    return folder if folder.exists() or not old.exists() else old
+def starting_point(c: Config):
+    """The folder the model comes from, and its name in messages. Fails before any slow preparation."""
+    out = Path(c.out)
+    if not (c.resume or c.eval_only) and weights.find_checkpoint(out / "last").exists():
+        raise SystemExit(f"error: {out} already holds a checkpoint: --resume to continue it, or give another "
+                         f"--out (or delete the folder) to start over")
+    if c.resume or c.eval_only:
+        kept = "best" if c.eval_only and c.stage == 2 else "last"  # --eval_only: the checkpoint a run keeps
+        start = weights.find_checkpoint(c.checkpoint or out / kept)
+        if not start.exists():
+            raise SystemExit(f"error: no checkpoint in {start} to {'score' if c.eval_only else 'resume'}: "
+                             f"train first (python train.py --stage {c.stage})")
+        return start, "checkpoint"
+    if c.stage == 2 and not c.from_scratch_stage2:
+        if not weights.find_checkpoint(c.init).exists():
+            raise SystemExit(f"error: stage 2 starts from a stage 1 checkpoint, and {c.init} does not exist. "
+                             f"Run `python train.py --stage 1` first (or give --init), or pass "
+                             f"--from_scratch_stage2 for the ablation without stage 1")
+        return Path(c.init), "stage 1 checkpoint"
+    start = Path(c.weights)
+    if c.preset == "tiny" and not weights.find_checkpoint(start).exists() and start.name != "last":
+        raise SystemExit(f"error: {start} does not exist: give --weights a stage 0 `last` folder "
+                         f"(stage 0 writes OUT/last), or leave it out to use runs/tiny/stage0/last")
+    return start, "starting weights"
+
+
+def stage0_first(c: Config, start: Path, env: Env):
+    """The tiny preset's stage 1 starts from stage 0's `last`: when that is missing, stage 0 runs first (in
+    one process, the others wait), with its own defaults and this run's data, seed and mapping network."""
+    log0(env.rank, f"stage 0 output {start} is missing: running stage 0 first")
+    if env.rank == 0:
+        c0 = defaults(Config(stage=0, data=c.data, seed=c.seed, mapping=c.mapping, device=c.device))
+        tiny_world.stage0(dataclasses.asdict(dataclasses.replace(c0, out=str(start.parent))), env.device)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_model(folder, c: Config, device, what):
+    """The model of a checkpoint or weights folder (`what`, in messages), checked against the preset and,
+    for a stage 1 checkpoint, its state; --dropout applied. Returns it and the folder it was found in."""
+    folder = weights.find_checkpoint(folder)
+    try:
+        model = weights.load(folder, device=device)
+    except weights.ConversionError as e:
+        raise SystemExit(f"error: {what}: {e}")
+    expected = CLIPTransConfig.preset(c.preset)
+    for part in ("vision", "text", "mbart"):  # all from the preset but the vocabulary (the tokenizer's)
+        a, b = dataclasses.asdict(getattr(expected, part)), dataclasses.asdict(getattr(model.config, part))
+        diff = [k for k in a if k not in ("vocab_size", "dropout") and a[k] != b[k]]
+        if diff:
+            raise SystemExit(f"error: {what} {folder} is not a {c.preset} model: its {part} differs in "
+                             f"{diff} (found {[b[k] for k in diff]}, the {c.preset} preset has "
+                             f"{[a[k] for k in diff]}). Use --preset to match it, or another checkpoint")
+    if c.dropout >= 0:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = c.dropout
+            elif isinstance(m, Attention) and m.dropout:  # mBART's attention has none: keep it so
+                m.dropout = c.dropout
+    stage = read_state(folder).get("config", {}).get("stage") if what == "stage 1 checkpoint" else 1
+    if stage != 1:
+        raise SystemExit(f"error: {folder} is not a stage 1 checkpoint (its state.pt says stage {stage}): "
+                         f"give --init a stage 1 `last` folder")
+    return model, folder
+
+
+# -----------------------------------------------------------------------------
+# Data: tokenised sentences, and the frozen towers' features, computed once and cached.
+
+
+def features(model, c: Config, split: data.Split, kind, folder, env: Env):
+    """(N, D) frozen-tower embeddings of a split: its images, or its source sentences. Cached next to the
+    data, keyed by the tower's weights and the preprocessing; rank 0 computes, the others wait and read."""
+    if kind == "image":
+        size = model.config.vision.image_size
+        key = data.fingerprint(model.vision, "clip_preprocess", size, *map(str, split.images))
+        compute = lambda: data.embed_images(model.encode_image, split.images, size, 64,  # noqa: E731
+                                            env.device)
+    else:
+        tok = data.TextTowerTokenizer(Path(folder) / weights.TEXT_TOKENIZER)
+        sentences = split.sentences[c.src]
+        key = data.fingerprint(model.text, "text", *sentences)
+        compute = lambda: data.embed_texts(model.encode_text, tok, sentences, 64, env.device,  # noqa: E731
+                                           max_len=model.text.max_tokens)
+    if env.rank != 0 and dist.is_initialized():  # rank 0 computes and caches them, the others wait and read
+        dist.barrier()
+    try:
+        cache_dir = c.features or Path(c.data) / "features"
+        feats = data.cached_embeddings(cache_dir, f"{split.name}.{kind}", key, compute)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    if env.rank == 0 and dist.is_initialized():
+        dist.barrier()
+    return feats
+
+
+@dataclass
+class Examples:
+    """A split, ready for the model."""
+    sentences: dict  # language -> the split's sentences
+    feats: torch.Tensor  # (N, D) the frozen tower's embedding of each example: the mapping network's input
+    src_ids: list  # the encoder input of each example (token ids)
+    tgt_ids: list  # the target of each example, `[lang] x </s>` (token ids)
+    tgt_lang: str
+
+
+def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
+    # (2) the tower that embeds: the image (stage 1), the source sentence (stage 2; --test_with_image: image)
+    kind = "image" if c.stage == 1 or (c.test_with_image and split != c.train_split) else "text"
+    images = (c.images or str(Path(c.data) / "images")) if kind == "image" else None
+    langs, tgt_lang = ([c.caption_lang], c.caption_lang) if c.stage == 1 else ([c.src, c.tgt], c.tgt)
+    try:  # --n_pairs cuts the training split, --max_eval the others
+        limit = c.n_pairs if split == c.train_split else c.max_eval
+        s = data.read_split(c.data, split, langs, images, limit=limit)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}")
+    feats = features(model, c, s, kind, folder, env)
+    targets = tok.encode(s.sentences[tgt_lang], tgt_lang)[0]
+    tgt_ids = [row[row != tok.pad_id].tolist() for row in targets]
+    # (3) the encoder input: in stage 1 "the encoder input is trivial", `<lang> </s>`; in stage 2 the source
+    if c.stage == 1:
+        src_ids = [[tok.lang_id(tgt_lang), tok.eos_id]] * len(s)
+    else:
+        src_ids = [row[row != tok.pad_id].tolist() for row in tok.encode(s.sentences[c.src], c.src)[0]]
+    return Examples(s.sentences, feats, src_ids, tgt_ids, tgt_lang)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: beam search, detokenised hypotheses against the raw references, sacrebleu's corpus BLEU.
+
+
+@torch.no_grad()
+def evaluate(model, c: Config, split, clip, tok, src_ids, tgt_lang, refs, env: Env, path):
+    """Generate for this rank's share of the split, gather every rank's hypotheses in the split's order,
+    write them to `path` and return the BLEU (rank 0; None elsewhere)."""
+    import sacrebleu
+    model.eval()
+    sampler = data.LengthBucketSampler([len(s) for s in src_ids], c.eval_batch_size, shuffle=False,
+                                       rank=env.rank, world_size=env.world)
+    mine = {}
+    for batch in tqdm(sampler, desc=f"eval {split}", disable=env.rank != 0, leave=False):
+        if not batch:
+            continue
+        ids, mask = data.pad([src_ids[i] for i in batch], tok.pad_id)  # (B, S)
+        with env.autocast:
+            out = model.generate(clip[batch].to(env.device), ids.to(env.device), mask.to(env.device),
+                                 tok.lang_id(tgt_lang), num_beams=c.beam, max_new_tokens=c.max_new_tokens)
+        for i, text in zip(batch, tok.decode(out.cpu())):
+            mine[i] = text
+    if env.world > 1:
+        parts = [None] * env.world
+        dist.all_gather_object(parts, mine)
+        mine = {k: v for part in parts for k, v in part.items()}
+    model.train()
+    if env.rank != 0:
+        return None
+    hyps = [mine[i] for i in range(len(refs))]  # every example exactly once, in the split's order
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(hyps) + "\n")
+    return sacrebleu.corpus_bleu(hyps, [refs]).score
+
+
+def test(c: Config, model, tok, folder, env: Env, split, path):
+    """The BLEU of `model` on a split; --ablate takes one of its two inputs away."""
+    ex = prepare(c, split, model, tok, folder, env)
+    feats, src_ids = ex.feats, ex.src_ids
+    if c.ablate == "prefix":  # each sentence with the previous one's prefix: what the source alone carries
+        feats = feats.roll(1, dims=0)
+    elif c.ablate == "source":  # no source words for the encoder: what the prefix alone carries
+        src_ids = [[ids[0], tok.eos_id] for ids in src_ids]
+    return evaluate(model, c, split, feats, tok, src_ids, ex.tgt_lang, ex.sentences[ex.tgt_lang], env, path)
+
+
+def score(c: Config, model, tok, start, env: Env):
+    """--eval_only: the BLEU of a checkpoint on --split (--ablate: with one of its two inputs taken away)."""
+    path = Path(c.out) / "hyps" / f"{c.split}.eval{'.ablate_' + c.ablate if c.ablate else ''}.txt"
+    bleu = test(c, model, tok, start, env, c.split, path)
+    if env.rank == 0:
+        print(json.dumps({"split": c.split, "bleu": round(bleu, 2), "checkpoint": str(start),
+                          "hypotheses": str(path), **({"ablate": c.ablate} if c.ablate else {})}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Training: what trains, the schedule, the run's bookkeeping (checkpoints, metrics log, --resume), the loop.
+
+
+def trainable(model, stage):
+    """(4) What trains: the mapping network in both stages; in stage 1 the mBART decoder (the towers and the
+    mBART encoder, with the shared embedding and the tied output layer, stay frozen); in stage 2 all of
+    mBART."""
+    model.requires_grad_(False)
+    model.mapping.requires_grad_(True)
+    (model.mbart.decoder if stage == 1 else model.mbart).requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_sampler(c: Config, train_set: Examples, env: Env):
+    """Batches of examples of similar length, and the optimizer steps of an epoch. With several processes an
+    epoch's short last step is dropped, so that no process gets an empty share."""
+    sampler = data.LengthBucketSampler([len(t) for t in train_set.tgt_ids], c.batch_size, seed=c.seed,
+                                       rank=env.rank, world_size=env.world,
+                                       bucket_size=100 * c.batch_size * env.world, drop_last=env.world > 1)
+    steps_per_epoch = len(sampler) // c.grad_accum
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(train_set.tgt_ids)} training examples make no optimizer step of batch "
+                         f"{c.batch_size} x grad_accum {c.grad_accum} x {env.world} process(es): lower "
+                         f"--batch_size or --grad_accum")
+    return sampler, steps_per_epoch
+
+
+def lr_at(step, c: Config, total):
+    """The learning rate of optimizer step `step` (from 0) of `total`."""
+    # 1) constant (the paper): c.lr, after a linear warmup for warmup_steps steps when one is asked for
+    if c.schedule == "constant":
+        return c.lr * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
+    # 2) cosine: a linear warmup for warmup_steps steps
+    if step < c.warmup_steps:
+        return c.lr * (step + 1) / c.warmup_steps
+    # 3) then a cosine decay from c.lr to 0 at step `total`
+    return c.lr * 0.5 * (1 + math.cos(math.pi * (step - c.warmup_steps) / max(1, total - c.warmup_steps)))
 
 
 def rng_state():
@@ -246,538 +476,269 @@ def set_rng_state(state):
 
 
 # What fixes a run's data order and what it trains: --resume must continue with the same.
-RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs", "batch_size", "grad_accum",
-               "seed")
+RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs", "batch_size",
+               "grad_accum", "seed")
 
 
 def check_resumable(state, c: Config, folder, world):
     """--resume continues a run exactly: its checkpoint must hold a training state, from the same settings."""
     saved = state.get("config")
     if "optimizer" not in state or saved is None:
-        raise SystemExit(f"error: {folder} holds no training state to resume (a stage {state.get('stage', '?')} "
-                         f"checkpoint or converted weights): --resume continues a stage 1 or 2 run from its `last`; "
-                         f"to start stage 2 from a stage 1 checkpoint, give it as --init without --resume")
+        raise SystemExit(f"error: {folder} holds no training state to resume (a stage "
+                         f"{state.get('stage', '?')} checkpoint or converted weights): --resume continues a "
+                         f"stage 1 or 2 run from its `last`; to start stage 2 from a stage 1 checkpoint, "
+                         f"give it as --init without --resume")
     diff = [k for k in RESUME_SAME if saved.get(k) != getattr(c, k)]
     if diff:
-        raise SystemExit(f"error: {folder} was trained with " + ", ".join(f"--{k} {saved.get(k)}" for k in diff)
-                         + "; this run has " + ", ".join(f"--{k} {getattr(c, k)}" for k in diff) + ": resume with "
-                         "the same settings (they fix the data order and what trains), or start a new run")
+        was = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
+        raise SystemExit(f"error: {folder} was trained with {was}; this run has "
+                         + ", ".join(f"--{k} {getattr(c, k)}" for k in diff) + ": resume with the same "
+                         "settings (they fix the data order and what trains), or start a new run")
     ranks = len(state["rng"]) if isinstance(state["rng"], list) else 1
     if ranks != world:
-        raise SystemExit(f"error: {folder} was trained by {ranks} process(es), this run has {world}: resume with "
-                         f"{ranks} (each process continues its own share of the data)")
+        raise SystemExit(f"error: {folder} was trained by {ranks} process(es), this run has {world}: resume "
+                         f"with {ranks} (each process continues its own share of the data)")
 
 
-def load_model(folder, c: Config, device, what):
-    folder = find_checkpoint(folder)
-    try:
-        model = weights.load(folder, device=device)
-    except weights.ConversionError as e:
-        raise SystemExit(f"error: {what}: {e}")
-    expected = CLIPTransConfig.preset(c.preset)
-    got = model.config
-    for part in ("vision", "text", "mbart"):  # the vocabulary comes from the tokenizer; all else from the preset
-        a, b = dataclasses.asdict(getattr(expected, part)), dataclasses.asdict(getattr(got, part))
-        diff = [k for k in a if k not in ("vocab_size", "dropout") and a[k] != b[k]]
-        if diff:
-            raise SystemExit(f"error: {what} {folder} is not a {c.preset} model: its {part} differs in {diff} "
-                             f"(found {[b[k] for k in diff]}, the {c.preset} preset has {[a[k] for k in diff]}). "
-                             f"Use --preset to match it, or another checkpoint")
-    if c.dropout >= 0:
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = c.dropout
-            elif isinstance(m, Attention) and m.dropout:  # mBART's attention has none: keep it so
-                m.dropout = c.dropout
-    return model, folder
+class Run:
+    """A training run's bookkeeping: where it is (what every checkpoint's state.pt saves and --resume restores
+    exactly), its metrics log (OUT/metrics.jsonl, rank 0) and its checkpoints. The time spent evaluating and
+    writing checkpoints adds up in pause_s, so that tokens/s count the time spent training."""
 
+    def __init__(self, c: Config, env: Env, model, opt, scaler, start):
+        self.c, self.env, self.out = c, env, Path(c.out)
+        self.model, self.opt, self.scaler = model, opt, scaler
+        self.tokenizers_from = start  # every checkpoint carries the tokenizers of the one it started from
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # optimizer steps; the position in the data
+        self.best, self.pause_s = -1.0, 0.0  # best: stage 2's best validation BLEU so far
+        if c.resume:
+            self.resume(start)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = self.open_log(self.out / "metrics.jsonl") if env.rank == 0 else None
 
-# -----------------------------------------------------------------------------
-# Data: tokenised sentences and precomputed tower features.
+    def resume(self, start):
+        """The optimizer, the scaler, the position in the data and the RNG states of `start`, exactly."""
+        state = read_state(start)
+        check_resumable(state, self.c, start, self.env.world)
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best = state["best"]
+        if start.parent.resolve() != self.out.resolve():  # continued in a new folder: its own `best`
+            self.best = -1.0
+        set_rng_state(state["rng"][self.env.rank] if isinstance(state["rng"], list) else state["rng"])
+        log0(self.env.rank, f"resuming {start} at step {self.step} (epoch {self.epoch}, batch "
+                            f"{self.batch_in_epoch})")
 
-
-def langs_for(c: Config):
-    return {0: sorted({c.src, c.tgt, c.caption_lang}), 1: [c.caption_lang], 2: [c.src, c.tgt]}[c.stage]
-
-
-def read(c: Config, split, langs, need_images):
-    images = (c.images or str(Path(c.data) / "images")) if need_images else None
-    try:
-        s = data.read_split(c.data, split, langs, images=images)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}")
-    if split == c.train_split and c.n_pairs:
-        s.sentences = {k: v[:c.n_pairs] for k, v in s.sentences.items()}
-        s.images = s.images[:c.n_pairs] if s.images else s.images
-    if c.max_eval and split != c.train_split:
-        s.sentences = {k: v[:c.max_eval] for k, v in s.sentences.items()}
-        s.images = s.images[:c.max_eval] if s.images else s.images
-    return s
-
-
-def features(model, c: Config, split: data.Split, kind, folder, device, rank):
-    """(N, D) frozen-tower embeddings of a split: its images, or its source sentences. Cached next to the
-    data, keyed by the tower's weights and the preprocessing; rank 0 computes, the others wait and read."""
-    if kind == "image":
-        size = model.config.vision.image_size
-        key = data.fingerprint(model.vision, "clip_preprocess", size, *map(str, split.images))
-        compute = lambda: data.embed_images(model.encode_image, split.images, size, 64, device)  # noqa: E731
-    else:
-        tok = data.TextTowerTokenizer(Path(folder) / weights.TEXT_TOKENIZER)
-        sentences = split.sentences[c.src]
-        key = data.fingerprint(model.text, "text", *sentences)
-        compute = lambda: data.embed_texts(model.encode_text, tok, sentences, 64, device,  # noqa: E731
-                                           max_len=model.text.max_tokens)
-    cache_dir = Path(c.features or Path(c.data) / "features")
-
-    def get():
-        try:
-            return data.cached_embeddings(cache_dir, f"{split.name}.{kind}", key, compute)
-        except data.DataError as e:
-            raise SystemExit(f"error: {e}")
-    if rank == 0:
-        feats = get()
-    if dist.is_initialized():
-        dist.barrier()
-    return feats if rank == 0 else get()
-
-
-# -----------------------------------------------------------------------------
-# Evaluation: beam search, detokenised hypotheses against the raw references, sacrebleu's corpus BLEU.
-
-
-@torch.no_grad()
-def evaluate(model, c: Config, split, clip, tok, src_ids, tgt_lang, refs, rank, world, device, autocast, path):
-    """Generate for this rank's share of the split, gather every rank's hypotheses in the split's order,
-    write them to `path` and return the BLEU (rank 0; None elsewhere)."""
-    import sacrebleu
-    model.eval()
-    n = len(refs)
-    sampler = data.LengthBucketSampler([len(s) for s in src_ids], c.eval_batch_size, shuffle=False,
-                                       rank=rank, world_size=world)
-    mine = {}
-    for batch in tqdm(sampler, desc=f"eval {split}", disable=rank != 0, leave=False):
-        if not batch:
-            continue
-        ids, mask = pad([src_ids[i] for i in batch], tok.pad_id)
-        with autocast:
-            out = model.generate(clip[batch].to(device), ids.to(device), mask.to(device), tok.lang_id(tgt_lang),
-                                 num_beams=c.beam, max_new_tokens=c.max_new_tokens)
-        for i, text in zip(batch, tok.decode(out.cpu())):
-            mine[i] = text
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, mine)
-        mine = {k: v for part in parts for k, v in part.items()}
-    model.train()
-    if rank != 0:
-        return None
-    hyps = [mine[i] for i in range(n)]  # every example exactly once, in the split's order
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(hyps) + "\n")
-    return sacrebleu.corpus_bleu(hyps, [refs]).score
-
-
-def pad(rows, pad_id):
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r)
-    return ids, (ids != pad_id).long()
-
-
-# -----------------------------------------------------------------------------
-# Stage 0 (tiny preset only): stand-ins for the pretrained towers and mBART.
-
-
-def stage0(c: Config, rank, world, device, autocast):
-    """The paper starts from M-CLIP (text and image towers aligned contrastively on image-caption pairs)
-    and from mBART-50 (pre-trained as a denoising autoencoder). Stage 0 gives the tiny models both."""
-    if world > 1:
-        raise SystemExit("error: stage 0 runs in one process (it takes a minute on a CPU)")
-    world_dir = Path(c.data)
-    tok_path = world_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise SystemExit(f"error: stage 0 makes the tiny preset's stand-in models on a tiny world (the default, or a "
-                         f"folder written by `python data.py tiny`, which holds their tokenizer.json); {world_dir} has "
-                         f"no tokenizer.json. Other data needs the pretrained models: --preset paper --weights "
-                         f"(converted with weights.py)")
-    mtok = data.MBartTokenizer(tok_path)
-    ttok = data.TextTowerTokenizer(tok_path)
-    cfg = CLIPTransConfig.preset("tiny")
-    cfg.mbart.vocab_size = cfg.text.vocab_size = mtok.vocab_size
-    cfg.mapping = MappingConfig(kind=c.mapping)
-    torch.manual_seed(c.seed)
-    model = CLIPTrans(cfg).to(device)
-    langs = ["en", "de", "fr"]
-    train = read(c, c.train_split, langs, need_images=True)
-    size = cfg.vision.image_size
-    log0(rank, f"stage 0: aligning the tiny towers on {len(train)} images x {len(langs)} languages")
-    pixels = torch.stack([data.load_image(f, size) for f in tqdm(train.images, desc="load images", leave=False)])
-
-    # (a) CLIP's contrastive objective: image i and its caption (in any language) are a pair, every other
-    # caption in the batch is a negative. The text tower learns all languages into one space with the images.
-    temp = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
-    towers = list(model.vision.parameters()) + list(model.text.parameters()) + [temp]
-    opt = torch.optim.AdamW(towers, lr=c.lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(c.seed)
-    n, B = len(train), c.batch_size
-    steps = c.epochs * (n // B)
-    bar = tqdm(range(steps), desc="stage 0: contrastive", disable=rank != 0)
-    for step in bar:
-        idx = torch.randint(n, (B,), generator=g)
-        lang = [langs[j] for j in torch.randint(len(langs), (B,), generator=g).tolist()]
-        ids, mask = ttok.encode([train.sentences[lang[j]][i] for j, i in enumerate(idx.tolist())],
-                                model.text.max_tokens)
-        img = F.normalize(model.encode_image(pixels[idx].to(device)), dim=-1)
-        txt = F.normalize(model.encode_text(ids.to(device), mask.to(device)), dim=-1)
-        logits = img @ txt.T * temp.exp().clamp(max=100)
-        target = torch.arange(B, device=device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % c.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-
-    # (b) mBART's denoising pre-training: reconstruct a sentence from a copy with 35% of its words
-    # masked in spans ("text infilling"), in every language of the world.
-    mask_id = mtok.tok.token_to_id("<mask>")
-    encoded = [row[row != mtok.pad_id].tolist() for lang in langs for row in mtok.encode(train.sentences[lang], lang)[0]]
-    opt = torch.optim.AdamW(model.mbart.parameters(), lr=c.lr)
-    bar = tqdm(range(steps), desc="stage 0: denoising", disable=rank != 0)
-    for step in bar:
-        rows = [encoded[i] for i in torch.randint(len(encoded), (B,), generator=g).tolist()]  # `[lang] x </s>`
-        tgt, _ = pad(rows, mtok.pad_id)
-        src_ids, src_mask = pad([infill(r, mask_id, g) for r in rows], mtok.pad_id)
-        dec = torch.cat([torch.full_like(tgt[:, :1], mtok.eos_id), tgt[:, :-1]], 1)  # `</s> [lang] x`
-        logits = model.mbart(src_ids.to(device), src_mask.to(device), dec.to(device))
-        labels = tgt.masked_fill(tgt == mtok.pad_id, -100).to(device)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % c.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-
-    # The folder a converted checkpoint would be: weights, config, tokenizers.
-    out = Path(c.out) / "last"
-    tmp_tok = Path(c.out) / ".tokenizers"
-    tmp_tok.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok_path, tmp_tok / weights.MBART_TOKENIZER)
-    shutil.copyfile(tok_path, tmp_tok / weights.TEXT_TOKENIZER)
-    save_checkpoint(out, model, c, {"stage": 0}, tmp_tok)
-    shutil.rmtree(tmp_tok)
-    log0(rank, f"stage 0: wrote {out}")
-
-
-def infill(ids, mask_id, g, ratio=0.35):
-    """`[lang] w1 .. wn </s>` -> the same with spans of words replaced by one <mask> each (mBART's noise)."""
-    body = ids[1:-1]
-    n_mask = max(1, round(len(body) * ratio))
-    out, i = [], 0
-    starts = set(torch.randperm(len(body), generator=g)[:max(1, n_mask // 2)].tolist())
-    while i < len(body):
-        if i in starts and n_mask > 0:
-            span = min(n_mask, 1 + int(torch.randint(3, (1,), generator=g)))
-            out.append(mask_id)
-            i += span
-            n_mask -= span
-        else:
-            out.append(body[i])
-            i += 1
-    return [ids[0]] + out + [ids[-1]]
-
-
-# -----------------------------------------------------------------------------
-# Stages 1 and 2.
-
-
-def main(argv=None):
-    c = parse_args(argv)
-    rank, world, device, dtype, autocast = setup(c)
-    if c.stage == 0:
-        stage0(c, rank, world, device, autocast)
-        return
-    out = Path(c.out)
-    if not (c.resume or c.eval_only) and find_checkpoint(out / "last").exists():  # before any slow preparation
-        raise SystemExit(f"error: {out} already holds a checkpoint: --resume to continue it, or give another "
-                         f"--out (or delete the folder) to start over")
-
-    # ---- the starting point: converted weights (stage 1, ablation), stage 1's checkpoint (stage 2), or our own
-    if c.resume or c.eval_only:
-        start = find_checkpoint(c.checkpoint or out / ("best" if c.eval_only and c.stage == 2 else "last"))
-        if not start.exists():
-            raise SystemExit(f"error: no checkpoint in {start} to {'score' if c.eval_only else 'resume'}: "
-                             f"train first (python train.py --stage {c.stage})")
-        what = "checkpoint"
-    elif c.stage == 2 and not c.from_scratch_stage2:
-        start = Path(c.init)
-        if not find_checkpoint(start).exists():
-            raise SystemExit(f"error: stage 2 starts from a stage 1 checkpoint, and {start} does not exist. "
-                             f"Run `python train.py --stage 1` first (or give --init), or pass "
-                             f"--from_scratch_stage2 for the ablation without stage 1")
-        what = "stage 1 checkpoint"
-    else:
-        start = Path(c.weights)
-        if c.preset == "tiny" and not find_checkpoint(start).exists():
-            if start.name != "last":
-                raise SystemExit(f"error: {start} does not exist: give --weights a stage 0 `last` folder "
-                                 f"(stage 0 writes OUT/last), or leave it out to use runs/tiny/stage0/last")
-            log0(rank, f"stage 0 output {start} is missing: running stage 0 first")
-            if rank == 0:
-                stage0(dataclasses.replace(defaults(Config(stage=0, data=c.data, seed=c.seed, mapping=c.mapping,
-                                                           device=c.device)), out=str(start.parent)),
-                       0, 1, device, autocast)
-            if dist.is_initialized():
-                dist.barrier()
-        what = "starting weights"
-    # Seeded here, after a stage 0 this run may have had to do: the same run whether stage 0 was missing or not
-    torch.manual_seed(c.seed + rank)
-    random.seed(c.seed + rank)
-    model, start = load_model(start, c, device, what)
-    if c.stage == 2 and not (c.resume or c.eval_only) and not c.from_scratch_stage2:
-        state = torch.load(start / "state.pt", weights_only=True) if (start / "state.pt").exists() else {}
-        if state.get("config", {}).get("stage") != 1:
-            raise SystemExit(f"error: {start} is not a stage 1 checkpoint (its state.pt says stage "
-                             f"{state.get('config', {}).get('stage')}): give --init a stage 1 `last` folder")
-    folder = start  # tokenizers travel with every checkpoint
-    tok = data.MBartTokenizer(folder / weights.MBART_TOKENIZER)
-
-    # ---- data: token ids and frozen-tower features (the towers never train in stages 1 and 2)
-    kind = "image" if c.stage == 1 else "text"
-    tgt_lang = c.caption_lang if c.stage == 1 else c.tgt
-
-    def prepare(split_name):
-        # --test_with_image: stage 2 evaluated from the image embedding instead of the source sentence's
-        k = "image" if c.test_with_image and split_name != c.train_split else kind
-        s = read(c, split_name, langs_for(c), need_images=k == "image")
-        feats = features(model, c, s, k, folder, device, rank)
-        targets = tok.encode(s.sentences[tgt_lang], tgt_lang)[0]
-        tgt_ids = [row[row != tok.pad_id].tolist() for row in targets]
-        if c.stage == 1:  # "the encoder input is trivial": only `<lang> </s>`
-            src_ids = [[tok.lang_id(tgt_lang), tok.eos_id]] * len(s)
-        else:
-            src = tok.encode(s.sentences[c.src], c.src)[0]
-            src_ids = [row[row != tok.pad_id].tolist() for row in src]
-        return s, feats, src_ids, tgt_ids
-
-    if c.eval_only:
-        s, feats, src_ids, _ = prepare(c.split)
-        if c.ablate == "prefix":  # each sentence with the previous one's prefix: what the source alone carries
-            feats = feats.roll(1, dims=0)
-        elif c.ablate == "source":  # no source words for the encoder: what the prefix alone carries
-            src_ids = [[ids[0], tok.eos_id] for ids in src_ids]
-        path = out / "hyps" / f"{c.split}.eval{'.ablate_' + c.ablate if c.ablate else ''}.txt"
-        bleu = evaluate(model, c, c.split, feats, tok, src_ids, tgt_lang, s.sentences[tgt_lang], rank, world,
-                        device, autocast, path)
-        if rank == 0:
-            print(json.dumps({"split": c.split, "bleu": round(bleu, 2), "checkpoint": str(start),
-                              "hypotheses": str(path), **({"ablate": c.ablate} if c.ablate else {})}))
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        return
-
-    train_set, train_feats, train_src, train_tgt = prepare(c.train_split)
-    val_set, val_feats, val_src, _ = prepare(c.val_split)
-    val_refs = val_set.sentences[tgt_lang]
-
-    # ---- what trains: stage 1 freezes the towers and the mBART encoder (with the shared embedding and the
-    # tied output layer); stage 2 trains all of mBART. The mapping network trains in both.
-    model.requires_grad_(False)
-    model.mapping.requires_grad_(True)
-    if c.stage == 1:
-        model.mbart.decoder.requires_grad_(True)
-    else:
-        model.mbart.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda"
-    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=c.weight_decay, fused=fused)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == "fp16")
-    # Several processes: drop an epoch's short last step, so that no process gets an empty share.
-    sampler = data.LengthBucketSampler([len(t) for t in train_tgt], c.batch_size, seed=c.seed, rank=rank,
-                                       world_size=world, bucket_size=100 * c.batch_size * world, drop_last=world > 1)
-    steps_per_epoch = len(sampler) // c.grad_accum
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(train_tgt)} training examples make no optimizer step of batch {c.batch_size} "
-                         f"x grad_accum {c.grad_accum} x {world} process(es): lower --batch_size or --grad_accum")
-    total = c.max_steps or steps_per_epoch * c.epochs
-
-    def lr_at(step):
-        if c.schedule == "constant":
-            return c.lr * min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps else c.lr
-        if step < c.warmup_steps:
-            return c.lr * (step + 1) / c.warmup_steps
-        return c.lr * 0.5 * (1 + math.cos(math.pi * (step - c.warmup_steps) / max(1, total - c.warmup_steps)))
-
-    # ---- resume: model, optimizer, scaler, position in the data and RNG states, exactly
-    step, epoch, batch_in_epoch, best = 0, 0, 0, -1.0
-    if c.resume:
-        state = torch.load(start / "state.pt", weights_only=True) if (start / "state.pt").exists() else {}
-        check_resumable(state, c, start, world)
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch, best = state["step"], state["epoch"], state["batch_in_epoch"], state["best"]
-        if start.parent.resolve() != out.resolve():  # continued in a new folder: its own `best` from now on
-            best = -1.0
-        set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-        log0(rank, f"resuming {start} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
-
-    train_model = model
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device] if
-                                                                device.type == "cuda" else None)
-    if c.compile:  # after DDP: the compiler then splits the graph at DDP's gradient buckets, so they overlap
-        train_model = torch.compile(train_model)
-
-    def checkpoint(name):
-        nonlocal pause_s
-        t = time.time()
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = rng_state()
-        if rank == 0:
-            state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                     "batch_in_epoch": batch_in_epoch, "best": best, "rng": rngs, "config": dataclasses.asdict(c)}
-            save_checkpoint(out / name, model, c, state, folder)
-        pause_s += time.time() - t
-
-    def run_eval():
-        nonlocal best, pause_s
-        t = time.time()
-        bleu = evaluate(model, c, c.val_split, val_feats, tok, val_src, tgt_lang, val_refs, rank, world, device,
-                        autocast, out / "hyps" / f"{c.val_split}.step{step}.txt")
-        pause_s += time.time() - t
-        if rank == 0:
-            log(dict(step=step, epoch=epoch, split=c.val_split, bleu=round(bleu, 2)))
-            log0(rank, f"step {step}: {c.val_split} BLEU {bleu:.2f}")
-        bleu = broadcast(bleu)
-        if c.stage == 2 and bleu > best:  # stage 2 keeps the best validation BLEU; stage 1 the last
-            best = bleu
-            checkpoint("best")
-        checkpoint("last")
-
-    def broadcast(x):
-        if world == 1:
-            return x
-        box = [x]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = None
-    if rank == 0:
-        path = out / "metrics.jsonl"
-        if c.resume and path.exists():  # drop what was logged after the checkpoint: those steps run again
+    def open_log(self, path):
+        """metrics.jsonl, new; with --resume, without the records after the checkpoint (those steps run
+        again)."""
+        if self.c.resume and path.exists():
             kept = []
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # the last line of a run killed while writing it
-                    log0(rank, f"{path}: line {n} is not a complete record (cut short by the interruption?): "
-                               f"dropped")
+                    log0(0, f"{path}: line {n} is not a complete record (cut short by the interruption?): "
+                            f"dropped")
                     continue
-                if record.get("step", step + 1) <= step:
+                if record.get("step", self.step + 1) <= self.step:
                     kept.append(line + "\n")
             data.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
-        metrics = open(path, "a" if c.resume else "w")
+        return open(path, "a" if self.c.resume else "w")
 
-    def log(record):
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+    def log(self, record):
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
 
-    log0(rank, f"stage {c.stage} ({'captioning' if c.stage == 1 else 'translation'}): {len(train_set)} examples, "
-               f"{steps_per_epoch} steps per epoch, {total} steps, {world} process(es) on {device}, {dtype}; "
-               f"training {sum(p.numel() for p in params):,} parameters")
-    # tokens/s count the time spent training only, not pause_s (evaluating and writing checkpoints)
-    t_start, tokens_seen, pause_s = time.time(), 0, 0.0
-    bar = tqdm(total=total, initial=step, desc=f"stage {c.stage}", disable=rank != 0)
+    def save(self, name):
+        """OUT/{name}: the model, and the training state with every process's RNG states (rank 0 writes)."""
+        t, rngs = time.time(), [None] * self.env.world
+        if self.env.world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = rng_state()
+        if self.env.rank == 0:
+            settings = dataclasses.asdict(self.c)
+            state = {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                     "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                     "best": self.best, "rng": rngs, "config": settings}
+            weights.save_checkpoint(self.out / name, self.model, settings, state, self.tokenizers_from)
+        self.pause_s += time.time() - t
+
+    def finish(self, test_bleu, kept, tokens_seen, elapsed):
+        """The summary (rank 0): logged, written to OUT/summary.json and printed."""
+        if self.env.rank == 0:
+            summary = dict(stage=self.c.stage, steps=self.step, minutes=round(elapsed / 60, 2),
+                           tokens_per_s=round(tokens_seen / max(elapsed - self.pause_s, 1e-9)),
+                           best_val_bleu=round(self.best, 2) if self.c.stage == 2 else None,
+                           test_split=self.c.test_split, test_bleu=round(test_bleu, 2), checkpoint=str(kept))
+            self.log(dict(summary=summary))
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            print(json.dumps(summary))
+            self.metrics.close()
+
+    def validate(self, val: Examples, tok):
+        """Score the validation split, log it, write `last` and, in stage 2, `best`."""
+        c, t = self.c, time.time()
+        path = self.out / "hyps" / f"{c.val_split}.step{self.step}.txt"
+        bleu = evaluate(self.model, c, c.val_split, val.feats, tok, val.src_ids, val.tgt_lang,
+                        val.sentences[val.tgt_lang], self.env, path)
+        self.pause_s += time.time() - t
+        if self.env.rank == 0:
+            self.log(dict(step=self.step, epoch=self.epoch, split=c.val_split, bleu=round(bleu, 2)))
+            log0(0, f"step {self.step}: {c.val_split} BLEU {bleu:.2f}")
+        if self.env.world > 1:  # every process keeps the same checkpoints: rank 0's BLEU decides
+            box = [bleu]
+            dist.broadcast_object_list(box, src=0)
+            bleu = box[0]
+        if c.stage == 2 and bleu > self.best:  # (5) stage 2 keeps the best validation BLEU; stage 1 the last
+            self.best = bleu
+            self.save("best")
+        self.save("last")
+
+
+def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok):
+    """Optimizer steps of grad_accum micro-batches until `total`, validating at the end of each epoch (or
+    every --eval_every steps) and at the end. Returns the target tokens trained on (all processes) and the
+    time it took."""
+    env, model, train_model = run.env, run.model, run.model
+    if env.world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    if c.compile:  # after DDP: the compiler then splits the graph at DDP's gradient buckets, so they overlap
+        train_model = torch.compile(train_model)
+    t_start, tokens_seen = time.time(), 0
+    bar = tqdm(total=total, initial=run.step, desc=f"stage {c.stage}", disable=env.rank != 0)
     model.train()
-    while step < total:
-        sampler.set_epoch(epoch)
+    while run.step < total:
+        sampler.set_epoch(run.epoch)  # an epoch: the sampler's batches, grad_accum of them per optimizer step
         batches = list(sampler)
         usable = len(batches) - len(batches) % c.grad_accum
-        t0, pause_t0, tok_window = time.time(), pause_s, 0
-        while batch_in_epoch < usable and step < total:
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss_sum = torch.zeros((), device=device)
-            micro = batches[batch_in_epoch:batch_in_epoch + c.grad_accum]
-            # The loss is a mean over all target tokens of the global batch: each process divides its sum by
-            # the global count, times world (DDP averages gradients), over the accumulated micro-batches.
-            sizes = [sum(len(train_tgt[i]) for i in b) for b in micro]  # target tokens of each micro-batch
-            counts = torch.tensor(sizes, device=device, dtype=torch.float)
-            if world > 1:
+        t0, pause_t0, tok_window = time.time(), run.pause_s, 0
+        while run.batch_in_epoch < usable and run.step < total:
+            # forward backward update, with gradient accumulation. The loss is a mean over all target tokens
+            # of the global batch: each process divides its sum by the global count, times world (DDP averages
+            # gradients), over the accumulated micro-batches.
+            for g in run.opt.param_groups:
+                g["lr"] = lr_at(run.step, c, total)
+            loss_sum = torch.zeros((), device=env.device)
+            micro = batches[run.batch_in_epoch:run.batch_in_epoch + c.grad_accum]
+            sizes = [sum(len(ex.tgt_ids[i]) for i in b) for b in micro]  # target tokens of each micro-batch
+            counts = torch.tensor(sizes, device=env.device, dtype=torch.float)
+            if env.world > 1:
                 dist.all_reduce(counts)
             for j, batch in enumerate(micro):
-                sync = j == len(micro) - 1
-                ctx = train_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-                with ctx:
-                    ids, mask = pad([train_src[i] for i in batch], tok.pad_id)
-                    tgt, _ = pad([train_tgt[i] for i in batch], tok.pad_id)
+                sync = j == len(micro) - 1  # DDP averages the gradients after the last micro-batch only
+                with train_model.no_sync() if (env.world > 1 and not sync) else contextlib.nullcontext():
+                    ids, mask = data.pad([ex.src_ids[i] for i in batch], tok.pad_id)  # (B, S) encoder input
+                    tgt, _ = data.pad([ex.tgt_ids[i] for i in batch], tok.pad_id)  # (B, T) target
                     n_tok = sizes[j]
-                    with autocast:
-                        mean = train_model(train_feats[batch].to(device), ids.to(device), mask.to(device),
-                                           tgt.to(device))
-                    loss = mean * n_tok / counts.sum() * world
-                    scaler.scale(loss).backward()
+                    with env.autocast:
+                        mean = train_model(ex.feats[batch].to(env.device), ids.to(env.device),
+                                           mask.to(env.device), tgt.to(env.device))
+                    loss = mean * n_tok / counts.sum() * env.world
+                    run.scaler.scale(loss).backward()
                 loss_sum += mean.detach() * n_tok / counts.sum()
                 tok_window += n_tok
                 tokens_seen += n_tok
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            batch_in_epoch += c.grad_accum
-            if world > 1:
+            run.scaler.step(run.opt)
+            run.scaler.update()
+            run.opt.zero_grad(set_to_none=True)
+            run.step += 1
+            run.batch_in_epoch += c.grad_accum
+            if env.world > 1:
                 dist.all_reduce(loss_sum)
             bar.update(1)
-            if step % c.log_every == 0 or step == 1 or step == total:
-                dt = time.time() - t0 - (pause_s - pause_t0)
-                tps = tok_window * world / max(dt, 1e-9)
-                loss_value = loss_sum.item()
-                if rank == 0:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_at(step - 1):.2e}", tok_s=f"{tps:.0f}")
-                    log(dict(step=step, epoch=epoch, loss=loss_value, lr=lr_at(step - 1), tokens_per_s=round(tps)))
-                t0, pause_t0, tok_window = time.time(), pause_s, 0
-            if c.eval_every and step % c.eval_every == 0:
-                run_eval()
-            elif step % c.save_every == 0:
-                checkpoint("last")
-        if batch_in_epoch >= usable:
-            epoch, batch_in_epoch = epoch + 1, 0
-            if not c.eval_every and step < total:
-                run_eval()
+
+            # timing and logging
+            if run.step % c.log_every == 0 or run.step == 1 or run.step == total:
+                dt = time.time() - t0 - (run.pause_s - pause_t0)
+                tps = tok_window * env.world / max(dt, 1e-9)
+                loss_value, lr = loss_sum.item(), lr_at(run.step - 1, c, total)
+                if env.rank == 0:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+                    run.log(dict(step=run.step, epoch=run.epoch, loss=loss_value, lr=lr,
+                                 tokens_per_s=round(tps)))
+                t0, pause_t0, tok_window = time.time(), run.pause_s, 0
+
+            # evaluation and checkpoints
+            if c.eval_every and run.step % c.eval_every == 0:
+                run.validate(val, tok)
+            elif run.step % c.save_every == 0:
+                run.save("last")
+        # the end of an epoch: a validation, unless --eval_every sets its own rhythm
+        if run.batch_in_epoch >= usable:
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+            if not c.eval_every and run.step < total:
+                run.validate(val, tok)
     bar.close()
-    if not c.eval_every or step % c.eval_every:
-        run_eval()
+
+    # termination: a last validation (unless the last step had one), and the tokens of every process
+    if not c.eval_every or run.step % c.eval_every:
+        run.validate(val, tok)
     elapsed = time.time() - t_start
-    if world > 1:  # the target tokens of every process
-        counted = torch.tensor(float(tokens_seen), device=device)
+    if env.world > 1:
+        counted = torch.tensor(float(tokens_seen), device=env.device)
         dist.all_reduce(counted)
         tokens_seen = int(counted.item())
+    return tokens_seen, elapsed
 
-    # ---- the summary: test BLEU of the kept checkpoint
-    kept = out / ("best" if c.stage == 2 else "last")
+
+# -----------------------------------------------------------------------------
+# Stages 1 and 2: the recipe.
+
+
+def main(argv=None):
+    # settings, and where this process runs
+    c = parse_args(argv)
+    env = setup(c)
+    if c.stage == 0:  # the tiny preset's stand-ins for the pretrained models: tiny_world.py
+        if env.world > 1:
+            raise SystemExit("error: stage 0 runs in one process (it takes a minute on a CPU)")
+        tiny_world.stage0(dataclasses.asdict(c), env.device)
+        return
+
+    # (1) the starting point. The seed is set after the stage 0 this run may have had to run first: the run is
+    # the same whether stage 0 was missing or not
+    start, what = starting_point(c)
+    if what == "starting weights" and c.preset == "tiny" and not weights.find_checkpoint(start).exists():
+        stage0_first(c, start, env)
+    torch.manual_seed(c.seed + env.rank)
+    random.seed(c.seed + env.rank)
+    model, start = load_model(start, c, env.device, what)
+    tok = data.MBartTokenizer(start / weights.MBART_TOKENIZER)  # the tokenizers travel with every checkpoint
+    if c.eval_only:
+        return score(c, model, tok, start, env)
+
+    # the data, and the frozen towers' features: (2) the image or the source sentence; (3) the encoder input
+    train_set = prepare(c, c.train_split, model, tok, start, env)
+    val_set = prepare(c, c.val_split, model, tok, start, env)
+
+    # (4) what trains, with AdamW and (fp16) a gradient scaler, in batches of examples of similar length
+    params = trainable(model, c.stage)
+    opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=c.weight_decay,
+                            fused=env.device.type == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=env.dtype == "fp16")
+    sampler, steps_per_epoch = make_sampler(c, train_set, env)
+    total = c.max_steps or steps_per_epoch * c.epochs
+
+    # the loop, from the start or (--resume) exactly where the checkpoint left off
+    run = Run(c, env, model, opt, scaler, start)
+    log0(env.rank, f"stage {c.stage} ({'captioning' if c.stage == 1 else 'translation'}): "
+                   f"{len(train_set.tgt_ids)} examples, {steps_per_epoch} steps per epoch, {total} steps, "
+                   f"{env.world} process(es) on {env.device}, {env.dtype}; training "
+                   f"{sum(p.numel() for p in params):,} parameters")
+    tokens_seen, elapsed = train(c, run, sampler, total, train_set, val_set, tok)
+
+    # the final test of (5) the kept checkpoint: `last` in stage 1, `best` in stage 2
+    kept = run.out / ("best" if c.stage == 2 else "last")
     if c.stage == 2:
-        model, _ = load_model(kept, c, device, "best checkpoint")
-    test_set, test_feats, test_src, _ = prepare(c.test_split)
-    test_bleu = evaluate(model, c, c.test_split, test_feats, tok, test_src, tgt_lang, test_set.sentences[tgt_lang],
-                         rank, world, device, autocast, out / "hyps" / f"{c.test_split}.final.txt")
-    if rank == 0:
-        summary = dict(stage=c.stage, steps=step, minutes=round(elapsed / 60, 2),
-                       tokens_per_s=round(tokens_seen / max(elapsed - pause_s, 1e-9)),
-                       best_val_bleu=round(best, 2) if c.stage == 2 else None,
-                       test_split=c.test_split, test_bleu=round(test_bleu, 2), checkpoint=str(kept))
-        log(dict(summary=summary))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(json.dumps(summary))
-        metrics.close()
+        model, _ = load_model(kept, c, env.device, "best checkpoint")
+    test_bleu = test(c, model, tok, start, env, c.test_split, run.out / "hyps" / f"{c.test_split}.final.txt")
+    run.finish(test_bleu, kept, tokens_seen, elapsed)
     if dist.is_initialized():
         dist.barrier()
-        del train_model
         dist.destroy_process_group()
 
 

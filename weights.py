@@ -21,8 +21,10 @@ against the model's vocab_size). Then `model = weights.load("weights/paper")`.
 
 import argparse
 import json
+import os
 import pickle
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -448,7 +450,7 @@ def _protobuf_fields(buf):
 
 
 # -----------------------------------------------------------------------------
-# The command, load and save.
+# The command, load and save; checkpoint folders (weights, config, tokenizers and a training state).
 
 
 def save(model, folder, extra_config=None):
@@ -485,6 +487,32 @@ def load(folder, device="cpu", dtype=torch.float32):
     check_keys(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def save_checkpoint(folder, model, settings: dict, state: dict, tokenizers_from):
+    """A checkpoint folder: the model as `save` writes it (the training settings in config.json), the two
+    tokenizers copied from `tokenizers_from`, and `state` (optimizer, step, ...) as state.pt. The folder is
+    written aside and renamed into place, so an interruption never leaves a half-written checkpoint."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(model, tmp, extra_config={"train": settings})
+    for name in (MBART_TOKENIZER, TEXT_TOKENIZER):
+        shutil.copyfile(Path(tokenizers_from) / name, tmp / name)
+    torch.save(state, tmp / "state.pt")
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(folder):
+    """`folder`, or the copy a crash between the two renames of save_checkpoint left aside."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    return folder if folder.exists() or not old.exists() else old
 
 
 def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0):

@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 import data
 import experiment
+import tiny_world
 import train
 import translate
 import weights
@@ -122,8 +123,8 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     # ~1 s; the frozen towers' features get cached in world/features by the runs
-    return data.make_tiny_world(tmp_path_factory.mktemp("world"), n_train=256, n_val=24, n_test=24, seed=0,
-                                image_size=32)
+    return tiny_world.make_tiny_world(tmp_path_factory.mktemp("world"), n_train=256, n_val=24, n_test=24,
+                                      seed=0, image_size=32)
 
 
 @pytest.fixture(scope="module")
@@ -790,6 +791,12 @@ def test_experiment_continues_an_interrupted_experiment(tmp_path, monkeypatch):
     assert experiment.train("--stage", 1, "--out", killed, out=killed) == {"test_bleu": 12.5}
     assert experiment.train("--stage", 1, "--out", new, out=new) == {"test_bleu": 12.5}
     assert calls == [["--stage", "1", "--out", str(killed), "--resume"], ["--stage", "1", "--out", str(new)]]
+    # a crash between the two renames of weights.save_checkpoint leaves only OUT/.last.old: resumed too
+    (tmp_path / "crashed" / ".last.old").mkdir(parents=True)
+    crashed = tmp_path / "crashed"
+    assert weights.find_checkpoint(crashed / "last") == crashed / ".last.old"
+    assert experiment.train("--stage", 1, "--out", crashed, out=crashed) == {"test_bleu": 12.5}
+    assert calls[-1] == ["--stage", "1", "--out", str(crashed), "--resume"]
 
 
 # ----------------------------------------------------------------------------- smaller flag contracts
