@@ -38,12 +38,10 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -53,6 +51,7 @@ import data
 import tiny_world
 import weights
 from cliptrans import Attention, CLIPTransConfig
+from runs import Env, Run, log0, read_state, setup
 
 # -----------------------------------------------------------------------------
 # Settings. Every field is a command-line flag (`--batch_size 32`); unknown flags are errors. What is left at
@@ -181,60 +180,8 @@ def parse_args(argv=None):
 
 
 # -----------------------------------------------------------------------------
-# Processes, devices and precision.
-
-
-class Env(NamedTuple):
-    rank: int  # this process among `world`: DDP from torchrun's environment; 0 of 1 without it
-    world: int
-    device: torch.device
-    dtype: str  # bf16 | fp16 | fp32
-    autocast: object  # torch.autocast in bf16 or fp16, nullcontext() in fp32
-
-
-def setup(c: Config) -> Env:
-    """DDP from torchrun's environment (NCCL on GPUs, gloo on CPUs), the device, and autocast."""
-    rank, world = 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and c.device != "cpu" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    device = c.device
-    if c.device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise SystemExit(f"error: --device {c.device}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {c.device}, but PyTorch sees no GPU here: use --device cpu (or "
-                         f"auto)")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = c.dtype
-    if dtype == "auto":
-        dtype = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    if device.type != "cuda" and dtype != "fp32":
-        raise SystemExit(f"error: --dtype {dtype} needs a GPU; on {device} training runs in fp32")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    return Env(rank, world, device, dtype, autocast)
-
-
-def log0(rank, *args):
-    if rank == 0:
-        tqdm.write(" ".join(str(a) for a in args))
-
-
-# -----------------------------------------------------------------------------
 # (1) The starting point: converted weights (for the tiny preset, stage 0's), stage 1's checkpoint, or this
 # run's own (--resume, --eval_only).
-
-
-def read_state(folder):
-    """The training state of a checkpoint (state.pt: optimizer, step, RNG states, settings), or {}."""
-    path = Path(folder) / "state.pt"
-    return torch.load(path, weights_only=True) if path.exists() else {}
 
 
 def starting_point(c: Config):
@@ -461,141 +408,28 @@ def lr_at(step, c: Config, total):
     return c.lr * 0.5 * (1 + math.cos(math.pi * (step - c.warmup_steps) / max(1, total - c.warmup_steps)))
 
 
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 # What fixes a run's data order and what it trains: --resume must continue with the same.
 RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs", "batch_size",
                "grad_accum", "seed")
 
 
-def check_resumable(state, c: Config, folder, world):
-    """--resume continues a run exactly: its checkpoint must hold a training state, from the same settings."""
-    saved = state.get("config")
-    if "optimizer" not in state or saved is None:
-        raise SystemExit(f"error: {folder} holds no training state to resume (a stage "
-                         f"{state.get('stage', '?')} checkpoint or converted weights): --resume continues a "
-                         f"stage 1 or 2 run from its `last`; to start stage 2 from a stage 1 checkpoint, "
-                         f"give it as --init without --resume")
-    diff = [k for k in RESUME_SAME if saved.get(k) != getattr(c, k)]
-    if diff:
-        was = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
-        raise SystemExit(f"error: {folder} was trained with {was}; this run has "
-                         + ", ".join(f"--{k} {getattr(c, k)}" for k in diff) + ": resume with the same "
-                         "settings (they fix the data order and what trains), or start a new run")
-    ranks = len(state["rng"]) if isinstance(state["rng"], list) else 1
-    if ranks != world:
-        raise SystemExit(f"error: {folder} was trained by {ranks} process(es), this run has {world}: resume "
-                         f"with {ranks} (each process continues its own share of the data)")
-
-
-class Run:
-    """A training run's bookkeeping: where it is (what every checkpoint's state.pt saves and --resume restores
-    exactly), its metrics log (OUT/metrics.jsonl, rank 0) and its checkpoints. The time spent evaluating and
-    writing checkpoints adds up in pause_s, so that tokens/s count the time spent training."""
-
-    def __init__(self, c: Config, env: Env, model, opt, scaler, start):
-        self.c, self.env, self.out = c, env, Path(c.out)
-        self.model, self.opt, self.scaler = model, opt, scaler
-        self.tokenizers_from = start  # every checkpoint carries the tokenizers of the one it started from
-        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # optimizer steps; the position in the data
-        self.best, self.pause_s = -1.0, 0.0  # best: stage 2's best validation BLEU so far
-        if c.resume:
-            self.resume(start)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.metrics = self.open_log(self.out / "metrics.jsonl") if env.rank == 0 else None
-
-    def resume(self, start):
-        """The optimizer, the scaler, the position in the data and the RNG states of `start`, exactly."""
-        state = read_state(start)
-        check_resumable(state, self.c, start, self.env.world)
-        self.opt.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.best = state["best"]
-        if start.parent.resolve() != self.out.resolve():  # continued in a new folder: its own `best`
-            self.best = -1.0
-        set_rng_state(state["rng"][self.env.rank] if isinstance(state["rng"], list) else state["rng"])
-        log0(self.env.rank, f"resuming {start} at step {self.step} (epoch {self.epoch}, batch "
-                            f"{self.batch_in_epoch})")
-
-    def open_log(self, path):
-        """metrics.jsonl, new; with --resume, without the records after the checkpoint (those steps run
-        again)."""
-        if self.c.resume and path.exists():
-            kept = []
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # the last line of a run killed while writing it
-                    log0(0, f"{path}: line {n} is not a complete record (cut short by the interruption?): "
-                            f"dropped")
-                    continue
-                if record.get("step", self.step + 1) <= self.step:
-                    kept.append(line + "\n")
-            data.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
-        return open(path, "a" if self.c.resume else "w")
-
-    def log(self, record):
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-
-    def save(self, name):
-        """OUT/{name}: the model, and the training state with every process's RNG states (rank 0 writes)."""
-        t, rngs = time.time(), [None] * self.env.world
-        if self.env.world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = rng_state()
-        if self.env.rank == 0:
-            settings = dataclasses.asdict(self.c)
-            state = {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
-                     "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                     "best": self.best, "rng": rngs, "config": settings}
-            weights.save_checkpoint(self.out / name, self.model, settings, state, self.tokenizers_from)
-        self.pause_s += time.time() - t
-
-    def finish(self, test_bleu, kept, tokens_seen, elapsed):
-        """The summary (rank 0): logged, written to OUT/summary.json and printed."""
-        if self.env.rank == 0:
-            summary = dict(stage=self.c.stage, steps=self.step, minutes=round(elapsed / 60, 2),
-                           tokens_per_s=round(tokens_seen / max(elapsed - self.pause_s, 1e-9)),
-                           best_val_bleu=round(self.best, 2) if self.c.stage == 2 else None,
-                           test_split=self.c.test_split, test_bleu=round(test_bleu, 2), checkpoint=str(kept))
-            self.log(dict(summary=summary))
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            print(json.dumps(summary))
-            self.metrics.close()
-
-    def validate(self, val: Examples, tok):
-        """Score the validation split, log it, write `last` and, in stage 2, `best`."""
-        c, t = self.c, time.time()
-        path = self.out / "hyps" / f"{c.val_split}.step{self.step}.txt"
-        bleu = evaluate(self.model, c, c.val_split, val.feats, tok, val.src_ids, val.tgt_lang,
-                        val.sentences[val.tgt_lang], self.env, path)
-        self.pause_s += time.time() - t
-        if self.env.rank == 0:
-            self.log(dict(step=self.step, epoch=self.epoch, split=c.val_split, bleu=round(bleu, 2)))
-            log0(0, f"step {self.step}: {c.val_split} BLEU {bleu:.2f}")
-        if self.env.world > 1:  # every process keeps the same checkpoints: rank 0's BLEU decides
-            box = [bleu]
-            dist.broadcast_object_list(box, src=0)
-            bleu = box[0]
-        if c.stage == 2 and bleu > self.best:  # (5) stage 2 keeps the best validation BLEU; stage 1 the last
-            self.best = bleu
-            self.save("best")
-        self.save("last")
+def validate(c: Config, run: Run, val: Examples, tok):
+    """Score the validation split, log it, write `last` and, in stage 2, `best`."""
+    t, path = time.time(), run.out / "hyps" / f"{c.val_split}.step{run.step}.txt"
+    bleu = evaluate(run.model, c, c.val_split, val.feats, tok, val.src_ids, val.tgt_lang,
+                    val.sentences[val.tgt_lang], run.env, path)
+    run.pause_s += time.time() - t
+    if run.env.rank == 0:
+        run.log(dict(step=run.step, epoch=run.epoch, split=c.val_split, bleu=round(bleu, 2)))
+        log0(0, f"step {run.step}: {c.val_split} BLEU {bleu:.2f}")
+    if run.env.world > 1:  # every process keeps the same checkpoints: rank 0's BLEU decides
+        box = [bleu]
+        dist.broadcast_object_list(box, src=0)
+        bleu = box[0]
+    if c.stage == 2 and bleu > run.best:  # (5) stage 2 keeps the best validation BLEU; stage 1 the last
+        run.best = bleu
+        run.save("best")
+    run.save("last")
 
 
 def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok):
@@ -664,19 +498,19 @@ def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok)
 
             # evaluation and checkpoints
             if c.eval_every and run.step % c.eval_every == 0:
-                run.validate(val, tok)
+                validate(c, run, val, tok)
             elif run.step % c.save_every == 0:
                 run.save("last")
         # the end of an epoch: a validation, unless --eval_every sets its own rhythm
         if run.batch_in_epoch >= usable:
             run.epoch, run.batch_in_epoch = run.epoch + 1, 0
             if not c.eval_every and run.step < total:
-                run.validate(val, tok)
+                validate(c, run, val, tok)
     bar.close()
 
     # termination: a last validation (unless the last step had one), and the tokens of every process
     if not c.eval_every or run.step % c.eval_every:
-        run.validate(val, tok)
+        validate(c, run, val, tok)
     elapsed = time.time() - t_start
     if env.world > 1:
         counted = torch.tensor(float(tokens_seen), device=env.device)
@@ -692,7 +526,7 @@ def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok)
 def main(argv=None):
     # settings, and where this process runs
     c = parse_args(argv)
-    env = setup(c)
+    env = setup(c.device, c.dtype)
     if c.stage == 0:  # the tiny preset's stand-ins for the pretrained models: tiny_world.py
         if env.world > 1:
             raise SystemExit("error: stage 0 runs in one process (it takes a minute on a CPU)")
@@ -724,7 +558,7 @@ def main(argv=None):
     total = c.max_steps or steps_per_epoch * c.epochs
 
     # the loop, from the start or (--resume) exactly where the checkpoint left off
-    run = Run(c, env, model, opt, scaler, start)
+    run = Run(dataclasses.asdict(c), RESUME_SAME, env, model, opt, scaler, start, resume=c.resume)
     log0(env.rank, f"stage {c.stage} ({'captioning' if c.stage == 1 else 'translation'}): "
                    f"{len(train_set.tgt_ids)} examples, {steps_per_epoch} steps per epoch, {total} steps, "
                    f"{env.world} process(es) on {env.device}, {env.dtype}; training "
@@ -736,7 +570,11 @@ def main(argv=None):
     if c.stage == 2:
         model, _ = load_model(kept, c, env.device, "best checkpoint")
     test_bleu = test(c, model, tok, start, env, c.test_split, run.out / "hyps" / f"{c.test_split}.final.txt")
-    run.finish(test_bleu, kept, tokens_seen, elapsed)
+    if env.rank == 0:  # (the BLEU is rank 0's)
+        run.finish(dict(stage=c.stage, steps=run.step, minutes=round(elapsed / 60, 2),
+                        tokens_per_s=round(tokens_seen / max(elapsed - run.pause_s, 1e-9)),
+                        best_val_bleu=round(run.best, 2) if c.stage == 2 else None, test_split=c.test_split,
+                        test_bleu=round(test_bleu, 2), checkpoint=str(kept)))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

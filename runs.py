@@ -1,0 +1,192 @@
+"""
+The bookkeeping of a training run, apart from the method, as minGPT keeps its trainer apart from GPT: nothing
+here is specific to CLIPTrans, and a first reading of train.py can take it on trust.
+
+- `setup`: where a process runs: DDP from torchrun's environment, the device, the precision (autocast).
+- `Run`: what a run keeps in its folder and what `--resume` restores exactly: the position in the data, the
+  optimizer, the gradient scaler and the RNG states of every process (`state.pt`, written with the model into
+  each checkpoint folder by weights.save_checkpoint, atomically), and the metrics log (`metrics.jsonl`).
+"""
+
+import contextlib
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+import weights
+
+# -----------------------------------------------------------------------------
+# Processes, devices and precision.
+
+
+class Env(NamedTuple):
+    rank: int  # this process among `world`: DDP from torchrun's environment; 0 of 1 without it
+    world: int
+    device: torch.device
+    dtype: str  # bf16 | fp16 | fp32
+    autocast: object  # torch.autocast in bf16 or fp16, nullcontext() in fp32
+
+
+def setup(device: str = "auto", dtype: str = "auto") -> Env:
+    """DDP from torchrun's environment (NCCL on GPUs, gloo on CPUs), the device, and autocast.
+    device: auto, cpu, cuda or cuda:N; dtype: auto (bf16 on GPUs that have it, else fp16; fp32 on a CPU)."""
+    rank, world = 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device != "cpu" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    name = device
+    if device == "auto":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {device}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {device}, but PyTorch sees no GPU here: use --device cpu (or auto)")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if dtype == "auto":
+        dtype = "fp32" if dev.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    if dev.type != "cuda" and dtype != "fp32":
+        raise SystemExit(f"error: --dtype {dtype} needs a GPU; on {dev} training runs in fp32")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[dtype]
+    autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    return Env(rank, world, dev, dtype, autocast)
+
+
+def log0(rank, *args):
+    if rank == 0:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+# -----------------------------------------------------------------------------
+# Exact resume: the training state of a checkpoint.
+
+
+def read_state(folder):
+    """The training state of a checkpoint (state.pt: optimizer, step, RNG states, settings), or {}."""
+    path = Path(folder) / "state.pt"
+    return torch.load(path, weights_only=True) if path.exists() else {}
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_resumable(state, settings: dict, same, folder, world):
+    """--resume continues a run exactly: its checkpoint must hold a training state, made with the same values
+    of the settings named in `same` (those that fix the data order and what trains) and as many processes."""
+    saved = state.get("config")
+    if "optimizer" not in state or saved is None:
+        raise SystemExit(f"error: {folder} holds no training state to resume (a stage "
+                         f"{state.get('stage', '?')} checkpoint or converted weights): --resume continues a "
+                         f"stage 1 or 2 run from its `last`; to start stage 2 from a stage 1 checkpoint, "
+                         f"give it as --init without --resume")
+    diff = [k for k in same if saved.get(k) != settings[k]]
+    if diff:
+        was = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
+        raise SystemExit(f"error: {folder} was trained with {was}; this run has "
+                         + ", ".join(f"--{k} {settings[k]}" for k in diff) + ": resume with the same "
+                         "settings (they fix the data order and what trains), or start a new run")
+    ranks = len(state["rng"]) if isinstance(state["rng"], list) else 1
+    if ranks != world:
+        raise SystemExit(f"error: {folder} was trained by {ranks} process(es), this run has {world}: resume "
+                         f"with {ranks} (each process continues its own share of the data)")
+
+
+# -----------------------------------------------------------------------------
+# A run: its position, its metrics log and its checkpoints.
+
+
+class Run:
+    """A training run's bookkeeping in its folder `out`: where it is (what every checkpoint's state.pt saves and
+    --resume restores exactly), its metrics log (OUT/metrics.jsonl, rank 0) and its checkpoints. The time spent
+    evaluating and writing checkpoints adds up in pause_s, so that tokens/s count the time spent training.
+    settings: the run's settings (saved into every checkpoint); resume_same: those a resume must keep."""
+
+    def __init__(self, settings: dict, resume_same, env: Env, model, opt, scaler, start, resume=False):
+        self.settings, self.env, self.out = settings, env, Path(settings["out"])
+        self.model, self.opt, self.scaler = model, opt, scaler
+        self.tokenizers_from = start  # every checkpoint carries the tokenizers of the one it started from
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # optimizer steps; the position in the data
+        self.best, self.pause_s = -1.0, 0.0  # best: the best validation score so far
+        if resume:
+            self.resume(start, resume_same)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics = self.open_log(self.out / "metrics.jsonl", resume) if env.rank == 0 else None
+
+    def resume(self, start, same):
+        """The optimizer, the scaler, the position in the data and the RNG states of `start`, exactly."""
+        state = read_state(start)
+        check_resumable(state, self.settings, same, start, self.env.world)
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.best = state["best"]
+        if start.parent.resolve() != self.out.resolve():  # continued in a new folder: its own `best`
+            self.best = -1.0
+        set_rng_state(state["rng"][self.env.rank] if isinstance(state["rng"], list) else state["rng"])
+        log0(self.env.rank, f"resuming {start} at step {self.step} (epoch {self.epoch}, batch "
+                            f"{self.batch_in_epoch})")
+
+    def open_log(self, path, resume):
+        """metrics.jsonl, new; with --resume, without the records after the checkpoint (those steps run
+        again)."""
+        if resume and path.exists():
+            kept = []
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a run killed while writing it
+                    log0(0, f"{path}: line {n} is not a complete record (cut short by the interruption?): "
+                            f"dropped")
+                    continue
+                if record.get("step", self.step + 1) <= self.step:
+                    kept.append(line + "\n")
+            data.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+        return open(path, "a" if resume else "w")
+
+    def log(self, record):
+        if self.env.rank == 0:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def save(self, name):
+        """OUT/{name}: the model, and the training state with every process's RNG states (rank 0 writes)."""
+        t, rngs = time.time(), [None] * self.env.world
+        if self.env.world > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = rng_state()
+        if self.env.rank == 0:
+            state = {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                     "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                     "best": self.best, "rng": rngs, "config": self.settings}
+            weights.save_checkpoint(self.out / name, self.model, self.settings, state, self.tokenizers_from)
+        self.pause_s += time.time() - t
+
+    def finish(self, summary):
+        """The run's summary (rank 0 only): logged, written to OUT/summary.json and printed."""
+        self.log(dict(summary=summary))
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(json.dumps(summary))
+        self.metrics.close()
