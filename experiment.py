@@ -19,6 +19,7 @@ from its summary.json, an interrupted one is resumed from its `last` checkpoint.
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,9 @@ def train(*args, out=None):
         return json.loads((out / "summary.json").read_text())
     if out is not None and find_checkpoint(out / "last").exists():  # (or the copy a crash left aside)
         args = (*args, "--resume")
+    elif out is not None and out.exists():  # interrupted before its first checkpoint: nothing to resume
+        print(f"starting over: {out} (interrupted before its first checkpoint)", flush=True)
+        shutil.rmtree(out)
     cmd = [sys.executable, "train.py", *map(str, args)]
     print("$", " ".join(cmd), flush=True)
     # stderr (the progress bars and, on failure, train.py's message) goes to the terminal; stdout ends with the JSON

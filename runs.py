@@ -3,11 +3,13 @@ The bookkeeping of a training run, apart from the method, as minGPT keeps its tr
 here is specific to CLIPTrans, and a first reading of train.py can take it on trust.
 
 - `setup`: where a process runs: DDP from torchrun's environment, the device, the precision (autocast).
+- `hold`, `check_free`: one run at a time in a folder, and never a new run over an earlier one's files.
 - `Run`: what a run keeps in its folder and what `--resume` restores exactly: the position in the data, the
   optimizer, the gradient scaler and the RNG states of every process (`state.pt`, written with the model into
   each checkpoint folder by weights.save_checkpoint, atomically), and the metrics log (`metrics.jsonl`).
 """
 
+import atexit
 import contextlib
 import json
 import os
@@ -50,7 +52,7 @@ def setup(device: str = "auto", dtype: str = "auto") -> Env:
     except RuntimeError:
         raise SystemExit(f"error: --device {device}: expected auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"error: --device {device}, but PyTorch sees no GPU here: use --device cpu (or auto)")
+        raise SystemExit(f"error: --device {device}, but PyTorch sees no GPU here: use --device cpu or auto")
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -66,6 +68,70 @@ def setup(device: str = "auto", dtype: str = "auto") -> Env:
 def log0(rank, *args):
     if rank == 0:
         tqdm.write(" ".join(str(a) for a in args))
+
+
+# -----------------------------------------------------------------------------
+# A run's folder: held by one run at a time, never reused by a new run.
+
+# What a run leaves in its folder: its checkpoints (with the copies an interrupted save leaves) and its log.
+RUN_FILES = ("last", "best", ".last.old", ".best.old", ".last.tmp", ".best.tmp", "metrics.jsonl")
+
+
+def check_free(out):
+    """A new run never replaces what an earlier one left: a folder holding any of RUN_FILES is refused."""
+    taken = [name for name in RUN_FILES if (Path(out) / name).exists()]
+    if taken:
+        raise SystemExit(f"error: {out} already holds a checkpoint or a run's log ({', '.join(taken)}): "
+                         f"--resume to continue it, or give another --out (or delete the folder) to start "
+                         f"over")
+
+
+def hold(out):
+    """Hold the folder `out` for this process: OUT/.lock holds its process id, and another run into `out` is
+    refused while that process lives (two runs would overwrite each other's checkpoints and log). A lock whose
+    process has ended (killed, or the machine restarted) is taken over, with a message. Released at exit."""
+    lock = Path(out) / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(50):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pid = lock.read_text().strip() if lock.exists() else ""
+            if not pid.isdigit():  # being written by the process that just created it: look again
+                time.sleep(0.1)
+                if lock.exists() and not lock.read_text().strip():
+                    lock.unlink(missing_ok=True)  # (empty for good: its writer died at once)
+                continue
+            if int(pid) != os.getpid() and alive(int(pid)):
+                raise SystemExit(f"error: {out} is in use by another run (process {pid}): wait for it to "
+                                 f"end, or give another --out")
+            if int(pid) != os.getpid():
+                log0(0, f"{lock}: process {pid}, which held it, has ended: taking it over")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(release, out)
+        return lock
+    raise SystemExit(f"error: cannot take {lock}: another run keeps taking it; give another --out")
+
+
+def release(out):
+    """Let go of `out`, if this process holds it (at the end of the run, or at exit)."""
+    lock = Path(out) / ".lock"
+    with contextlib.suppress(OSError):
+        if lock.read_text().strip() == str(os.getpid()):
+            lock.unlink()
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
 
 
 # -----------------------------------------------------------------------------
@@ -118,9 +184,9 @@ def check_resumable(state, settings: dict, same, folder, world):
 
 
 class Run:
-    """A training run's bookkeeping in its folder `out`: where it is (what every checkpoint's state.pt saves and
-    --resume restores exactly), its metrics log (OUT/metrics.jsonl, rank 0) and its checkpoints. The time spent
-    evaluating and writing checkpoints adds up in pause_s, so that tokens/s count the time spent training.
+    """A training run's bookkeeping in its folder `out`: where it is (what every checkpoint's state.pt saves
+    and --resume restores exactly), its metrics log (OUT/metrics.jsonl, rank 0) and its checkpoints. The time
+    spent evaluating and writing checkpoints adds up in pause_s: tokens/s count the time spent training.
     settings: the run's settings (saved into every checkpoint); resume_same: those a resume must keep."""
 
     def __init__(self, settings: dict, resume_same, env: Env, model, opt, scaler, start, resume=False):
@@ -129,9 +195,16 @@ class Run:
         self.tokenizers_from = start  # every checkpoint carries the tokenizers of the one it started from
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # optimizer steps; the position in the data
         self.best, self.pause_s = -1.0, 0.0  # best: the best validation score so far
+        if env.rank == 0:  # the folder is this run's from now on; checked again: another run may have ended
+            hold(self.out)  # there since this one started
+            if not resume:
+                try:
+                    check_free(self.out)
+                except SystemExit:
+                    release(self.out)
+                    raise
         if resume:
             self.resume(start, resume_same)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.metrics = self.open_log(self.out / "metrics.jsonl", resume) if env.rank == 0 else None
 
     def resume(self, start, same):
@@ -190,3 +263,4 @@ class Run:
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(json.dumps(summary))
         self.metrics.close()
+        release(self.out)

@@ -455,10 +455,23 @@ def main(argv=None):
                                 ("image_size", 64, "image side, in pixels")):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=default,
                        help=f"{text} (default: {default})")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     args = p.parse_args(argv)
+    small = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k.startswith("n_") and v < 1]
+    if small or args.image_size < 8:
+        what = ", ".join(small) or f"--image-size {args.image_size}"
+        p.error(f"{what}: every split needs at least one scene, and an image at least 8 pixels")
     t0 = time.time()
-    out = make_tiny_world(args.out, args.n_train, args.n_val, args.n_test, args.seed, args.image_size)
-    print(f"tiny world in {out} ({time.time() - t0:.1f} s)")
+    try:
+        tmp = weights.new_folder(args.out, args.overwrite)  # written aside, renamed into place when complete
+    except weights.ConversionError as e:
+        p.exit(1, f"error: {e}\n")
+    try:
+        make_tiny_world(tmp, args.n_train, args.n_val, args.n_test, args.seed, args.image_size)
+        weights.replace_folder(tmp, args.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"tiny world in {args.out} ({time.time() - t0:.1f} s)")
 
 
 if __name__ == "__main__":

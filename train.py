@@ -36,10 +36,13 @@ scaler, step, RNG states; loads with `torch.load(weights_only=True)`), written a
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
+import os
 import math
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,7 @@ import data
 import tiny_world
 import weights
 from cliptrans import Attention, CLIPTransConfig
+import runs
 from runs import Env, Run, log0, read_state, setup
 
 # -----------------------------------------------------------------------------
@@ -187,12 +191,13 @@ def parse_args(argv=None):
 def starting_point(c: Config):
     """The folder the model comes from, and its name in messages. Fails before any slow preparation."""
     out = Path(c.out)
-    if not (c.resume or c.eval_only) and weights.find_checkpoint(out / "last").exists():
-        raise SystemExit(f"error: {out} already holds a checkpoint: --resume to continue it, or give another "
-                         f"--out (or delete the folder) to start over")
+    if not (c.resume or c.eval_only):
+        runs.check_free(out)  # (again once the run holds the folder: see Run)
     if c.resume or c.eval_only:
         kept = "best" if c.eval_only and c.stage == 2 else "last"  # --eval_only: the checkpoint a run keeps
-        start = weights.find_checkpoint(c.checkpoint or out / kept)
+        # a crash between the two renames of a save left only the old copy: --resume puts it back first
+        find = weights.find_checkpoint if c.eval_only else weights.recover_checkpoint
+        start = find(c.checkpoint or out / kept)
         if not start.exists():
             raise SystemExit(f"error: no checkpoint in {start} to {'score' if c.eval_only else 'resume'}: "
                              f"train first (python train.py --stage {c.stage})")
@@ -259,7 +264,7 @@ def features(model, c: Config, split: data.Split, kind, folder, env: Env):
     data, keyed by the tower's weights and the preprocessing; rank 0 computes, the others wait and read."""
     if kind == "image":
         size = model.config.vision.image_size
-        key = data.fingerprint(model.vision, "clip_preprocess", size, *map(str, split.images))
+        key = data.fingerprint(model.vision, "clip_preprocess", size, *image_digests(split.images))
         compute = lambda: data.embed_images(model.encode_image, split.images, size, 64,  # noqa: E731
                                             env.device)
     else:
@@ -278,6 +283,15 @@ def features(model, c: Config, split: data.Split, kind, folder, env: Env):
     if env.rank == 0 and dist.is_initialized():
         dist.barrier()
     return feats
+
+
+def image_digests(files):
+    """A hash of each image file's bytes: the image features are cached under what the images hold, not under
+    their names, so images replaced in place are embedded again. The bytes, not the size and time of a file:
+    a copy that keeps the old time, or an edit of the same size, is still seen (seconds for Flickr30k)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib runs outside the GIL
+        digest = lambda f: hashlib.blake2b(Path(f).read_bytes(), digest_size=16).hexdigest()  # noqa: E731
+        return list(pool.map(digest, files))
 
 
 @dataclass

@@ -26,6 +26,8 @@ import pickle
 import re
 import shutil
 import struct
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -500,6 +502,14 @@ def save_checkpoint(folder, model, settings: dict, state: dict, tokenizers_from)
     for name in (MBART_TOKENIZER, TEXT_TOKENIZER):
         shutil.copyfile(Path(tokenizers_from) / name, tmp / name)
     torch.save(state, tmp / "state.pt")
+    replace_folder(tmp, folder)
+
+
+def replace_folder(tmp, folder):
+    """Put the complete folder `tmp` in the place of `folder` (which may exist) with two renames: `folder` is
+    moved aside to `.{name}.old`, `tmp` renamed into place, the old copy removed. A crash between the renames
+    leaves the old copy, which find_checkpoint finds and recover_checkpoint puts back."""
+    folder = Path(folder)
     old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -515,38 +525,68 @@ def find_checkpoint(folder):
     return folder if folder.exists() or not old.exists() else old
 
 
-def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0):
-    mbart_ck, mclip_ck, clip_ck = HFCheckpoint(mbart), HFCheckpoint(mclip), HFCheckpoint(clip)
-    xlmr_cfg = read_json(Path(xlmr) / "config.json")
-    config = CLIPTransConfig(
-        vision=vision_config(clip_ck.config, f"{clip}/config.json"),
-        text=text_config(mclip_ck.config, xlmr_cfg, f"{mclip}/config.json", f"{xlmr}/config.json"),
-        mbart=mbart_config(mbart_ck.config, f"{mbart}/config.json"),
-        mapping=mapping)
-    # The tokenizers first: one that does not fit its model fails here, in seconds, before the weights are read
-    tokenizer_files = {MBART_TOKENIZER: read_tokenizer(mbart, "mbart", mbart_ck.config, f"{mbart}/config.json"),
-                       TEXT_TOKENIZER: read_tokenizer(xlmr, "text", xlmr_cfg, f"{xlmr}/config.json")}
-    state = {}
-    state.update(convert(mbart_ck, MBART_RULES, expected_shapes(config, "mbart.")))
-    state.update(convert(mclip_ck, MCLIP_RULES, expected_shapes(config, "text.")))
-    state.update(convert(clip_ck, CLIP_RULES, expected_shapes(config, "vision.")))
-    # The mapping network is CLIPTrans's own: no checkpoint has it, it starts from a seeded initialisation.
-    torch.manual_seed(seed)
-    mapping_net = MappingNetwork(config.mapping, config.vision.embed_dim, config.mbart.d_model)
-    mapping_net.apply(init_weights)
-    state.update({f"mapping.{k}": v for k, v in mapping_net.state_dict().items()})
-    check_keys(state, expected_shapes(config, ""), "the converted model")
+def recover_checkpoint(folder):
+    """`folder`, renamed back into place first when a crash between the two renames of save_checkpoint left only
+    its old copy: a run that continues from it can then replace it like any checkpoint (reading the old copy
+    where it lies, the run's first save would delete the folder it reads its tokenizers from)."""
+    folder, found = Path(folder), find_checkpoint(folder)
+    if found != folder:
+        os.replace(found, folder)
+        print(f"{folder}: restored from {found.name}, the copy an interrupted save left aside", file=sys.stderr)
+    return folder
 
+
+def new_folder(out, overwrite=False):
+    """A temporary folder beside `out` to write into, then `replace_folder(tmp, out)` once complete, so a kill in
+    the middle leaves `out` as it was. Refuses an `out` that is a file, or a folder with anything in it unless
+    `overwrite` (checked before any slow work)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in tokenizer_files.items():
-        atomic_write(out / name, lambda p, text=text: Path(p).write_bytes(text))
-    state = {k: v.contiguous() for k, v in state.items()}
-    atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, p))
-    meta = {"cliptrans": config.to_dict(), "sources": {"mbart": str(mbart), "mclip": str(mclip),
-                                                      "xlmr": str(xlmr), "clip": str(clip)}}
-    atomic_write(out / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
-    return out
+    if out.exists() and not out.is_dir():
+        raise ConversionError(f"--out {out} is a file: give a folder to write into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+        raise ConversionError(f"--out {out} is not empty (it holds {held}): give a new folder, or pass "
+                              f"--overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+
+
+def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0, overwrite=False):
+    tmp = new_folder(out, overwrite)  # a used --out is refused before any weight is read
+    try:
+        mbart_ck, mclip_ck, clip_ck = HFCheckpoint(mbart), HFCheckpoint(mclip), HFCheckpoint(clip)
+        xlmr_cfg = read_json(Path(xlmr) / "config.json")
+        config = CLIPTransConfig(
+            vision=vision_config(clip_ck.config, f"{clip}/config.json"),
+            text=text_config(mclip_ck.config, xlmr_cfg, f"{mclip}/config.json", f"{xlmr}/config.json"),
+            mbart=mbart_config(mbart_ck.config, f"{mbart}/config.json"),
+            mapping=mapping)
+        # The tokenizers first: one that does not fit its model fails here, in seconds, before any weight is read
+        tokenizer_files = {
+            MBART_TOKENIZER: read_tokenizer(mbart, "mbart", mbart_ck.config, f"{mbart}/config.json"),
+            TEXT_TOKENIZER: read_tokenizer(xlmr, "text", xlmr_cfg, f"{xlmr}/config.json")}
+        state = {}
+        state.update(convert(mbart_ck, MBART_RULES, expected_shapes(config, "mbart.")))
+        state.update(convert(mclip_ck, MCLIP_RULES, expected_shapes(config, "text.")))
+        state.update(convert(clip_ck, CLIP_RULES, expected_shapes(config, "vision.")))
+        # The mapping network is CLIPTrans's own: no checkpoint has it, it starts from a seeded initialisation.
+        torch.manual_seed(seed)
+        mapping_net = MappingNetwork(config.mapping, config.vision.embed_dim, config.mbart.d_model)
+        mapping_net.apply(init_weights)
+        state.update({f"mapping.{k}": v for k, v in mapping_net.state_dict().items()})
+        check_keys(state, expected_shapes(config, ""), "the converted model")
+
+        for name, text in tokenizer_files.items():
+            atomic_write(tmp / name, lambda p, text=text: Path(p).write_bytes(text))
+        state = {k: v.contiguous() for k, v in state.items()}
+        atomic_write(tmp / WEIGHTS_FILE, lambda p: save_file(state, p))
+        meta = {"cliptrans": config.to_dict(), "sources": {"mbart": str(mbart), "mclip": str(mclip),
+                                                          "xlmr": str(xlmr), "clip": str(clip)}}
+        atomic_write(tmp / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+        replace_folder(tmp, out)  # all or nothing: a kill before this line leaves --out as it was
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # (already gone once renamed into place)
+    return Path(out)
 
 
 def main(argv=None):
@@ -558,9 +598,11 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mapping", default="mlp", choices=["mlp", "hidden_mlp", "transformer"])
     p.add_argument("--prefix_len", type=int, default=10)
+    p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     a = p.parse_args(argv)
     try:
-        out = convert_all(a.mbart, a.mclip, a.xlmr, a.clip, a.out, MappingConfig(a.mapping, a.prefix_len))
+        out = convert_all(a.mbart, a.mclip, a.xlmr, a.clip, a.out, MappingConfig(a.mapping, a.prefix_len),
+                          overwrite=a.overwrite)
     except ConversionError as e:
         raise SystemExit(f"error: {e}")
     print(f"wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / MBART_TOKENIZER}, {out / TEXT_TOKENIZER}")

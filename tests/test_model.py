@@ -593,3 +593,27 @@ def test_command_line_reports_errors_without_traceback(tmp_path, capsys):
         weights.main(["--mbart", str(tmp_path / "nope"), "--mclip", str(tmp_path), "--xlmr", str(tmp_path),
                       "--clip", str(tmp_path), "--out", str(tmp_path / "out")])
     assert "is not a folder" in str(e.value.code)
+
+
+def test_conversion_never_overwrites_a_folder_without_being_asked(tmp_path, converted, hf_mbart_dir, hf_mclip_dir,
+                                                                  hf_xlmr_dir, hf_clip_dir, capsys):
+    """--out holding anything (here a trained checkpoint's state.pt) is refused before any weight is read; with
+    --overwrite the folder is replaced whole (nothing stale stays beside the new weights); --out naming a file is
+    refused at once. The output is written aside and renamed into place: no temporary folder is left."""
+    sources = ["--mbart", str(hf_mbart_dir), "--mclip", str(hf_mclip_dir), "--xlmr", str(hf_xlmr_dir),
+               "--clip", str(hf_clip_dir)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "state.pt").write_bytes(b"a trained run's optimizer")
+    with pytest.raises(SystemExit) as stop:
+        weights.main(sources + ["--out", str(out)])
+    assert "is not empty (it holds state.pt)" in str(stop.value.code) and "--overwrite" in str(stop.value.code)
+    assert [p.name for p in out.iterdir()] == ["state.pt"]
+    weights.main(sources + ["--out", str(out), "--overwrite"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in converted.iterdir())
+    assert load_file(out / weights.WEIGHTS_FILE).keys() == load_file(converted / weights.WEIGHTS_FILE).keys()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as stop:
+        weights.main(sources + ["--out", str(tmp_path / "file")])
+    assert "is a file" in str(stop.value.code)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]

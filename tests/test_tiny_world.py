@@ -205,3 +205,21 @@ def test_tiny_cli(tmp_path):
     tiny_world.main(["--out", str(tmp_path / "w"), "--n-train", "10", "--n-val", "2", "--n-test", "3"])
     s = data.read_split(tmp_path / "w", "test", ["en", "fr"], images=tmp_path / "w" / "images")
     assert len(s) == 3 and all(p.is_file() for p in s.images)
+
+
+def test_tiny_cli_never_overwrites_without_being_asked(tmp_path, capsys):
+    """--out holding anything is refused (--overwrite replaces it); empty splits are refused before any work."""
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        tiny_world.main(["--out", str(out), "--n-train", "4", "--n-val", "2", "--n-test", "2"])
+    assert stop.value.code == 1 and "is not empty (it holds keep.txt)" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    tiny_world.main(["--out", str(out), "--n-train", "4", "--n-val", "2", "--n-test", "2", "--overwrite"])
+    assert not (out / "keep.txt").exists() and (out / "stamp.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    with pytest.raises(SystemExit) as stop:
+        tiny_world.main(["--out", str(tmp_path / "v"), "--n-train", "0"])
+    assert stop.value.code == 2 and "--n-train 0" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()

@@ -886,3 +886,82 @@ def test_main_in_process_closes_its_files(world, stage1, tmp_path):
         gc.collect()
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not unclosed, unclosed
+
+
+# ----------------------------------------------------------------------------- nothing lost
+
+
+def refused(cli, *fragments):
+    """train.main(cli) in this process stops with a message holding every fragment; returns the message."""
+    with pytest.raises(SystemExit) as stop:
+        train.main(args(*cli))
+    message = str(stop.value.code)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+@pytest.mark.parametrize("left", ["best", ".last.old", "metrics.jsonl"])
+def test_a_new_run_never_replaces_what_an_earlier_run_left(left, world, stage1, stage2, tmp_path):
+    """A folder holding a checkpoint of any name (here `best` without `last`, or the copy an interrupted save left
+    aside) or a run's log is taken: a new run into it is refused before anything in it changes."""
+    out = tmp_path / "run"
+    shutil.copytree(stage2, out)
+    shutil.rmtree(out / "last")
+    if left == ".last.old":
+        shutil.copytree(stage2 / "last", out / ".last.old")
+    for name in ("best", "metrics.jsonl"):
+        if name != left and (out / name).exists():
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    before = snapshot(out)
+    refused(["--stage", 2, "--data", world, "--init", stage1 / "last", "--out", out, "--max_steps", 1, *FAST],
+            f"{out} already holds", left, "--resume")
+    assert snapshot(out) == before
+
+
+def test_resume_from_the_copy_an_interrupted_save_left_aside(world, stage1, tmp_path, capsys):
+    """A crash between the two renames of a checkpoint save leaves only `.last.old`: --resume puts it back as
+    `last` and continues through several saves (reading it where it lay, the first save deleted it)."""
+    out = tmp_path / "run"
+    train.main(resume_args(world, stage1, out, "--max_steps", 2, "--save_every", 1))
+    os.replace(out / "last", out / ".last.old")  # the state between the two renames of the next save
+    train.main(resume_args(world, stage1, out, "--resume", "--max_steps", 5, "--save_every", 1))
+    assert "restored from .last.old" in "".join(capsys.readouterr())
+    assert not (out / ".last.old").exists()
+    assert train.read_state(out / "last")["step"] == 5
+
+
+def test_a_run_holds_its_folder(world, stage1, tmp_path, capsys):
+    """OUT/.lock: a second run into a folder that a live process holds is refused; a lock left by a process that
+    has ended is taken over, with a message."""
+    out = tmp_path / "run"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(str(other.pid))
+        cli = resume_args(world, stage1, out, "--max_steps", 1)
+        refused(cli, f"{out} is in use by another run (process {other.pid})")
+        assert not (out / "metrics.jsonl").exists()
+    finally:
+        other.kill()
+        other.wait()
+    train.main(cli)  # the holder has ended: its lock is stale
+    assert f"process {other.pid}, which held it, has ended" in "".join(capsys.readouterr())
+    assert (out / "last").exists() and not (out / ".lock").exists()  # let go at the end of the run
+
+
+def test_the_image_features_follow_the_images_not_their_names(world, stage0, tmp_path):
+    """Images replaced in place (the same file names) are embedded again: the cache is keyed on their bytes."""
+    data_dir = tmp_path / "world"
+    shutil.copytree(world, data_dir, ignore=shutil.ignore_patterns("features"))
+    c = train.parse_args(args("--stage", 1, "--data", data_dir, "--weights", stage0, "--out", tmp_path / "o"))
+    env = train.setup("cpu", "fp32")
+    model = weights.load(stage0)
+    split = data.read_split(data_dir, "val", ["en"], images=data_dir / "images")
+    first = train.features(model, c, split, "image", stage0, env)
+    a, b = split.images[0], split.images[1]
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes), b.write_bytes(a_bytes)  # the two images swapped, the names kept
+    second = train.features(model, c, split, "image", stage0, env)
+    assert torch.equal(second[0], first[1]) and torch.equal(second[1], first[0])
+    assert torch.equal(second[2:], first[2:])
