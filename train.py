@@ -316,13 +316,27 @@ def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
         raise SystemExit(f"error: {e}")
     feats = features(model, c, s, kind, folder, env)
     targets = tok.encode(s.sentences[tgt_lang], tgt_lang)[0]
-    tgt_ids = [row[row != tok.pad_id].tolist() for row in targets]
+    # mBART's positions: the decoder reads `</s> P1..Pp <lang> y1..yn`, P + L positions for a target of L
+    # tokens (`<lang> y1..yn </s>`); the encoder reads the source
+    positions, P = model.config.mbart.max_positions, model.config.mapping.prefix_len
+    tgt_ids = fit([row[row != tok.pad_id].tolist() for row in targets], positions - P, "target", split, env)
     # (3) the encoder input: in stage 1 "the encoder input is trivial", `<lang> </s>`; in stage 2 the source
     if c.stage == 1:
         src_ids = [[tok.lang_id(tgt_lang), tok.eos_id]] * len(s)
     else:
         src_ids = [row[row != tok.pad_id].tolist() for row in tok.encode(s.sentences[c.src], c.src)[0]]
+        src_ids = fit(src_ids, positions, "source", split, env)
     return Examples(s.sentences, feats, src_ids, tgt_ids, tgt_lang)
+
+
+def fit(rows, limit, what, split, env: Env):
+    """Token rows `[lang] x </s>` cut to `limit` tokens (keeping `</s>`), with a count: one over-long sentence
+    must not stop a run at the step that meets it, nor its resume at the same step."""
+    long = [i for i, row in enumerate(rows) if len(row) > limit]
+    if long:
+        log0(env.rank, f"{split}: {len(long)} {what} sentence(s) cut to mBART's {limit} tokens (line "
+                       f"{', '.join(str(i + 1) for i in long[:5])}{' ...' if len(long) > 5 else ''})")
+    return [row if len(row) <= limit else row[:limit - 1] + row[-1:] for row in rows]
 
 
 # -----------------------------------------------------------------------------
@@ -360,9 +374,8 @@ def evaluate(model, c: Config, split, clip, tok, src_ids, tgt_lang, refs, env: E
     return sacrebleu.corpus_bleu(hyps, [refs]).score
 
 
-def test(c: Config, model, tok, folder, env: Env, split, path):
-    """The BLEU of `model` on a split; --ablate takes one of its two inputs away."""
-    ex = prepare(c, split, model, tok, folder, env)
+def test(c: Config, model, tok, ex: Examples, env: Env, split, path):
+    """The BLEU of `model` on a prepared split; --ablate takes one of its two inputs away."""
     feats, src_ids = ex.feats, ex.src_ids
     if c.ablate == "prefix":  # each sentence with the previous one's prefix: what the source alone carries
         feats = feats.roll(1, dims=0)
@@ -374,7 +387,7 @@ def test(c: Config, model, tok, folder, env: Env, split, path):
 def score(c: Config, model, tok, start, env: Env):
     """--eval_only: the BLEU of a checkpoint on --split (--ablate: with one of its two inputs taken away)."""
     path = Path(c.out) / "hyps" / f"{c.split}.eval{'.ablate_' + c.ablate if c.ablate else ''}.txt"
-    bleu = test(c, model, tok, start, env, c.split, path)
+    bleu = test(c, model, tok, prepare(c, c.split, model, tok, start, env), env, c.split, path)
     if env.rank == 0:
         print(json.dumps({"split": c.split, "bleu": round(bleu, 2), "checkpoint": str(start),
                           "hypotheses": str(path), **({"ablate": c.ablate} if c.ablate else {})}))
@@ -559,9 +572,11 @@ def main(argv=None):
     if c.eval_only:
         return score(c, model, tok, start, env)
 
-    # the data, and the frozen towers' features: (2) the image or the source sentence; (3) the encoder input
+    # the data, and the frozen towers' features: (2) the image or the source sentence; (3) the encoder input.
+    # Every split the run scores is read and checked before the first step, not found broken after the last.
     train_set = prepare(c, c.train_split, model, tok, start, env)
     val_set = prepare(c, c.val_split, model, tok, start, env)
+    test_set = prepare(c, c.test_split, model, tok, start, env)
 
     # (4) what trains, with AdamW and (fp16) a gradient scaler, in batches of examples of similar length
     params = trainable(model, c.stage)
@@ -583,7 +598,8 @@ def main(argv=None):
     kept = run.out / ("best" if c.stage == 2 else "last")
     if c.stage == 2:
         model, _ = load_model(kept, c, env.device, "best checkpoint")
-    test_bleu = test(c, model, tok, start, env, c.test_split, run.out / "hyps" / f"{c.test_split}.final.txt")
+    path = run.out / "hyps" / f"{c.test_split}.final.txt"
+    test_bleu = test(c, model, tok, test_set, env, c.test_split, path)
     if env.rank == 0:  # (the BLEU is rank 0's)
         run.finish(dict(stage=c.stage, steps=run.step, minutes=round(elapsed / 60, 2),
                         tokens_per_s=round(tokens_seen / max(elapsed - run.pause_s, 1e-9)),

@@ -965,3 +965,33 @@ def test_the_image_features_follow_the_images_not_their_names(world, stage0, tmp
     second = train.features(model, c, split, "image", stage0, env)
     assert torch.equal(second[0], first[1]) and torch.equal(second[1], first[0])
     assert torch.equal(second[2:], first[2:])
+
+
+def test_an_over_long_sentence_is_cut_when_the_data_is_prepared(world, stage1, tmp_path, capsys):
+    """A training pair whose target and source exceed mBART's positions (128 in the tiny preset) is cut, with a
+    count and its line, when the data is prepared: the run trains through it (it used to stop at its step)."""
+    data_dir = tmp_path / "world"
+    shutil.copytree(world, data_dir, ignore=shutil.ignore_patterns("features"))
+    for lang in ("en", "de"):
+        path = data_dir / "raw" / f"train.{lang}"
+        lines = path.read_text("utf-8").splitlines()
+        lines[2] = " ".join([lines[2].rstrip(".")] * 30) + "."  # some 400 tokens
+        path.write_text("\n".join(lines) + "\n", "utf-8")
+    train.main(args("--stage", 2, "--data", data_dir, "--init", stage1 / "last", "--out", tmp_path / "out",
+                    "--n_pairs", 16, "--batch_size", 16, "--max_steps", 2, *FAST))
+    said = "".join(capsys.readouterr())
+    assert "train: 1 target sentence(s) cut to mBART's 118 tokens (line 3)" in said
+    assert "train: 1 source sentence(s) cut to mBART's 128 tokens (line 3)" in said
+    assert train.read_state(tmp_path / "out" / "last")["step"] == 2
+
+
+def test_a_broken_test_split_is_found_before_the_first_step(world, stage1, tmp_path):
+    """Every split the run scores is read and checked before training: a test split with a missing line stops
+    the run before any step, not after the last one."""
+    data_dir = tmp_path / "world"
+    shutil.copytree(world, data_dir, ignore=shutil.ignore_patterns("features"))
+    path = data_dir / "raw" / "test.de"
+    path.write_text("".join(path.read_text("utf-8").splitlines(True)[:-1]), "utf-8")  # one line short
+    refused(["--stage", 2, "--data", data_dir, "--init", stage1 / "last", "--out", tmp_path / "out",
+             "--max_steps", 2, *FAST], "test.de", "lines")
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
