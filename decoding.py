@@ -66,6 +66,9 @@ def generate(mbart, memory, memory_mask, prompt, prompt_mask=None, num_beams=5, 
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError(f"num_beams={num_beams}, max_new_tokens={max_new_tokens}: expected at least 1 of "
                          f"each")
+    if num_beams > 1 and 2 * num_beams + 1 > c.vocab_size:  # each step keeps 2 x num_beams (+1) candidates
+        raise ValueError(f"num_beams={num_beams} needs a vocabulary of at least {2 * num_beams + 1} tokens; "
+                         f"this model has {c.vocab_size}: use at most {(c.vocab_size - 1) // 2} beams")
     if P + max_new_tokens > c.max_positions:
         raise ValueError(f"{P} prompt positions + max_new_tokens={max_new_tokens} exceed mBART's "
                          f"{c.max_positions}: max_new_tokens can be at most {c.max_positions - P}")

@@ -141,7 +141,11 @@ def alive(pid):
 def read_state(folder):
     """The training state of a checkpoint (state.pt: optimizer, step, RNG states, settings), or {}."""
     path = Path(folder) / "state.pt"
-    return torch.load(path, weights_only=True) if path.exists() else {}
+    try:
+        return torch.load(path, weights_only=True) if path.exists() else {}
+    except Exception as e:  # noqa: BLE001  (a damaged file raises several kinds; weights_only runs no code)
+        raise SystemExit(f"error: cannot read {path} ({type(e).__name__}): the file is damaged or not a "
+                         f"training state written by train.py; resume from another checkpoint") from None
 
 
 def rng_state():
@@ -254,7 +258,13 @@ class Run:
             state = {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                      "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                      "best": self.best, "rng": rngs, "config": self.settings}
-            weights.save_checkpoint(self.out / name, self.model, self.settings, state, self.tokenizers_from)
+            folder = self.out / name
+            try:
+                weights.save_checkpoint(folder, self.model, self.settings, state, self.tokenizers_from)
+            except OSError as e:  # a full or read-only disk: the previous checkpoint is intact
+                raise SystemExit(f"error: cannot write the checkpoint {folder} ({e.strerror or e}): free "
+                                 f"some space or make {self.out} writable, then --resume from the previous "
+                                 f"checkpoint, which is intact") from None
         self.pause_s += time.time() - t
 
     def finish(self, summary):

@@ -242,6 +242,9 @@ def load_model(folder, c: Config, device, what):
             raise SystemExit(f"error: {what} {folder} is not a {c.preset} model: its {part} differs in "
                              f"{diff} (found {[b[k] for k in diff]}, the {c.preset} preset has "
                              f"{[a[k] for k in diff]}). Use --preset to match it, or another checkpoint")
+    if c.beam > 1 and 2 * c.beam + 1 > model.config.mbart.vocab_size:  # beam search's candidates per step
+        raise SystemExit(f"error: --beam {c.beam} needs a vocabulary of at least {2 * c.beam + 1} tokens; "
+                         f"{folder} has {model.config.mbart.vocab_size}: lower --beam")
     if c.dropout >= 0:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):

@@ -112,13 +112,20 @@ class HFCheckpoint:
 
 
 def read_json(path):
+    """A JSON object (a dict) from `path`; anything else (no file, a folder, not UTF-8, not JSON, a list) is a
+    ConversionError that names the file."""
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path} not found: expected a Hugging Face model folder with its config.json")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path} is not valid JSON ({e})")
+        value = json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"cannot read {path} ({e}): expected a JSON file, UTF-8; it is damaged or not the "
+                              f"file it should be") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} holds a JSON {type(value).__name__}, expected an object {{...}}: it is "
+                              f"damaged or not the file it should be")
+    return value
 
 
 # -----------------------------------------------------------------------------
@@ -473,7 +480,11 @@ def read_config(folder):
     config = read_json(folder / CONFIG_FILE)
     if "cliptrans" not in config:
         raise ConversionError(f"{folder / CONFIG_FILE} has no 'cliptrans' section: it is not a file this project wrote")
-    return CLIPTransConfig.from_dict(config["cliptrans"]), config
+    try:
+        return CLIPTransConfig.from_dict(config["cliptrans"]), config
+    except (TypeError, KeyError) as e:  # a section missing, or a field this version does not know
+        raise ConversionError(f"{folder / CONFIG_FILE}: its 'cliptrans' section does not describe a model ({e!r}): "
+                              f"it is damaged, or written by another version of this project") from None
 
 
 def load(folder, device="cpu", dtype=torch.float32):
@@ -498,10 +509,14 @@ def save_checkpoint(folder, model, settings: dict, state: dict, tokenizers_from)
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save(model, tmp, extra_config={"train": settings})
-    for name in (MBART_TOKENIZER, TEXT_TOKENIZER):
-        shutil.copyfile(Path(tokenizers_from) / name, tmp / name)
-    torch.save(state, tmp / "state.pt")
+    try:
+        save(model, tmp, extra_config={"train": settings})
+        for name in (MBART_TOKENIZER, TEXT_TOKENIZER):
+            shutil.copyfile(Path(tokenizers_from) / name, tmp / name)
+        torch.save(state, tmp / "state.pt")
+    except BaseException:  # a full or read-only disk, say: the old checkpoint stays, the half-written copy goes
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_folder(tmp, folder)
 
 

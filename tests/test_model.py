@@ -617,3 +617,25 @@ def test_conversion_never_overwrites_a_folder_without_being_asked(tmp_path, conv
         weights.main(sources + ["--out", str(tmp_path / "file")])
     assert "is a file" in str(stop.value.code)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
+
+
+def test_more_beams_than_the_vocabulary_allows_fail_clearly(model, device):
+    V = model.config.mbart.vocab_size
+    ids, mask = padded_batch(V, [5], lang_id=V - 51, device=device)
+    beams = (V - 1) // 2 + 1  # one beam too many: 2 x beams + 1 candidates per step
+    with pytest.raises(ValueError, match=f"at least {2 * beams + 1} tokens; this model has {V}: use at most {beams - 1}"):
+        model.mbart.generate(ids, mask, num_beams=beams, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b"\xff\xfe not utf-8", b"{\"cliptrans\": {\"vision\": 3}}", None])
+def test_a_damaged_config_json_fails_clearly(tmp_path, converted, content):
+    """config.json as a list, not UTF-8, with a section that describes no model, or a folder in its place."""
+    folder = tmp_path / "weights"
+    shutil.copytree(converted, folder)
+    (folder / weights.CONFIG_FILE).unlink()
+    if content is None:
+        (folder / weights.CONFIG_FILE).mkdir()
+    else:
+        (folder / weights.CONFIG_FILE).write_bytes(content)
+    with pytest.raises(weights.ConversionError, match=str(folder / weights.CONFIG_FILE).replace("\\", "\\\\")):
+        weights.load(folder)

@@ -995,3 +995,29 @@ def test_a_broken_test_split_is_found_before_the_first_step(world, stage1, tmp_p
     refused(["--stage", 2, "--data", data_dir, "--init", stage1 / "last", "--out", tmp_path / "out",
              "--max_steps", 2, *FAST], "test.de", "lines")
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(world, stage1, tmp_path, monkeypatch):
+    """A save that fails (here the disk full at state.pt of the second save) stops the run with a message naming
+    the folder; the previous checkpoint stays intact and the half-written copy is removed."""
+    out = tmp_path / "run"
+    real_save, saves = torch.save, []
+
+    def save(obj, path, *a, **kw):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path, *a, **kw)
+    monkeypatch.setattr(torch, "save", save)
+    message = refused(resume_args(world, stage1, out, "--max_steps", 3, "--save_every", 1),
+                      f"cannot write the checkpoint {out / 'last'} (No space left on device)", "intact")
+    assert "--resume" in message
+    assert train.read_state(out / "last")["step"] == 1 and not (out / ".last.tmp").exists()
+
+
+def test_a_damaged_training_state_fails_clearly(world, stage1, stage2, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stage2, out)
+    state = out / "last" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # cut short
+    refused(resume_args(world, stage1, out, "--resume", "--max_steps", 5), f"cannot read {state}", "damaged")
