@@ -25,9 +25,11 @@ import gzip
 import hashlib
 import math
 import os
+import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +111,10 @@ class _SentencePieceTokenizer:
         rows = [[first_id] + e.ids[:keep] + [self.eos_id]
                 for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
         return pad(rows, self.pad_id)
+
+    def lengths(self, texts) -> list[int]:
+        """How many ids `encode` gives each text when nothing is cut: its pieces and two special tokens."""
+        return [len(e.ids) + 2 for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids) -> list[str]:
         """(B, T) ids (tensor or lists) -> B strings, special tokens dropped, spacing restored."""
@@ -237,9 +243,25 @@ def _to_rgb(image):
     return image.convert("RGB")
 
 
+def _to_8_bits(image):
+    # pillow's convert("RGB") clips a 16-bit or float greyscale image at 255 (transformers does the same), so
+    # that nearly all of it comes out white. Scaled instead: 16 bits (modes I;16*, and I, which 16-bit grey
+    # files open as in some pillow versions and formats) by 1/257, which maps 65535 to 255 and the 16-bit
+    # copy of an 8-bit value b, b * 257 (b in both bytes), back to b; floats in [0, 1], the usual range of
+    # float images, by 255, larger ones as 16 bits. The +0.5 rounds (pillow truncates); the rest is clipped.
+    # (16-bit RGB and RGBA PNGs open as 8-bit RGB / RGBA already: pillow keeps the high byte.)
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # pillow computes on I and F images only
+    if image.mode == "F" and image.getextrema()[1] <= 1:
+        return image.point(lambda v: v * 255 + 0.5).convert("L")
+    if image.mode in ("I", "F"):
+        return image.point(lambda v: v / 257 + 0.5).convert("L")
+    return image
+
+
 def clip_preprocess(image: Image.Image, size: int) -> torch.Tensor:
     """PIL image -> (3, size, size) float32: shortest side to `size` (bicubic), centre crop, normalise."""
-    image = _to_rgb(image)
+    image = _to_rgb(_to_8_bits(image))
     w, h = image.size
     long = int(size * max(w, h) / min(w, h))  # transformers' get_resize_output_image_size truncates
     w, h = (size, long) if w <= h else (long, size)
@@ -296,10 +318,13 @@ def _find(candidates, what):
 
 def _read_lines(path) -> list[str]:
     try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (Notepad's UTF-8) is no part of the first sentence
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8-sig") as f:
             lines = [line.strip() for line in f]  # strip: newline and stray spaces around the sentence
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"cannot read {path} ({e}): expected UTF-8 text, one sentence per line") from None
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as e:  # zlib.error: damaged deflate data
+        raise DataError(f"cannot read {path} ({e}): expected UTF-8 text, one sentence per line (gzipped "
+                        f"or not); the file is damaged or in another encoding: download it again, or "
+                        f"convert it") from None
     if not lines:
         raise DataError(f"{path} is empty: expected one line per example of the split")
     empty = [i + 1 for i, line in enumerate(lines) if not line]
@@ -393,20 +418,58 @@ def atomic_write(path, write):
         raise
 
 
-def download_multi30k(out, timeout: float = 5.0) -> Path:
-    """Multi30k task-1 text and image lists (not the images) into out/raw and out/image_splits."""
+def check_new_folder(folder, overwrite: bool):
+    """Refuse a `folder` that holds anything, unless `overwrite`: a command that writes a folder neither mixes
+    its files with others' nor replaces them unasked."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file: expected a folder to write into; choose another --out")
+    held = sorted(p.name + "/" * p.is_dir() for p in folder.iterdir()) if folder.is_dir() else []
+    if held and not overwrite:
+        raise DataError(f"{folder} is not empty (it holds {', '.join(held[:5])}{' ...' * (len(held) > 5)}): "
+                        f"expected a new or empty folder. Choose another --out, or pass --overwrite to "
+                        f"replace everything in it")
+
+
+@contextlib.contextmanager
+def written_aside(folder):
+    """Yields a temporary folder beside `folder` to write into; when the block ends without an error it
+    becomes `folder` (an old one is moved aside first, removed last), on an error it is removed. Readers see
+    the old folder or the complete new one, never a half-written one; a kill leaves `.{name}.tmp`, which the
+    next call clears."""
+    folder = Path(folder).resolve()  # resolved: "." has no name to put beside it
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:  # Ctrl-C included
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def download_multi30k(out, timeout: float = 5.0, overwrite: bool = False) -> Path:
+    """Multi30k task-1 text and image lists (not the images) into out/raw and out/image_splits. `out` must be
+    new or empty unless `overwrite`; it appears, or is replaced, only once every file is there."""
     out = Path(out)
-    for rel in tqdm(MULTI30K_FILES, desc="multi30k", unit="file"):
-        if (out / rel).exists():
-            continue
-        try:
-            with urllib.request.urlopen(MULTI30K_URL + rel, timeout=timeout) as response:
-                data = response.read()
-        except (urllib.error.URLError, OSError) as e:
-            raise DataError(f"cannot download {MULTI30K_URL + rel} ({e}). Without internet, copy the files "
-                            f"of github.com/multi30k/dataset data/task1 yourself: raw/{{split}}.{{lang}}.gz into "
-                            f"{out / 'raw'} and image_splits/{{split}}.txt into {out / 'image_splits'}") from None
-        atomic_write(out / rel, lambda tmp: Path(tmp).write_bytes(data))
+    check_new_folder(out, overwrite)
+    with written_aside(out) as tmp:
+        for rel in tqdm(MULTI30K_FILES, desc="multi30k", unit="file"):
+            try:
+                with urllib.request.urlopen(MULTI30K_URL + rel, timeout=timeout) as response:
+                    data = response.read()
+            except (urllib.error.URLError, OSError) as e:
+                raise DataError(f"cannot download {MULTI30K_URL + rel} ({e}). Without internet, copy the "
+                                f"files of github.com/multi30k/dataset data/task1 yourself: "
+                                f"raw/{{split}}.{{lang}}.gz into {out / 'raw'} and "
+                                f"image_splits/{{split}}.txt into {out / 'image_splits'}") from None
+            (tmp / rel).parent.mkdir(exist_ok=True)
+            (tmp / rel).write_bytes(data)
     return out
 
 
@@ -485,10 +548,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     multi30k = sub.add_parser("multi30k", help="download Multi30k task-1 text and image lists")
-    multi30k.add_argument("--out", required=True)
+    multi30k.add_argument("--out", required=True, help="a new or empty folder")
+    multi30k.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (all of it)")
     args = p.parse_args(argv)
     try:
-        print(f"Multi30k text in {download_multi30k(args.out)}")
+        print(f"Multi30k text in {download_multi30k(args.out, overwrite=args.overwrite)}")
     except DataError as e:
         p.exit(1, f"error: {e}\n")
 

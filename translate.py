@@ -7,10 +7,14 @@ Translate sentences, or caption images, with a trained CLIPTrans checkpoint.
 
 Translation needs no image: "at inference, the M-CLIP text embedding of the source sentence replaces the
 image embedding". The source and target languages default to the ones the checkpoint was trained on.
-Prints one line per input, in order.
+Prints one line per input, in order. Input is UTF-8; a sentence longer than mBART's positions is refused,
+with its number, before any is translated. A checkpoint asked for what it was not trained to do (another
+language, captions from stage 2, translations from stage 1) gets a warning; one whose mapping network never
+trained (stage 0, converted weights) is refused.
 """
 
 import argparse
+import codecs
 import contextlib
 import sys
 from pathlib import Path
@@ -69,6 +73,59 @@ def caption(model, mbart_tok, files, lang, beam=5, max_new_tokens=60, batch_size
     return out
 
 
+def check_trained(checkpoint, trained, task, langs):
+    """Refuse a checkpoint whose mapping network never trained; warn on stderr when it is asked for `task`
+    ("translation" from langs [src, tgt], "captioning" in langs [lang]) and was trained for something else."""
+    stage = trained.get("stage")
+    if stage not in (1, 2):  # stage 0 and the converted weights: the tiny and the paper's starting points
+        what = (f"a stage {stage} checkpoint" if trained else
+                "converted weights (its config.json has no 'train' section)")
+        raise ValueError(f"{checkpoint} is {what}: its mapping network was never trained, so it neither "
+                         f"translates nor captions (its output would be noise); expected a stage 1 or "
+                         f"stage 2 checkpoint: train stage 1 from it (python train.py --stage 1 --weights "
+                         f"{checkpoint}, with --preset paper for converted weights), then stage 2")
+    job = {"translation": "translation, {} -> {}", "captioning": "captioning in {}"}
+    done, done_langs = (("captioning", [trained.get("caption_lang", "en")]) if stage == 1 else
+                        ("translation", [trained.get("src", "en"), trained.get("tgt", "de")]))
+    if (task, [data.lang_code(x) for x in langs]) != (done, [data.lang_code(x) for x in done_langs]):
+        hint = ("drop --src and --tgt to use the checkpoint's languages" if task == done else
+                "captions come from a stage 1 checkpoint" if task == "captioning" else
+                "translations come from a stage 2 checkpoint")
+        print(f"warning: {checkpoint} was trained for stage {stage} ({job[done].format(*done_langs)}), not "
+              f"{job[task].format(*langs)}: its output may be in another language, or make no sense; {hint}",
+              file=sys.stderr)
+
+
+def read_sentences(sentences, mbart_tok, max_positions):
+    """The sentences to translate, from the arguments or one per line of stdin, each checked before any is
+    translated: not empty, valid UTF-8, at most mBART's positions long (with its language code and </s>)."""
+    name = "sentence" if sentences else "line"  # what a message calls one: "sentence 3", "line 3" of stdin
+    if not sentences:
+        # Bytes, decoded here: Python's own decoding fails without a line number (UTF-8 locale) or passes bad
+        # bytes on as lone surrogates, as it does for argv (surrogateescape), which tokenizers can't encode.
+        raw = sys.stdin.buffer.read().removeprefix(codecs.BOM_UTF8)  # a BOM is no part of the first sentence
+        sentences = [line.decode("utf-8", "surrogateescape") for line in raw.splitlines()]
+    empty = [i + 1 for i, s in enumerate(sentences) if not s.strip()]
+    if not sentences or empty:
+        raise ValueError("expected non-empty sentences, as arguments or one per line on stdin"
+                         + (f"; {name} {', '.join(map(str, empty[:5]))} is empty" if empty else ""))
+    for i, s in enumerate(sentences, 1):
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name} {i} is not valid UTF-8 (at character {e.start + 1}): expected "
+                             f"UTF-8 text; convert it (e.g. iconv -f latin1 -t utf-8) or set the terminal "
+                             f"to UTF-8") from None
+    n = max_positions
+    long = [f"{name} {i} ({k} tokens)" for i, k in enumerate(mbart_tok.lengths(sentences), 1) if k > n]
+    if long:  # the text tower cuts its input (as XLM-R's tokenizer does); mBART's encoder has no such cut
+        raise ValueError(f"expected at most {n} tokens a sentence (mBART's encoder has {n} positions; its "
+                         f"language code and </s> count), found {', '.join(long[:5])}"
+                         f"{' ...' * (len(long) > 5)}: split them into shorter sentences (nothing was "
+                         f"translated)")
+    return sentences
+
+
 def positive(text):
     """argparse type: an int of at least 1."""
     value = int(text)
@@ -95,25 +152,21 @@ def main(argv=None):
     except RuntimeError as e:
         p.error(f"--device {a.device}: {e}; expected cpu, cuda or cuda:N")
     model, trained, mbart_tok, text_tok = load(a.checkpoint, a.device)
-    stage = trained.get("stage")
     amp = torch.autocast("cuda", torch.bfloat16) if a.device.startswith("cuda") else contextlib.nullcontext()
     try:
-        with amp:
-            if a.image:
-                lang = a.tgt or trained.get("caption_lang", "en")
+        if a.image:
+            lang = a.tgt or trained.get("caption_lang", "en")
+            check_trained(a.checkpoint, trained, "captioning", [lang])
+            with amp:
                 lines = caption(model, mbart_tok, a.image, lang, a.beam, a.max_new_tokens, a.batch_size)
-            else:
-                if stage == 1:
-                    print(f"note: {a.checkpoint} is a stage 1 (captioning) checkpoint; translations come "
-                          f"from stage 2", file=sys.stderr)
-                sentences = a.sentences or [line.rstrip("\n") for line in sys.stdin]
-                empty = [i + 1 for i, s in enumerate(sentences) if not s.strip()]
-                if not sentences or empty:
-                    raise SystemExit("error: expected non-empty sentences, as arguments or one per line on stdin"
-                                     + (f"; sentence {', '.join(map(str, empty[:5]))} is empty" if empty else ""))
-                lines = translate(model, mbart_tok, text_tok, sentences, a.src or trained.get("src", "en"),
-                                  a.tgt or trained.get("tgt", "de"), a.beam, a.max_new_tokens, a.batch_size)
-    except ValueError as e:  # an unknown language code, say
+        else:
+            src, tgt = a.src or trained.get("src", "en"), a.tgt or trained.get("tgt", "de")
+            check_trained(a.checkpoint, trained, "translation", [src, tgt])
+            sentences = read_sentences(a.sentences, mbart_tok, model.config.mbart.max_positions)
+            with amp:
+                lines = translate(model, mbart_tok, text_tok, sentences, src, tgt, a.beam, a.max_new_tokens,
+                                  a.batch_size)
+    except ValueError as e:  # an unknown language code, a checkpoint or input refused
         raise SystemExit(f"error: {e}")
     for line in lines:
         print(line)

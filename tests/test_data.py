@@ -6,6 +6,7 @@ laid out like mBART-50's; transformers then reads the same file. Everything runs
 
 import functools
 import gzip
+import io
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from data import DataError, LengthBucketSampler  # noqa: E402
 
 import transformers  # noqa: E402  (a test dependency: requirements.txt)
 
+from conftest import assert_close  # noqa: E402
 from conftest import MULTI30K  # noqa: E402  (the real Multi30k text: a test that needs it fails without it)
 LANGS = ["en", "de", "fr", "cs"]
 
@@ -198,6 +200,26 @@ def test_load_image(tmp_path):
         data.load_image(tmp_path / "bad.jpg", 32)
 
 
+def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path):
+    """A 16-bit greyscale image is the same picture as its 8-bit copy (value v of 65535 is v / 257 of 255),
+    not all white as pillow's convert("RGB") and transformers make it; so are 32-bit int and float images."""
+    grey = random_image("L", 45, 30, seed=3)
+    values = torch.tensor(list(grey.tobytes()), dtype=torch.int32)
+    grey.save(tmp_path / "8bit.png")
+    want = data.load_image(tmp_path / "8bit.png", 32)
+    deep = Image.frombytes("I", grey.size, (values * 257).numpy().tobytes())  # b * 257: b in both bytes
+    deep.convert("I;16").save(tmp_path / "16bit.png")
+    assert Image.open(tmp_path / "16bit.png").mode == "I;16"
+    assert_close(data.load_image(tmp_path / "16bit.png", 32), want, atol=0, name="16-bit PNG")
+    floats = Image.frombytes("F", grey.size, (values / 255).float().numpy().tobytes())
+    for image in (deep, deep.convert("I;16"), deep.convert("I;16B"), floats,
+                  floats.point(lambda v: v * 65535)):
+        assert_close(data.clip_preprocess(image, 32), want, atol=0, name=image.mode)
+    # a 16-bit value that is not b * 257 rounds to the nearest 8-bit one: 1000 / 257 = 3.9 -> 4
+    assert_close(data.clip_preprocess(Image.new("I;16", (2, 2), 1000), 32),
+                 data.clip_preprocess(Image.new("L", (2, 2), 4), 32), atol=0, name="1000 of 65535")
+
+
 # -----------------------------------------------------------------------------
 # Datasets
 
@@ -281,6 +303,25 @@ def test_read_split_errors(tmp_path):
     assert data.read_split(tmp_path, "test", ["en"]).images is None  # images are only checked when asked for
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_split_strips_a_byte_order_mark(tmp_path, gz):
+    """Notepad and some exports start a UTF-8 file with U+FEFF: it is not part of the first sentence."""
+    texts = {"en": ["A dog.", "A cat."], "de": ["Ein Hund.", "Eine Katze."]}
+    marked = {lang: ["\ufeff" + lines[0], *lines[1:]] for lang, lines in texts.items()}
+    write_dataset(tmp_path, "val", marked, gz=gz)
+    assert data.read_split(tmp_path, "val", ["en", "de"]).sentences == texts
+
+
+def test_read_split_damaged_gz(tmp_path):
+    write_dataset(tmp_path, "val", {"en": [f"sentence number {i}" for i in range(200)]}, gz=True)
+    path = tmp_path / "raw" / "val.en.gz"
+    damaged = bytearray(path.read_bytes())
+    damaged[20] ^= 0xFF  # inside the deflate stream: zlib.error, not an OSError
+    path.write_bytes(damaged)
+    with pytest.raises(DataError, match=r"cannot read .*val\.en\.gz \(.*\): .*damaged.*download it again"):
+        data.read_split(tmp_path, "val", ["en"])
+
+
 def test_download_offline_fails_at_once(tmp_path, monkeypatch):
     calls = []
 
@@ -298,6 +339,72 @@ def test_download_offline_fails_at_once(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.gz"))
     with pytest.raises(SystemExit):  # the command line prints the same message, without a traceback
         data.main(["multi30k", "--out", str(tmp_path / "m")])
+
+
+def serve(monkeypatch, fail_after=None, error=urllib.error.URLError("connection reset")):
+    """urlopen answers every file with its own address as content; raises `error` after `fail_after` files."""
+    def urlopen(url, timeout=None):
+        if fail_after is not None and len(served) == fail_after:
+            raise error
+        served.append(url)
+        return io.BytesIO(url.encode())
+    served = []
+    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
+    return served
+
+
+def folder_contents(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_download_multi30k_writes_aside(tmp_path, monkeypatch):
+    """The files are downloaded into a temporary folder renamed into place once all are there: a failure or a
+    Ctrl-C on the way leaves --out as it was (here: not there at all), and nothing beside it."""
+    out = tmp_path / "m"
+    for error in (urllib.error.URLError("connection reset"), KeyboardInterrupt()):
+        serve(monkeypatch, fail_after=3, error=error)
+        with pytest.raises((SystemExit, KeyboardInterrupt)):
+            data.main(["multi30k", "--out", str(out)])
+        assert list(tmp_path.iterdir()) == []
+    (tmp_path / ".m.tmp" / "raw").mkdir(parents=True)  # what a kill -9 leaves: cleared by the next run
+    (tmp_path / ".m.tmp" / "raw" / "junk.gz").write_bytes(b"half")
+    served = serve(monkeypatch)
+    data.main(["multi30k", "--out", str(out)])
+    assert len(served) == len(data.MULTI30K_FILES) and [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert folder_contents(out) == {rel: (data.MULTI30K_URL + rel).encode() for rel in data.MULTI30K_FILES}
+
+
+def test_download_multi30k_refuses_a_non_empty_folder(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "m"
+    (out / "raw").mkdir(parents=True)
+    (out / "raw" / "train.en.gz").write_bytes(b"mine")
+    (out / "notes.txt").write_text("mine")
+    before = folder_contents(out)
+    served = serve(monkeypatch)
+    with pytest.raises(SystemExit):
+        data.main(["multi30k", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"error: {out} is not empty (it holds notes.txt, raw/): expected a new or empty folder" in err
+    assert "--overwrite" in err and served == [] and folder_contents(out) == before
+    # --overwrite: a failed download still leaves the old folder as it was; a complete one replaces it
+    serve(monkeypatch, fail_after=5)
+    with pytest.raises(SystemExit):
+        data.main(["multi30k", "--out", str(out), "--overwrite"])
+    assert folder_contents(out) == before and [p.name for p in tmp_path.iterdir()] == ["m"]
+    serve(monkeypatch)
+    data.main(["multi30k", "--out", str(out), "--overwrite"])
+    assert sorted(folder_contents(out)) == sorted(data.MULTI30K_FILES)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    # an empty folder is a new one
+    (tmp_path / "empty").mkdir()
+    serve(monkeypatch)
+    data.main(["multi30k", "--out", str(tmp_path / "empty")])
+    assert sorted(folder_contents(tmp_path / "empty")) == sorted(data.MULTI30K_FILES)
+    # a file is no folder, even with --overwrite
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(SystemExit):
+        data.main(["multi30k", "--out", str(tmp_path / "file"), "--overwrite"])
+    assert f"error: {tmp_path / 'file'} is a file: expected a folder" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
