@@ -463,14 +463,11 @@ def main(argv=None):
         p.error(f"{what}: every split needs at least one scene, and an image at least 8 pixels")
     t0 = time.time()
     try:
-        tmp = weights.new_folder(args.out, args.overwrite)  # written aside, renamed into place when complete
-    except weights.ConversionError as e:
+        data.check_new_folder(args.out, args.overwrite)
+    except data.DataError as e:
         p.exit(1, f"error: {e}\n")
-    try:
+    with data.written_aside(args.out) as tmp:  # renamed into place when complete
         make_tiny_world(tmp, args.n_train, args.n_val, args.n_test, args.seed, args.image_size)
-        weights.replace_folder(tmp, args.out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"tiny world in {args.out} ({time.time() - t0:.1f} s)")
 
 

@@ -27,7 +27,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -38,7 +37,7 @@ from tokenizers.models import Unigram
 
 from cliptrans import (CLIPTrans, CLIPTransConfig, MappingConfig, MappingNetwork, MBartConfig, TextConfig,
                        VisionConfig, init_weights)
-from data import MBART50_LANGS, SPECIALS, atomic_write
+from data import MBART50_LANGS, SPECIALS, DataError, atomic_write, check_new_folder, written_aside
 
 WEIGHTS_FILE, CONFIG_FILE = "cliptrans.safetensors", "config.json"
 MBART_TOKENIZER, TEXT_TOKENIZER = "tokenizer_mbart.json", "tokenizer_text.json"
@@ -505,32 +504,13 @@ def load(folder, device="cpu", dtype=torch.float32):
 def save_checkpoint(folder, model, settings: dict, state: dict, tokenizers_from):
     """A checkpoint folder: the model as `save` writes it (the training settings in config.json), the two
     tokenizers copied from `tokenizers_from`, and `state` (optimizer, step, ...) as state.pt. The folder is
-    written aside and renamed into place, so an interruption never leaves a half-written checkpoint."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    written aside and renamed into place (data.written_aside), so an interruption never leaves a half-written
+    checkpoint, and a failed save (a full disk, say) leaves the previous one in place."""
+    with written_aside(folder) as tmp:
         save(model, tmp, extra_config={"train": settings})
         for name in (MBART_TOKENIZER, TEXT_TOKENIZER):
             shutil.copyfile(Path(tokenizers_from) / name, tmp / name)
         torch.save(state, tmp / "state.pt")
-    except BaseException:  # a full or read-only disk, say: the old checkpoint stays, the half-written copy goes
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_folder(tmp, folder)
-
-
-def replace_folder(tmp, folder):
-    """Put the complete folder `tmp` in the place of `folder` (which may exist) with two renames: `folder` is
-    moved aside to `.{name}.old`, `tmp` renamed into place, the old copy removed. A crash between the renames
-    leaves the old copy, which find_checkpoint finds and recover_checkpoint puts back."""
-    folder = Path(folder)
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(folder):
@@ -551,56 +531,39 @@ def recover_checkpoint(folder):
     return folder
 
 
-def new_folder(out, overwrite=False):
-    """A temporary folder beside `out` to write into, then `replace_folder(tmp, out)` once complete, so a kill in
-    the middle leaves `out` as it was. Refuses an `out` that is a file, or a folder with anything in it unless
-    `overwrite` (checked before any slow work)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConversionError(f"--out {out} is a file: give a folder to write into")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        held = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise ConversionError(f"--out {out} is not empty (it holds {held}): give a new folder, or pass "
-                              f"--overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-
-
 def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0, overwrite=False):
-    tmp = new_folder(out, overwrite)  # a used --out is refused before any weight is read
-    try:
-        mbart_ck, mclip_ck, clip_ck = HFCheckpoint(mbart), HFCheckpoint(mclip), HFCheckpoint(clip)
-        xlmr_cfg = read_json(Path(xlmr) / "config.json")
-        config = CLIPTransConfig(
-            vision=vision_config(clip_ck.config, f"{clip}/config.json"),
-            text=text_config(mclip_ck.config, xlmr_cfg, f"{mclip}/config.json", f"{xlmr}/config.json"),
-            mbart=mbart_config(mbart_ck.config, f"{mbart}/config.json"),
-            mapping=mapping)
-        # The tokenizers first: one that does not fit its model fails here, in seconds, before any weight is read
-        tokenizer_files = {
-            MBART_TOKENIZER: read_tokenizer(mbart, "mbart", mbart_ck.config, f"{mbart}/config.json"),
-            TEXT_TOKENIZER: read_tokenizer(xlmr, "text", xlmr_cfg, f"{xlmr}/config.json")}
-        state = {}
-        state.update(convert(mbart_ck, MBART_RULES, expected_shapes(config, "mbart.")))
-        state.update(convert(mclip_ck, MCLIP_RULES, expected_shapes(config, "text.")))
-        state.update(convert(clip_ck, CLIP_RULES, expected_shapes(config, "vision.")))
-        # The mapping network is CLIPTrans's own: no checkpoint has it, it starts from a seeded initialisation.
-        torch.manual_seed(seed)
-        mapping_net = MappingNetwork(config.mapping, config.vision.embed_dim, config.mbart.d_model)
-        mapping_net.apply(init_weights)
-        state.update({f"mapping.{k}": v for k, v in mapping_net.state_dict().items()})
-        check_keys(state, expected_shapes(config, ""), "the converted model")
+    try:  # a used --out is refused before any weight is read
+        check_new_folder(out, overwrite)
+    except DataError as e:
+        raise ConversionError(str(e)) from None
+    mbart_ck, mclip_ck, clip_ck = HFCheckpoint(mbart), HFCheckpoint(mclip), HFCheckpoint(clip)
+    xlmr_cfg = read_json(Path(xlmr) / "config.json")
+    config = CLIPTransConfig(
+        vision=vision_config(clip_ck.config, f"{clip}/config.json"),
+        text=text_config(mclip_ck.config, xlmr_cfg, f"{mclip}/config.json", f"{xlmr}/config.json"),
+        mbart=mbart_config(mbart_ck.config, f"{mbart}/config.json"),
+        mapping=mapping)
+    # The tokenizers first: one that does not fit its model fails here, in seconds, before the weights are read
+    tokenizer_files = {MBART_TOKENIZER: read_tokenizer(mbart, "mbart", mbart_ck.config, f"{mbart}/config.json"),
+                       TEXT_TOKENIZER: read_tokenizer(xlmr, "text", xlmr_cfg, f"{xlmr}/config.json")}
+    state = {}
+    state.update(convert(mbart_ck, MBART_RULES, expected_shapes(config, "mbart.")))
+    state.update(convert(mclip_ck, MCLIP_RULES, expected_shapes(config, "text.")))
+    state.update(convert(clip_ck, CLIP_RULES, expected_shapes(config, "vision.")))
+    # The mapping network is CLIPTrans's own: no checkpoint has it, it starts from a seeded initialisation.
+    torch.manual_seed(seed)
+    mapping_net = MappingNetwork(config.mapping, config.vision.embed_dim, config.mbart.d_model)
+    mapping_net.apply(init_weights)
+    state.update({f"mapping.{k}": v for k, v in mapping_net.state_dict().items()})
+    check_keys(state, expected_shapes(config, ""), "the converted model")
 
+    with written_aside(out) as tmp:  # all or nothing: a kill leaves --out as it was
         for name, text in tokenizer_files.items():
-            atomic_write(tmp / name, lambda p, text=text: Path(p).write_bytes(text))
-        state = {k: v.contiguous() for k, v in state.items()}
-        atomic_write(tmp / WEIGHTS_FILE, lambda p: save_file(state, p))
+            (tmp / name).write_bytes(text)
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE)
         meta = {"cliptrans": config.to_dict(), "sources": {"mbart": str(mbart), "mclip": str(mclip),
                                                           "xlmr": str(xlmr), "clip": str(clip)}}
-        atomic_write(tmp / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
-        replace_folder(tmp, out)  # all or nothing: a kill before this line leaves --out as it was
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # (already gone once renamed into place)
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
     return Path(out)
 
 
