@@ -85,7 +85,11 @@ class _SentencePieceTokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"tokenizer file {self.path} not found: expected a tokenizer.json "
                                     f"(weights.py writes one next to the converted weights; the tiny world has one)")
-        self.tok = Tokenizer.from_file(str(self.path))
+        try:
+            self.tok = Tokenizer.from_file(str(self.path))
+        except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for a damaged file)
+            raise DataError(f"cannot read the tokenizer {self.path} ({e}): the file is damaged or not a "
+                            f"tokenizer.json; copy it again from the checkpoint or weights folder it came from")
         self.tok.no_padding()  # we pad and truncate ourselves, whatever the file says
         self.tok.no_truncation()
         self.bos_id, self.pad_id, self.eos_id = self._id("<s>"), self._id("<pad>"), self._id("</s>")
@@ -274,6 +278,16 @@ def clip_preprocess(image: Image.Image, size: int) -> torch.Tensor:
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
+def too_large(path, error):
+    return (f"image {path} is too large for pillow's guard against decompression bombs ({error}): if you trust "
+            f"it, pass --allow_large_images (train.py, translate.py), or make it smaller")
+
+
+def allow_large_images():
+    """Lift pillow's limit on the pixels of an image (a guard against decompression bombs): for trusted data."""
+    Image.MAX_IMAGE_PIXELS = None
+
+
 def load_image(path, size: int) -> torch.Tensor:
     """Open an image file and preprocess it: (3, size, size)."""
     try:
@@ -282,6 +296,8 @@ def load_image(path, size: int) -> torch.Tensor:
             return clip_preprocess(image, size)
     except FileNotFoundError:
         raise DataError(f"image {path} not found: check its path (for a split, the images folder)") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(too_large(path, e)) from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"cannot read image {path} ({e}): the file is damaged or not an image; "
                         f"download it again") from None
@@ -346,6 +362,8 @@ def _check_images(files, names, folder):
         try:
             with Image.open(f):  # reads the header only: cheap enough for 29k files
                 pass
+        except Image.DecompressionBombError as e:
+            raise DataError(too_large(f, e)) from None
         except (OSError, SyntaxError, ValueError):
             unreadable.append(name)
     if unreadable:
@@ -555,6 +573,9 @@ def main(argv=None):
         print(f"Multi30k text in {download_multi30k(args.out, overwrite=args.overwrite)}")
     except DataError as e:
         p.exit(1, f"error: {e}\n")
+    except OSError as e:  # a full or read-only disk: the half-written folder is removed
+        p.exit(1, f"error: cannot write {args.out} ({e.strerror or e}): free some space or make its folder "
+                  f"writable\n")
 
 
 if __name__ == "__main__":

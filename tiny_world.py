@@ -466,8 +466,12 @@ def main(argv=None):
         data.check_new_folder(args.out, args.overwrite)
     except data.DataError as e:
         p.exit(1, f"error: {e}\n")
-    with data.written_aside(args.out) as tmp:  # renamed into place when complete
-        make_tiny_world(tmp, args.n_train, args.n_val, args.n_test, args.seed, args.image_size)
+    try:
+        with data.written_aside(args.out) as tmp:  # renamed into place when complete
+            make_tiny_world(tmp, args.n_train, args.n_val, args.n_test, args.seed, args.image_size)
+    except OSError as e:  # a full or read-only disk: the half-written world is removed
+        p.exit(1, f"error: cannot write {args.out} ({e.strerror or e}): free some space or make its folder "
+                  f"writable\n")
     print(f"tiny world in {args.out} ({time.time() - t0:.1f} s)")
 
 

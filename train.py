@@ -106,6 +106,7 @@ class Config:
     dtype: str = flag("auto", "auto: bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU")
     compile: bool = flag(False, "torch.compile the model (off: eager)")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
+    allow_large_images: bool = flag(False, "lift pillow's limit on image pixels (a decompression-bomb guard)")
     out: str = flag("", "the run's folder (default: runs/PRESET/stageSTAGE)")
     checkpoint: str = flag("", "--eval_only / --resume: the checkpoint (default: OUT/best or OUT/last)")
     resume: bool = flag(False, "continue the run in OUT exactly where its `last` checkpoint left off")
@@ -262,6 +263,14 @@ def load_model(folder, c: Config, device, what):
 # Data: tokenised sentences, and the frozen towers' features, computed once and cached.
 
 
+def read_tokenizer(kind, path):
+    """A tokenizer of the starting folder (the tokenizers travel with every checkpoint), or a message."""
+    try:
+        return kind(path)
+    except (OSError, ValueError) as e:  # missing, damaged, or of another layout
+        raise SystemExit(f"error: {e}")
+
+
 def features(model, c: Config, split: data.Split, kind, folder, env: Env):
     """(N, D) frozen-tower embeddings of a split: its images, or its source sentences. Cached next to the
     data, keyed by the tower's weights and the preprocessing; rank 0 computes, the others wait and read."""
@@ -271,7 +280,7 @@ def features(model, c: Config, split: data.Split, kind, folder, env: Env):
         compute = lambda: data.embed_images(model.encode_image, split.images, size, 64,  # noqa: E731
                                             env.device)
     else:
-        tok = data.TextTowerTokenizer(Path(folder) / weights.TEXT_TOKENIZER)
+        tok = read_tokenizer(data.TextTowerTokenizer, Path(folder) / weights.TEXT_TOKENIZER)
         sentences = split.sentences[c.src]
         key = data.fingerprint(model.text, "text", *sentences)
         compute = lambda: data.embed_texts(model.encode_text, tok, sentences, 64, env.device,  # noqa: E731
@@ -557,6 +566,8 @@ def main(argv=None):
     # settings, and where this process runs
     c = parse_args(argv)
     env = setup(c.device, c.dtype)
+    if c.allow_large_images:
+        data.allow_large_images()
     if c.stage == 0:  # the tiny preset's stand-ins for the pretrained models: tiny_world.py
         if env.world > 1:
             raise SystemExit("error: stage 0 runs in one process (it takes a minute on a CPU)")
@@ -571,7 +582,7 @@ def main(argv=None):
     torch.manual_seed(c.seed + env.rank)
     random.seed(c.seed + env.rank)
     model, start = load_model(start, c, env.device, what)
-    tok = data.MBartTokenizer(start / weights.MBART_TOKENIZER)  # the tokenizers travel with every checkpoint
+    tok = read_tokenizer(data.MBartTokenizer, start / weights.MBART_TOKENIZER)
     if c.eval_only:
         return score(c, model, tok, start, env)
 

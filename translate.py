@@ -145,7 +145,11 @@ def main(argv=None):
     p.add_argument("--max_new_tokens", type=positive, default=60)
     p.add_argument("--batch_size", type=positive, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--allow_large_images", action="store_true",
+                   help="lift pillow's limit on image pixels (a guard against decompression bombs)")
     a = p.parse_args(argv)
+    if a.allow_large_images:
+        data.allow_large_images()
     try:
         if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("PyTorch sees no GPU here")

@@ -583,6 +583,9 @@ def main(argv=None):
                           overwrite=a.overwrite)
     except ConversionError as e:
         raise SystemExit(f"error: {e}")
+    except OSError as e:  # a full or read-only disk: nothing of the new folder is left, --out is as it was
+        raise SystemExit(f"error: cannot write {a.out} ({e.strerror or e}): free some space or make its folder "
+                         f"writable; {a.out} is as it was")
     print(f"wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / MBART_TOKENIZER}, {out / TEXT_TOKENIZER}")
 
 

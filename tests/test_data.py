@@ -544,3 +544,25 @@ def test_sampler_reduces_padding_on_multi30k():
     random_batches = [b.tolist() for b in order.split(32)]
     real = sum(lengths)
     assert padding(bucketed) < 0.1 * padding(random_batches), (padding(bucketed) / real, padding(random_batches) / real)
+
+
+def test_an_image_over_pillows_pixel_limit_fails_clearly_unless_allowed(tmp_path, monkeypatch):
+    """pillow refuses an image of more than twice MAX_IMAGE_PIXELS (a decompression-bomb guard): a DataError that
+    says so and names the way out, from load_image and from read_split; data.allow_large_images lifts it."""
+    write_dataset(tmp_path, "train", {"en": ["a"]}, ["big.png"])
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over twice the limit
+    with pytest.raises(DataError, match="decompression bombs.*--allow_large_images"):
+        data.load_image(tmp_path / "images" / "big.png", 32)
+    with pytest.raises(DataError, match="big.png is too large"):
+        data.read_split(tmp_path, "train", ["en"], images=tmp_path / "images")
+    data.allow_large_images()
+    assert data.load_image(tmp_path / "images" / "big.png", 32).shape == (3, 32, 32)
+
+
+def test_a_damaged_tokenizer_file_fails_clearly(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"version": "1.0", "model": {')  # cut short
+    with pytest.raises(DataError, match=f"cannot read the tokenizer {path}.*damaged"):
+        data.MBartTokenizer(path)

@@ -639,3 +639,15 @@ def test_a_damaged_config_json_fails_clearly(tmp_path, converted, content):
         (folder / weights.CONFIG_FILE).write_bytes(content)
     with pytest.raises(weights.ConversionError, match=str(folder / weights.CONFIG_FILE).replace("\\", "\\\\")):
         weights.load(folder)
+
+
+def test_a_full_disk_during_a_conversion_leaves_out_as_it_was(tmp_path, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir,
+                                                             hf_clip_dir, monkeypatch):
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(weights, "save_file", full)
+    with pytest.raises(SystemExit) as stop:
+        weights.main(["--mbart", str(hf_mbart_dir), "--mclip", str(hf_mclip_dir), "--xlmr", str(hf_xlmr_dir),
+                      "--clip", str(hf_clip_dir), "--out", str(tmp_path / "out")])
+    assert f"cannot write {tmp_path / 'out'} (No space left on device)" in str(stop.value.code)
+    assert list(tmp_path.iterdir()) == []  # neither --out nor a temporary folder

@@ -1021,3 +1021,11 @@ def test_a_damaged_training_state_fails_clearly(world, stage1, stage2, tmp_path)
     state = out / "last" / "state.pt"
     state.write_bytes(state.read_bytes()[:1000])  # cut short
     refused(resume_args(world, stage1, out, "--resume", "--max_steps", 5), f"cannot read {state}", "damaged")
+
+
+def test_a_damaged_tokenizer_in_the_starting_checkpoint_fails_clearly(world, stage1, tmp_path):
+    init = tmp_path / "init"
+    shutil.copytree(stage1 / "last", init)
+    (init / weights.MBART_TOKENIZER).write_text('{"version": "1.0", "model": {')  # cut short
+    refused(["--stage", 2, "--data", world, "--init", init, "--out", tmp_path / "out", *FAST],
+            f"cannot read the tokenizer {init / weights.MBART_TOKENIZER}", "damaged")
