@@ -1029,3 +1029,9 @@ def test_a_damaged_tokenizer_in_the_starting_checkpoint_fails_clearly(world, sta
     (init / weights.MBART_TOKENIZER).write_text('{"version": "1.0", "model": {')  # cut short
     refused(["--stage", 2, "--data", world, "--init", init, "--out", tmp_path / "out", *FAST],
             f"cannot read the tokenizer {init / weights.MBART_TOKENIZER}", "damaged")
+
+
+def test_more_beams_than_the_vocabulary_allows_are_refused_before_training(world, stage1, tmp_path):
+    refused(["--stage", 2, "--data", world, "--init", stage1 / "last", "--out", tmp_path / "out", *FAST,
+             "--beam", 500], "--beam 500 needs a vocabulary of at least 1001 tokens", "lower --beam")
+    assert not (tmp_path / "out").exists()
