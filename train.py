@@ -300,7 +300,7 @@ def features(model, c: Config, split: data.Split, kind, folder, env: Env):
 def image_digests(files):
     """A hash of each image file's bytes: the image features are cached under what the images hold, not under
     their names, so images replaced in place are embedded again. The bytes, not the size and time of a file:
-    a copy that keeps the old time, or an edit of the same size, is still seen (seconds for Flickr30k)."""
+    a copy that keeps the old time, or an edit of the same size, is still seen. It reads every image once."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib runs outside the GIL
         digest = lambda f: hashlib.blake2b(Path(f).read_bytes(), digest_size=16).hexdigest()  # noqa: E731
         return list(pool.map(digest, files))
