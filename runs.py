@@ -96,18 +96,17 @@ def hold(out):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            pid = lock.read_text().strip() if lock.exists() else ""
-            if not pid.isdigit():  # being written by the process that just created it: look again
+            pid = read_pid(lock)
+            if pid is None:  # just made by another process, its id not written yet: look again
                 time.sleep(0.1)
-                if lock.exists() and not lock.read_text().strip():
-                    lock.unlink(missing_ok=True)  # (empty for good: its writer died at once)
-                continue
-            if int(pid) != os.getpid() and alive(int(pid)):
-                raise SystemExit(f"error: {out} is in use by another run (process {pid}): wait for it to "
-                                 f"end, or give another --out")
-            if int(pid) != os.getpid():
+                if read_pid(lock) is not None:
+                    continue
+            elif pid != os.getpid():
+                if alive(pid):
+                    raise SystemExit(f"error: {out} is in use by another run (process {pid}): wait for it to "
+                                     f"end, or give another --out")
                 log0(0, f"{lock}: process {pid}, which held it, has ended: taking it over")
-            lock.unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)  # stale, empty for good, or this process's own
             continue
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
@@ -116,12 +115,19 @@ def hold(out):
     raise SystemExit(f"error: cannot take {lock}: another run keeps taking it; give another --out")
 
 
+def read_pid(lock):
+    """The process id in a lock file, or None (no file, or none written yet)."""
+    with contextlib.suppress(OSError):
+        text = lock.read_text().strip()
+        return int(text) if text.isdigit() else None
+    return None
+
+
 def release(out):
     """Let go of `out`, if this process holds it (at the end of the run, or at exit)."""
     lock = Path(out) / ".lock"
-    with contextlib.suppress(OSError):
-        if lock.read_text().strip() == str(os.getpid()):
-            lock.unlink()
+    if read_pid(lock) == os.getpid():
+        lock.unlink(missing_ok=True)
 
 
 def alive(pid):
