@@ -386,20 +386,24 @@ class MappingNetwork(nn.Module):
         super().__init__()
         self.kind, self.prefix_len, self.d_model = c.kind, c.prefix_len, d_model
         P = c.prefix_len
+        if c.kind not in ("mlp", "hidden_mlp", "transformer"):
+            raise ValueError(f"unknown mapping network {c.kind!r}: expected 'mlp', 'hidden_mlp' or "
+                             f"'transformer'")
+        if P == 0:  # the text-only baseline (the official --prefix_length 0): plain mBART, nothing to map
+            return
         if c.kind == "mlp":
             self.net = nn.Sequential(nn.Linear(clip_dim, P * d_model), nn.PReLU())
         elif c.kind == "hidden_mlp":
             self.net = nn.Sequential(nn.Linear(clip_dim, d_model), nn.ReLU(), nn.Linear(d_model, P * d_model),
                                      nn.PReLU())
-        elif c.kind == "transformer":
+        else:  # transformer
             self.net = nn.Linear(clip_dim, P * d_model)
             self.block = Block(d_model, 2, d_model // 3, "relu", pre_norm=False, dropout=0.1,
                                attn_dropout=0.1)
-        else:
-            raise ValueError(f"unknown mapping network {c.kind!r}: expected 'mlp', 'hidden_mlp' or "
-                             f"'transformer'")
 
     def forward(self, clip_embeds):  # (B, D) -> (B, P, d)
+        if self.prefix_len == 0:  # (B, 0, d): the decoder reads `</s> <lang> y1..yn`, as mBART alone does
+            return clip_embeds.new_zeros(len(clip_embeds), 0, self.d_model)
         dtype = next(self.parameters()).dtype
         prefix = self.net(clip_embeds.to(dtype)).view(-1, self.prefix_len, self.d_model)
         return self.block(prefix) if self.kind == "transformer" else prefix
@@ -424,7 +428,8 @@ class CLIPTrans(nn.Module):
 
     The official code generates from `P1..P10 </s>` although it trains on the layout above; here one
     layout serves both, so generation continues exactly the sequences training saw.
-    The prefix vectors are not scaled by sqrt(d) (token embeddings are); positions are added to all."""
+    The prefix vectors are not scaled by sqrt(d) (token embeddings are); positions are added to all.
+    With prefix_len 0 the layout is mBART's own, `</s> <lang> y1..yn`: the text-only baseline."""
 
     def __init__(self, config: CLIPTransConfig):
         super().__init__()
@@ -437,6 +442,14 @@ class CLIPTrans(nn.Module):
         self.mapping = MappingNetwork(config.mapping, config.vision.embed_dim, config.mbart.d_model)
         self.mbart = MBart(config.mbart)
         self.apply(init_weights)
+
+    def new_mapping(self, config: MappingConfig):
+        """Replace the mapping network by a freshly initialised one of another kind or prefix length.
+        prefix_len 0 leaves plain mBART-50 fine-tuning: the paper's text-only baseline."""
+        device = self.mbart.shared.weight.device
+        self.config.mapping = config
+        self.mapping = MappingNetwork(config, self.config.vision.embed_dim, self.config.mbart.d_model)
+        self.mapping.apply(init_weights).to(device)
 
     def encode_image(self, pixel_values):  # (B, 3, H, W) -> (B, D): stage 1
         return self.vision(pixel_values)

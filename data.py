@@ -31,7 +31,7 @@ import urllib.error
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -315,6 +315,7 @@ class Split:
     name: str
     sentences: dict[str, list[str]]  # language as given -> one sentence per example
     images: list[Path] | None = None  # one file per example, when images were asked for
+    skipped: list[str] = field(default_factory=list)  # the images missing, when skip_missing_images
 
     def __len__(self):
         return len(next(iter(self.sentences.values())))
@@ -356,7 +357,7 @@ def _check_images(files, names, folder):
     if missing:
         raise DataError(f"{len(missing)} of {len(files)} images are missing from {folder}, e.g. "
                         f"{', '.join(missing[:5])}: point `images` at the folder holding them (flat, or one "
-                        f"sub-folder per split)")
+                        f"sub-folder per split), or drop their pairs with --skip_missing_images")
     unreadable = []
     for name, f in zip(names, files):
         try:
@@ -371,9 +372,18 @@ def _check_images(files, names, folder):
                         f"{', '.join(unreadable[:5])}: download them again")
 
 
-def read_split(root, split: str, langs: list[str], images=None, limit: int = 0) -> Split:
+def languages(root, split: str) -> list[str]:
+    """The languages that `split` has text for in `root` (the suffixes of its files), for messages."""
+    return sorted({f.name[len(split) + 1:].removesuffix(".gz") for folder in (Path(root) / "raw", Path(root))
+                   for f in folder.glob(f"{split}.*") if f.is_file()})
+
+
+def read_split(root, split: str, langs: list[str], images=None, limit: int = 0,
+               skip_missing_images: bool = False) -> Split:
     """The sentences of `split` in each language, aligned, and the image files when `images` is given;
     only the first `limit` examples when limit is not 0 (the whole split is checked all the same).
+    skip_missing_images drops the examples whose image file is missing (and names them in `skipped`), as the
+    official WIT loader drops the pairs whose image could not be downloaded; otherwise they are an error.
 
     read_split("data/multi30k", "train", ["en", "de"], images="data/flickr30k-images")
     read_split("data/wit/en_ro", "valid", ["en", "ro"])"""
@@ -392,7 +402,7 @@ def read_split(root, split: str, langs: list[str], images=None, limit: int = 0) 
         if len(sentences[lang]) != len(sentences[first]):
             raise DataError(f"{files[first]} has {len(sentences[first])} lines but {files[lang]} has "
                             f"{len(sentences[lang])}: the files of one split must be aligned line by line")
-    image_files = None
+    image_files, skipped = None, []
     if images is not None:
         image_list = _find([root / "image_splits" / f"{split}.txt"],
                            f"image list for split {split!r} in {root}")
@@ -403,11 +413,19 @@ def read_split(root, split: str, langs: list[str], images=None, limit: int = 0) 
                             f"{len(sentences[first])} lines: they must be aligned line by line")
         folder = Path(images) / split if (Path(images) / split).is_dir() else Path(images)
         image_files = [folder / n for n in names]
+        if skip_missing_images:
+            keep = [i for i, f in enumerate(image_files) if f.is_file()]
+            skipped = [n for i, n in enumerate(names) if not image_files[i].is_file()]
+            if not keep:
+                raise DataError(f"none of the {len(names)} images of split {split!r} is in {folder}: point "
+                                f"`images` at the folder holding them")
+            sentences = {lang: [lines[i] for i in keep] for lang, lines in sentences.items()}
+            image_files, names = [image_files[i] for i in keep], [names[i] for i in keep]
         _check_images(image_files, names, folder)
     if limit:
         sentences = {lang: lines[:limit] for lang, lines in sentences.items()}
         image_files = image_files and image_files[:limit]
-    return Split(split, sentences, image_files)
+    return Split(split, sentences, image_files, skipped)
 
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/"

@@ -1,24 +1,33 @@
 """
-The paper's claim, in miniature: does captioning first (stage 1) help translation when parallel data is
-scarce, and does the text embedding stand in for the image at test time?
+The paper's comparisons, in miniature: does the prefix from M-CLIP help translation, and does captioning first
+(stage 1) help more, when parallel data is scarce?
 
-    python experiment.py                      # 3 seeds, 500 parallel pairs, the tiny world, en -> de
-    python experiment.py --seeds 1 2 3 4 5 --pairs 1000
+    python experiment.py                                  # 5 seeds x 3 data sizes x 4 arms (about an hour)
+    python experiment.py --seeds 1 2 3 --pairs 50 200     # a smaller one
 
-For each seed: stage 1 (captioning in the target language on all the world's training images; it first runs
-its own stage 0, with the same seed, into OUT/seedN/stage0), then stage 2
-on only `--pairs` sentence pairs, once from the stage 1 checkpoint and once without it
-(`--from_scratch_stage2`: from the stage 0 weights, the ablation). Each stage 2 model is scored on the
-test split (held-out colour-shape pairs) from the source sentence's text embedding (the paper's test-time
-setting) and from the image's embedding (`--test_with_image`), and with one of its two inputs taken away
-(`--ablate`): each sentence with the previous sentence's prefix, and the encoder without the source words.
-Prints BLEU mean and standard deviation over the seeds and writes every figure to OUT/results.json.
-Run again with the same arguments after an interruption, it continues: a finished training run is read back
-from its summary.json, an interrupted one is resumed from its `last` checkpoint.
+Four arms, each trained on the first `--pairs` sentence pairs of the tiny world (en -> de) and scored on the
+same test split (held-out colour-shape pairs) from the source sentence alone, as at the paper's test time:
+
+    text-only          mBART fine-tuned on the text alone (`--prefix_len 0`): the paper's baseline
+    stage 2 only       CLIPTrans without captioning first (`--from_scratch_stage2`)
+    stage 1 (en) + 2   CLIPTrans, captioning in the source language first: the official default
+    stage 1 (de) + 2   ... captioning in the target language first
+
+The pretrained models are the same for every run, as M-CLIP and mBART-50 are in the paper: one stage 0
+(OUT/stage0). A seed fixes a run's initialisation of what it adds (the mapping network), its data order and its
+dropout; each seed has its own two stage 1 runs (`--stage1_steps`, on all the world's training images).
+
+Prints the test BLEU, mean ± standard deviation over seeds, and, for each pair of arms at each size, the mean
+of the paired differences (the same seed, the same data) with a 95% bootstrap interval over seeds and how many
+seeds went which way. Writes every figure to OUT/results.json. Run again with the same arguments after an
+interruption, it continues: a finished run is read back from its summary.json, an interrupted one is resumed
+from its `last` checkpoint.
 """
 
 import argparse
+import itertools
 import json
+import random
 import shutil
 import statistics
 import subprocess
@@ -28,12 +37,14 @@ from pathlib import Path
 
 from weights import find_checkpoint
 
+ARMS = ("text-only", "stage 2 only", "stage 1 (en) + 2", "stage 1 (de) + 2")
 
-def train(*args, out=None):
+
+def train(*args, out=None, note=""):
     """Run train.py and return the JSON line it ends with. A training run (`out`: its --out folder) that finished
     before is read back from OUT/summary.json; one interrupted after a checkpoint continues with --resume."""
     if out is not None and (out / "summary.json").is_file():
-        print(f"done before: {out}", flush=True)
+        print(f"{note}done before: {out}", flush=True)
         return json.loads((out / "summary.json").read_text())
     if out is not None and find_checkpoint(out / "last").exists():  # (or the copy a crash left aside)
         args = (*args, "--resume")
@@ -41,7 +52,7 @@ def train(*args, out=None):
         print(f"starting over: {out} (interrupted before its first checkpoint)", flush=True)
         shutil.rmtree(out)
     cmd = [sys.executable, "train.py", *map(str, args)]
-    print("$", " ".join(cmd), flush=True)
+    print(f"{note}$ {' '.join(cmd)}", flush=True)
     # stderr (the progress bars and, on failure, train.py's message) goes to the terminal; stdout ends with the JSON
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode:
@@ -49,15 +60,30 @@ def train(*args, out=None):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main():
+def paired(a, b, rounds=10000, seed=0):
+    """a - b over seeds (paired): the mean, a 95% percentile bootstrap interval of the mean (seeds resampled
+    with replacement), and the number of seeds where a is higher / lower."""
+    d = [x - y for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    means = sorted(statistics.mean(rng.choices(d, k=len(d))) for _ in range(rounds))
+    return {"mean": statistics.mean(d), "ci95": [means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]],
+            "higher": sum(x > 0 for x in d), "lower": sum(x < 0 for x in d), "differences": d}
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--pairs", type=int, default=500)
-    p.add_argument("--stage2_steps", type=int, default=400)
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--pairs", type=int, nargs="+", default=[50, 200, 1000], help="stage 2's parallel pairs")
+    p.add_argument("--steps", type=int, default=200, help="stage 2's optimizer steps, at every size")
+    p.add_argument("--stage1_steps", type=int, default=250, help="stage 1's optimizer steps")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, metavar="ARM",
+                   help=f"the arms to run (default: all four: {', '.join(ARMS)})")
+    p.add_argument("--stage1_extra", nargs=argparse.REMAINDER, default=[],
+                   help="further train.py flags for stage 1, for an ablation (last on the command line)")
     p.add_argument("--out", default="runs/experiment")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     out = Path(a.out)
-    settings = {"pairs": a.pairs, "stage2_steps": a.stage2_steps}
+    settings = {"steps": a.steps, "stage1_steps": a.stage1_steps, "stage1_extra": a.stage1_extra}
     saved = out / "settings.json"  # continuing in OUT: only with the settings its runs were made with
     if saved.is_file() and json.loads(saved.read_text()) != settings:
         raise SystemExit(f"error: {out} holds runs made with {json.loads(saved.read_text())}, not {settings}: "
@@ -65,41 +91,53 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(settings))
     t0 = time.time()
-    results = {"pairs": a.pairs, "seeds": a.seeds, "runs": {}}
+
+    # the pretrained models, once
+    s0 = train("--stage", 0, "--out", out / "stage0", out=out / "stage0")
+    weights = out / "stage0" / "last"
+    results = {"settings": settings, "seeds": a.seeds, "pairs": a.pairs, "stage0": s0, "stage1": {}, "bleu": {}}
+    n_runs = len(a.seeds) * len(a.pairs) * len(a.arms)
+    count = itertools.count(1)
     for seed in a.seeds:
         d = out / f"seed{seed}"
-        s1 = train("--stage", 1, "--caption_lang", "de", "--seed", seed, "--out", d / "stage1", out=d / "stage1")
-        row = {"stage1_caption_bleu": s1["test_bleu"]}
-        for name, extra in (("with stage 1", ["--init", d / "stage1" / "last"]),
-                            ("without stage 1", ["--from_scratch_stage2"])):
-            o = d / ("stage2" if name == "with stage 1" else "stage2_scratch")
-            common = ["--stage", 2, "--seed", seed, "--out", o]
-            s2 = train(*common, "--n_pairs", a.pairs, "--max_steps", a.stage2_steps, "--eval_every", 100, *extra,
-                       out=o)
-            image = train(*common, "--eval_only", "--test_with_image")
-            other_prefix = train(*common, "--eval_only", "--ablate", "prefix")
-            no_source = train(*common, "--eval_only", "--ablate", "source")
-            row[name] = {"text": s2["test_bleu"], "image": image["bleu"], "val": s2["best_val_bleu"],
-                         "other prefix": other_prefix["bleu"], "no source": no_source["bleu"]}
-        results["runs"][seed] = row
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        for lang in ("en", "de"):  # captioning first, in the source or in the target language
+            if f"stage 1 ({lang}) + 2" in a.arms:
+                s1 = train("--stage", 1, "--caption_lang", lang, "--weights", weights, "--seed", seed,
+                           "--max_steps", a.stage1_steps, "--out", d / f"stage1_{lang}", *a.stage1_extra,
+                           out=d / f"stage1_{lang}")
+                results["stage1"][f"{seed} {lang}"] = s1["test_bleu"]
+        for pairs, arm in itertools.product(a.pairs, a.arms):
+            start = {"text-only": ["--prefix_len", 0, "--weights", weights],
+                     "stage 2 only": ["--from_scratch_stage2", "--weights", weights],
+                     "stage 1 (en) + 2": ["--init", d / "stage1_en" / "last"],
+                     "stage 1 (de) + 2": ["--init", d / "stage1_de" / "last"]}[arm]
+            o = d / f"{pairs}_{arm.replace(' ', '').replace('(', '_').replace(')', '')}"
+            s2 = train("--stage", 2, *start, "--seed", seed, "--n_pairs", pairs, "--max_steps", a.steps,
+                       "--eval_every", a.steps, "--out", o, out=o, note=f"[{next(count)}/{n_runs}] ")
+            results["bleu"].setdefault(arm, {}).setdefault(str(pairs), {})[str(seed)] = s2["test_bleu"]
+            (out / "results.json").write_text(json.dumps(results, indent=2))
+    minutes = (time.time() - t0) / 60
 
-    def stat(name, kind):
-        xs = [results["runs"][s][name][kind] for s in a.seeds]
-        return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, xs
-
-    print(f"\nstage 2 on {a.pairs} parallel pairs, tiny world en -> de, test BLEU over seeds {a.seeds} "
-          f"({(time.time() - t0) / 60:.1f} min)")
-    kinds = {"text": "text embedding (paper)", "image": "image embedding", "other prefix": "previous one's prefix",
-             "no source": "no source words"}
-    print(f"{'':18s} " + " ".join(f"{title:>28s}" for title in kinds.values()))
-    for name in ("with stage 1", "without stage 1"):
-        cells = []
-        for kind in kinds:
-            m, sd, xs = stat(name, kind)
-            cells.append(f"{m:6.2f} ± {sd:5.2f} {xs}")
-            results.setdefault("summary", {})[f"{name}, {kind}"] = {"mean": m, "std": sd, "values": xs}
-        print(f"{name:18s} " + " ".join(f"{cell:>28s}" for cell in cells))
+    # the table: mean ± std over seeds; then every pair of arms, paired by seed
+    def scores(arm, pairs):
+        return [results["bleu"][arm][str(pairs)][str(s)] for s in a.seeds]
+    print(f"\ntest BLEU, tiny world en -> de (held-out colour-shape pairs), mean ± std over seeds {a.seeds}; "
+          f"stage 2: {a.steps} steps; stage 1: {a.stage1_steps} steps ({minutes:.0f} min)")
+    print(f"{'':18s}" + "".join(f"{f'{n} pairs':>18s}" for n in a.pairs))
+    for arm in a.arms:
+        cells = [f"{statistics.mean(scores(arm, n)):.1f} ± {statistics.stdev(scores(arm, n)) if len(a.seeds) > 1 else 0:.1f}"
+                 for n in a.pairs]
+        print(f"{arm:18s}" + "".join(f"{c:>18s}" for c in cells))
+    print("\npaired differences, first arm minus second: mean [95% bootstrap interval over seeds] (seeds higher/lower)")
+    results["paired"] = {}
+    for x, y in itertools.combinations(a.arms, 2):
+        row = []
+        for n in a.pairs:
+            r = paired(scores(y, n), scores(x, n))
+            results["paired"][f"{y} - {x}, {n} pairs"] = r
+            row.append(f"{r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] ({r['higher']}/{r['lower']})")
+        print(f"{y + ' - ' + x:38s}" + "  ".join(f"{c:>26s}" for c in row))
+    results["minutes"] = round(minutes, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 

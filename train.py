@@ -19,6 +19,10 @@ Scoring a checkpoint on any split, and resuming after an interruption:
     python train.py --stage 2 --eval_only --ablate prefix       # ... with another sentence's prefix
     python train.py --stage 2 --resume                          # continues exactly where `last` left off
 
+The paper's baseline, mBART-50 fine-tuned on the text alone (no prefix, no M-CLIP, no stage 1):
+
+    python train.py --stage 2 --prefix_len 0 --out runs/tiny/text_only
+
 One recipe (`main`) serves both stages. They differ in five places, marked (1) to (5) in the code:
 
                                 stage 1 (captioning)                 stage 2 (translation)
@@ -53,7 +57,7 @@ from tqdm import tqdm
 import data
 import tiny_world
 import weights
-from cliptrans import Attention, CLIPTransConfig
+from cliptrans import Attention, CLIPTransConfig, MappingConfig
 import runs
 from runs import Env, Run, log0, read_state, setup
 
@@ -78,13 +82,16 @@ class Config:
     features: str = flag("", "where the frozen towers' features are cached (default: DATA/features)")
     src: str = flag("en", "the source language (stage 2)")
     tgt: str = flag("de", "the target language (stage 2)")
-    caption_lang: str = flag("en", "stage 1 captions (the official code's default: English)")
+    caption_lang: str = flag("", "stage 1's caption language (default, as the official code: English when "
+                                 "--src or --tgt is English; for a pair without English it must be given)")
     train_split: str = flag("train", "the split to train on")
     val_split: str = flag("val", "the split to validate on (stage 2 keeps the checkpoint best on it)")
     split: str = flag("", "--eval_only: the split to score (default: the test split)")
     test_split: str = flag("", "scored at the end of training (tiny world: test; Multi30k: test_2016_flickr)")
     n_pairs: int = flag(0, "use only the first n training examples (0: all); the low-resource experiment")
     mapping: str = flag("mlp", "the mapping network, for new weights")
+    prefix_len: int = flag(-1, "a new mapping network with this many prefix vectors (-1: the starting "
+                               "weights'); 0: no prefix, the text-only mBART baseline (stage 2 only)")
     batch_size: int = flag(0, "examples per micro-batch, per process (default: the preset's, for the stage)")
     grad_accum: int = flag(0, "micro-batches per optimizer step; the loss is divided accordingly (default: "
                               "paper 4, tiny 1)")
@@ -106,6 +113,8 @@ class Config:
     dtype: str = flag("auto", "auto: bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU")
     compile: bool = flag(False, "torch.compile the model (off: eager)")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
+    skip_missing_images: bool = flag(False, "drop the examples whose image file is missing, as the official "
+                                            "WIT loader does (default: a missing image is an error)")
     allow_large_images: bool = flag(False, "lift pillow's limit on image pixels (a decompression-bomb guard)")
     out: str = flag("", "the run's folder (default: runs/PRESET/stageSTAGE)")
     checkpoint: str = flag("", "--eval_only / --resume: the checkpoint (default: OUT/best or OUT/last)")
@@ -123,7 +132,7 @@ CHOICES = {"stage": (0, 1, 2), "preset": ("tiny", "paper"), "mapping": ("mlp", "
            "schedule": ("constant", "cosine"), "dtype": ("auto", "bf16", "fp16", "fp32")}
 POSITIVE = ("batch_size", "grad_accum", "epochs", "lr", "save_every", "log_every", "beam", "max_new_tokens",
             "eval_batch_size")
-NON_NEGATIVE = ("n_pairs", "max_steps", "max_eval", "warmup_steps", "eval_every", "weight_decay")
+NON_NEGATIVE = ("prefix_len", "n_pairs", "max_steps", "max_eval", "warmup_steps", "eval_every", "weight_decay")
 
 
 def defaults(c: Config):
@@ -141,12 +150,21 @@ def defaults(c: Config):
         raise SystemExit(f"error: --ablate {c.ablate}: expected --ablate prefix or --ablate source, with "
                          f"--stage 2 --eval_only (it scores a trained translation model with one of its "
                          f"inputs taken away)")
+    if c.prefix_len == 0 and c.stage == 1:
+        raise SystemExit("error: --prefix_len 0 with --stage 1: captioning needs the prefix (it is the image's "
+                         "only way into the decoder). The text-only baseline is a translation model: "
+                         "python train.py --stage 2 --prefix_len 0 (it starts from --weights)")
+    if c.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
+        raise SystemExit(f"error: --prefix_len 0 has no prefix to {'take away' if c.ablate else 'embed'}: "
+                         f"drop {'--ablate prefix' if c.ablate else '--test_with_image'}")
+    if c.prefix_len == 0 and c.stage == 2:  # the baseline fine-tunes the pretrained mBART: no stage 1 to start from
+        c.from_scratch_stage2 = True
     batch, epochs, lr = table[(c.preset, c.stage)]
     c.batch_size, c.epochs, c.lr = c.batch_size or batch, c.epochs or epochs, c.lr or lr
     c.grad_accum = c.grad_accum or (4 if c.preset == "paper" else 1)
     for name in POSITIVE + NON_NEGATIVE:
         value, positive = getattr(c, name), name in POSITIVE
-        if value < 0 or (value == 0 and positive):
+        if (value < 0 and not (name == "prefix_len" and value == -1)) or (value == 0 and positive):
             kind = "positive" if positive else "non-negative"
             raise SystemExit(f"error: --{name} {value}: expected a {kind} number")
     if not (c.dropout == -1 or 0 <= c.dropout < 1):
@@ -158,6 +176,14 @@ def defaults(c: Config):
                              "layout: raw/{split}.{lang}[.gz] and image_splits/{split}.txt; `python data.py "
                              "multi30k`)")
         c.data = str(tiny_world.tiny_world())
+    if not c.caption_lang:  # the official choice: English when the pair has it
+        has_english = "en" in (c.src.split("_")[0], c.tgt.split("_")[0])
+        if c.stage == 1 and not has_english:
+            raise SystemExit(f"error: stage 1 captions in English when the pair has it, and {c.src}-{c.tgt} has "
+                             f"no English (the official code then captions in Spanish): give --caption_lang, "
+                             f"one of the languages of the training split "
+                             f"({', '.join(data.languages(c.data, c.train_split)) or 'none found in --data'})")
+        c.caption_lang = "en" if has_english else ""
     c.test_split = c.test_split or ("test" if tiny else "test_2016_flickr")
     c.split = c.split or c.test_split
     c.out = c.out or f"runs/{c.preset}/stage{c.stage}"
@@ -246,6 +272,16 @@ def load_model(folder, c: Config, device, what):
     if c.beam > 1 and 2 * c.beam + 1 > model.config.mbart.vocab_size:  # beam search's candidates per step
         raise SystemExit(f"error: --beam {c.beam} needs a vocabulary of at least {2 * c.beam + 1} tokens; "
                          f"{folder} has {model.config.mbart.vocab_size}: lower --beam")
+    P = model.config.mapping.prefix_len
+    if c.prefix_len >= 0 and c.prefix_len != P:  # a new mapping network: only where one starts fresh anyway
+        if what != "starting weights":
+            raise SystemExit(f"error: --prefix_len {c.prefix_len}: {what} {folder} has a trained mapping network "
+                             f"of {P} prefix vectors. Leave --prefix_len out, or start from --weights (stage "
+                             f"1, or stage 2 with --from_scratch_stage2)")
+        model.new_mapping(MappingConfig(model.config.mapping.kind, c.prefix_len))
+    elif model.config.mapping.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
+        raise SystemExit(f"error: {folder} is the text-only baseline (no prefix): --test_with_image and "
+                         f"--ablate prefix need a prefix")
     if c.dropout >= 0:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -314,6 +350,7 @@ class Examples:
     src_ids: list  # the encoder input of each example (token ids)
     tgt_ids: list  # the target of each example, `[lang] x </s>` (token ids)
     tgt_lang: str
+    skipped: list  # the missing images whose examples were dropped (--skip_missing_images)
 
 
 def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
@@ -323,10 +360,16 @@ def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
     langs, tgt_lang = ([c.caption_lang], c.caption_lang) if c.stage == 1 else ([c.src, c.tgt], c.tgt)
     try:  # --n_pairs cuts the training split, --max_eval the others
         limit = c.n_pairs if split == c.train_split else c.max_eval
-        s = data.read_split(c.data, split, langs, images, limit=limit)
+        s = data.read_split(c.data, split, langs, images, limit=limit, skip_missing_images=c.skip_missing_images)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
-    feats = features(model, c, s, kind, folder, env)
+    if s.skipped:
+        log0(env.rank, f"{split}: {len(s.skipped)} example(s) dropped, their image missing (--skip_missing_images): "
+                       f"{', '.join(s.skipped[:5])}{' ...' if len(s.skipped) > 5 else ''}")
+    if model.config.mapping.prefix_len == 0:  # the text-only baseline: no prefix, so no M-CLIP embedding
+        feats = torch.zeros(len(s), 0)
+    else:
+        feats = features(model, c, s, kind, folder, env)
     targets = tok.encode(s.sentences[tgt_lang], tgt_lang)[0]
     # mBART's positions: the decoder reads `</s> P1..Pp <lang> y1..yn`, P + L positions for a target of L
     # tokens (`<lang> y1..yn </s>`); the encoder reads the source
@@ -338,7 +381,7 @@ def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
     else:
         src_ids = [row[row != tok.pad_id].tolist() for row in tok.encode(s.sentences[c.src], c.src)[0]]
         src_ids = fit(src_ids, positions, "source", split, env)
-    return Examples(s.sentences, feats, src_ids, tgt_ids, tgt_lang)
+    return Examples(s.sentences, feats, src_ids, tgt_ids, tgt_lang, s.skipped)
 
 
 def fit(rows, limit, what, split, env: Env):
@@ -448,8 +491,8 @@ def lr_at(step, c: Config, total):
 
 
 # What fixes a run's data order and what it trains: --resume must continue with the same.
-RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs", "batch_size",
-               "grad_accum", "seed")
+RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs", "skip_missing_images",
+               "batch_size", "grad_accum", "seed")
 
 
 def validate(c: Config, run: Run, val: Examples, tok):
@@ -602,6 +645,9 @@ def main(argv=None):
 
     # the loop, from the start or (--resume) exactly where the checkpoint left off
     run = Run(dataclasses.asdict(c), RESUME_SAME, env, model, opt, scaler, start, resume=c.resume)
+    for name, ex in ((c.train_split, train_set), (c.val_split, val_set), (c.test_split, test_set)):
+        if ex.skipped and not c.resume:
+            run.log(dict(split=name, missing_images=len(ex.skipped), first_missing=ex.skipped[:5]))
     log0(env.rank, f"stage {c.stage} ({'captioning' if c.stage == 1 else 'translation'}): "
                    f"{len(train_set.tgt_ids)} examples, {steps_per_epoch} steps per epoch, {total} steps, "
                    f"{env.world} process(es) on {env.device}, {env.dtype}; training "

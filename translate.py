@@ -85,7 +85,7 @@ def check_trained(checkpoint, trained, task, langs):
                          f"stage 2 checkpoint: train stage 1 from it (python train.py --stage 1 --weights "
                          f"{checkpoint}, with --preset paper for converted weights), then stage 2")
     job = {"translation": "translation, {} -> {}", "captioning": "captioning in {}"}
-    done, done_langs = (("captioning", [trained.get("caption_lang", "en")]) if stage == 1 else
+    done, done_langs = (("captioning", [trained.get("caption_lang") or "en"]) if stage == 1 else
                         ("translation", [trained.get("src", "en"), trained.get("tgt", "de")]))
     if (task, [data.lang_code(x) for x in langs]) != (done, [data.lang_code(x) for x in done_langs]):
         hint = ("drop --src and --tgt to use the checkpoint's languages" if task == done else
@@ -159,7 +159,7 @@ def main(argv=None):
     amp = torch.autocast("cuda", torch.bfloat16) if a.device.startswith("cuda") else contextlib.nullcontext()
     try:
         if a.image:
-            lang = a.tgt or trained.get("caption_lang", "en")
+            lang = a.tgt or trained.get("caption_lang") or "en"
             check_trained(a.checkpoint, trained, "captioning", [lang])
             with amp:
                 lines = caption(model, mbart_tok, a.image, lang, a.beam, a.max_new_tokens, a.batch_size)

@@ -273,6 +273,28 @@ def test_read_split_layouts(tmp_path):
         data.read_split(tmp_path / "m", "val", ["en"], images=flat, limit=1)
 
 
+def test_skip_missing_images_drops_their_pairs_and_names_them(tmp_path):
+    """--skip_missing_images, as the official WIT loader: the pairs whose image is missing are dropped from every
+    language, the others keep their order; unreadable images stay an error; none found is an error."""
+    texts = {"en": ["a", "b", "c", "d"], "de": ["A", "B", "C", "D"]}
+    write_dataset(tmp_path, "train", texts, ["1.png", "2.png", "3.png", "4.png"])
+    for name in ("1.png", "3.png"):
+        random_image("RGB", 4, 4, 0).save(tmp_path / name)
+    s = data.read_split(tmp_path, "train", ["en", "de"], images=tmp_path, skip_missing_images=True)
+    assert s.sentences == {"en": ["a", "c"], "de": ["A", "C"]}
+    assert s.images == [tmp_path / "1.png", tmp_path / "3.png"] and s.skipped == ["2.png", "4.png"]
+    assert data.read_split(tmp_path, "train", ["en"], images=tmp_path, skip_missing_images=True,
+                           limit=1).sentences == {"en": ["a"]}
+    with pytest.raises(DataError, match=r"2 of 4 images are missing .*--skip_missing_images"):
+        data.read_split(tmp_path, "train", ["en"], images=tmp_path)
+    (tmp_path / "3.png").write_bytes(b"junk")
+    with pytest.raises(DataError, match=r"1 of 2 images .* cannot be read .*3\.png"):
+        data.read_split(tmp_path, "train", ["en"], images=tmp_path, skip_missing_images=True)
+    with pytest.raises(DataError, match=r"none of the 4 images of split 'train'"):
+        data.read_split(tmp_path, "train", ["en"], images=tmp_path / "raw", skip_missing_images=True)
+    assert data.languages(tmp_path, "train") == ["de", "en"]
+
+
 def test_read_split_errors(tmp_path):
     with pytest.raises(DataError, match=r"Tried: .*raw/train\.en.*train\.en\.gz.*image_splits"):
         data.read_split(tmp_path, "train", ["en"])

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.attention import SDPBackend
 
 import weights
-from cliptrans import CLIPTrans, CLIPTransConfig, prefix_mask
+from cliptrans import CLIPTrans, CLIPTransConfig, MappingConfig, prefix_mask
 from decoding import (KVCache, beam_candidates, cuda_graph, decode_layers, decode_step, linears_cast,
                       matmul_attention, topk_by_chunks)
 from conftest import assert_close, hf_param_counts, mclip_reference
@@ -374,6 +374,52 @@ def test_loss_ignores_prefix_positions(model, device):
         logp = F.log_softmax(model.mbart.logits(h), -1)
         terms = [-logp[b, t, labels[b, t]] for b in range(2) for t in range(labels.shape[1]) if labels[b, t] != -100]
         assert_close(model(clip, src, src_mask, tgt), torch.stack(terms).mean(), atol=1e-5, name="loss")
+
+
+# ----------------------------------------------------------------------------- the text-only baseline
+
+
+def text_only(model):
+    """A copy of `model` with prefix length 0: plain mBART-50, the paper's text-only baseline."""
+    copy = CLIPTrans(CLIPTransConfig.from_dict(model.config.to_dict())).to(model.mbart.shared.weight.device)
+    copy.load_state_dict(model.state_dict())
+    copy.new_mapping(MappingConfig(prefix_len=0))
+    assert not list(copy.mapping.parameters()), "no mapping network to train"
+    return copy.eval()
+
+
+def test_text_only_loss_equals_hf_with_labels(model, hf_mbart, device):
+    """Prefix length 0: the loss is MBartForConditionalGeneration's with `labels` (decoder input `</s> <lang>
+    y1..yn`, shifted by Hugging Face from the labels), on a padded batch, with no CLIP vector at all."""
+    baseline = text_only(model)
+    V = model.config.mbart.vocab_size
+    src, src_mask = padded_batch(V, [8, 5, 3], lang_id=V - 51, seed=20, device=device)
+    tgt, _ = padded_batch(V, [6, 9, 4], lang_id=V - 48, seed=21, device=device)
+    with torch.no_grad():
+        ref = hf_mbart(input_ids=src, attention_mask=src_mask, labels=tgt.masked_fill(tgt == 1, -100)).loss
+        ours = baseline(torch.zeros(3, 0, device=device), src, src_mask, tgt)
+    assert_close(ours, ref, atol=1e-5, name="text-only loss")
+    with torch.no_grad():  # and the prefix model's loss differs, so the comparison can tell them apart
+        clip = torch.randn(3, model.config.vision.embed_dim, generator=torch.Generator().manual_seed(22))
+        assert (model(clip.to(device), src, src_mask, tgt) - ref).abs() > 1e-3
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_text_only_generation_equals_hf(peaked_pair, num_beams, device):
+    hf_mbart, model = peaked_pair
+    baseline = text_only(model)
+    V = model.config.mbart.vocab_size
+    ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=23, device=device)
+    args = dict(num_beams=num_beams, max_new_tokens=12)
+    boost = boost_for_varied_lengths(hf_mbart, input_ids=ids, attention_mask=mask, forced_bos_token_id=V - 48,
+                                     early_stopping=True, **args)
+    ref = hf_generate_with_eos_boost(hf_mbart, boost, input_ids=ids, attention_mask=mask, early_stopping=True,
+                                     forced_bos_token_id=V - 48, **args)
+    with torch.no_grad():
+        baseline.mbart.final_logits_bias[2] += boost
+        ours = baseline.generate(torch.zeros(6, 0, device=device), ids, mask, tgt_lang_id=V - 48, **args)
+    assert len(set((ref != 1).sum(1).tolist())) > 1, "sentences of several lengths"
+    assert torch.equal(ours, ref[:, 1:]), f"\nours:\n{ours}\nhf:\n{ref}"
 
 
 def test_kv_cache_decoding_equals_full_recomputation(peaked_pair, device):

@@ -296,6 +296,44 @@ def test_from_scratch_stage2_starts_from_the_weights(world, stage0, stage1, tmp_
     assert max_diff(tensors(stage0), tensors(out / "last")) <= 1e-20  # 1e-30 where a weight was 0
 
 
+def test_text_only_baseline_trains_mbart_alone(world, stage0, tmp_path, capsys, monkeypatch):
+    """--prefix_len 0: stage 2 from --weights with no mapping network and no M-CLIP features; it trains all of
+    mBART, leaves the towers, and scores with `</s> <lang>` as its only decoder prompt."""
+    out = tmp_path / "text_only"
+    monkeypatch.setattr(train, "features", lambda *a: pytest.fail("the baseline computes no M-CLIP features"))
+    train.main(args("--stage", 2, "--data", world, "--weights", stage0, "--prefix_len", 0, "--out", out,
+                    "--max_steps", 4, "--batch_size", 16, *FAST))
+    s0, s2 = tensors(stage0), tensors(out / "best")
+    assert not prefixed(s2, "mapping."), "no mapping network is saved"
+    assert changed({k: s0[k] for k in s2}, s2) == prefixed(s2, "mbart.") - {"mbart.final_logits_bias"}
+    assert json.loads((out / "best" / weights.CONFIG_FILE).read_text())["cliptrans"]["mapping"]["prefix_len"] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    hyps = (out / "hyps" / "test.final.txt").read_text().splitlines()
+    assert summary["test_bleu"] == eval_only(capsys, "--stage", 2, "--data", world, "--out", out)["bleu"]
+    assert len(hyps) == 8
+
+
+def test_skip_missing_images_drops_their_examples_and_logs_them(world, stage0, tmp_path, capsys):
+    """Stage 1 on images with some missing: an error by default; with --skip_missing_images their examples are
+    dropped, counted and named on stdout and in metrics.jsonl."""
+    images = tmp_path / "images"
+    shutil.copytree(world / "images", images)
+    for name in ("train_00003.png", "train_00100.png", "val_00002.png"):
+        (images / name).unlink()
+    common = ["--stage", 1, "--data", world, "--images", images, "--weights", stage0, "--max_steps", 1,
+              "--batch_size", 16, "--features", tmp_path / "features", *FAST]
+    with pytest.raises(SystemExit, match="2 of 256 images are missing .*train_00003.png, train_00100.png"):
+        train.main(args(*common, "--out", tmp_path / "strict"))
+    capsys.readouterr()
+    train.main(args(*common, "--out", tmp_path / "skip", "--skip_missing_images"))
+    out = capsys.readouterr().out
+    assert "train: 2 example(s) dropped, their image missing (--skip_missing_images): train_00003.png, " \
+           "train_00100.png" in out and "254 examples" in out
+    logged = [r for r in records(tmp_path / "skip") if "missing_images" in r]
+    assert logged == [{"split": "train", "missing_images": 2, "first_missing": ["train_00003.png", "train_00100.png"]},
+                      {"split": "val", "missing_images": 1, "first_missing": ["val_00002.png"]}]
+
+
 def test_stage2_changes_the_encoder_that_stage1_froze(stage0, stage2):
     s0, s2 = tensors(stage0), tensors(stage2 / "last")
     assert max_diff(s0, s2, prefixed(s0, "mbart.encoder.")) > 1e-4
@@ -584,7 +622,8 @@ def test_flags_with_fixed_choices(flag, value, capsys):
                                   "paper_no_data", "paper_no_weights", "fp16_on_cpu", "save_every_0", "batch_negative",
                                   "n_pairs_negative", "dropout_1", "bad_device", "stage0_not_a_tiny_world",
                                   "resume_stage0", "resume_other_batch", "resume_stage1_as_stage2",
-                                  "features_unwritable"])
+                                  "features_unwritable", "prefix0_stage1", "prefix0_with_image",
+                                  "prefix_len_of_a_trained_mapping", "pair_without_english"])
 def test_more_bad_input_in_process(case, world, stage0, stage1, tmp_path):
     """Cheap checks of further messages, in this process (SystemExit carries the message)."""
     out = tmp_path / "out"
@@ -617,6 +656,15 @@ def test_more_bad_input_in_process(case, world, stage0, stage1, tmp_path):
                                     "--batch_size 64"),
         "features_unwritable": (["--stage", 1, "--weights", stage0, "--features", tmp_path / "a_file" / "cache"],
                                 "cannot write the feature cache"),
+        "prefix0_stage1": (["--stage", 1, "--weights", stage0, "--prefix_len", 0],
+                           "--prefix_len 0 with --stage 1: captioning needs the prefix"),
+        "prefix0_with_image": (["--stage", 2, "--prefix_len", 0, "--eval_only", "--test_with_image"],
+                               "--prefix_len 0 has no prefix to embed"),
+        "prefix_len_of_a_trained_mapping": (["--stage", 2, "--init", stage1 / "last", "--prefix_len", 4],
+                                            "has a trained mapping network of 10 prefix vectors"),
+        "pair_without_english": (["--stage", 1, "--weights", stage0, "--src", "de", "--tgt", "fr"],
+                                 "de-fr has no English (the official code then captions in Spanish): give "
+                                 "--caption_lang, one of the languages of the training split (de, en, fr)"),
     }[case]
     data_arg = [] if case == "paper_no_data" or "--data" in cli else ["--data", world]
     with pytest.raises(SystemExit) as e:
@@ -797,6 +845,35 @@ def test_experiment_continues_an_interrupted_experiment(tmp_path, monkeypatch):
     assert weights.find_checkpoint(crashed / "last") == crashed / ".last.old"
     assert experiment.train("--stage", 1, "--out", crashed, out=crashed) == {"test_bleu": 12.5}
     assert calls[-1] == ["--stage", "1", "--out", str(crashed), "--resume"]
+
+
+def test_experiment_pairs_arms_by_seed(tmp_path, monkeypatch, capsys):
+    """experiment.main: one stage 0, two stage 1 runs a seed, every arm at every size, and the paired
+    differences of each pair of arms computed seed by seed (here from made-up BLEU scores)."""
+    calls = []
+    bleu = {"--prefix_len": 50.0, "--from_scratch_stage2": 60.0, "stage1_en": 70.0, "stage1_de": 55.0}
+
+    def train_stub(*cli, out=None, note=""):
+        cli = [str(x) for x in cli]
+        calls.append(cli)
+        seed = int(cli[cli.index("--seed") + 1]) if "--seed" in cli else 0
+        arm = next((k for k in bleu if any(k in x for x in cli)), None)
+        return {"test_bleu": (bleu[arm] + seed) if "--n_pairs" in cli else 20.0}
+    monkeypatch.setattr(experiment, "train", train_stub)
+    experiment.main(["--seeds", "1", "2", "3", "--pairs", "50", "200", "--out", str(tmp_path)])
+    stages = [c[c.index("--stage") + 1] for c in calls]
+    assert stages.count("0") == 1 and stages.count("1") == 3 * 2 and stages.count("2") == 3 * 2 * 4
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["bleu"]["stage 1 (en) + 2"]["200"] == {"1": 71.0, "2": 72.0, "3": 73.0}
+    r = results["paired"]["stage 1 (en) + 2 - text-only, 50 pairs"]
+    assert r["differences"] == [20.0] * 3 and r["ci95"] == [20.0, 20.0] and (r["higher"], r["lower"]) == (3, 0)
+    assert "stage 1 (de) + 2 - stage 2 only" in capsys.readouterr().out
+
+
+def test_paired_bootstrap_interval():
+    r = experiment.paired([3.0, 5.0, 1.0, 7.0], [1.0, 1.0, 1.0, 1.0])
+    assert r["mean"] == 3.0 and (r["higher"], r["lower"]) == (3, 0)
+    assert 0.5 <= r["ci95"][0] < 3.0 < r["ci95"][1] <= 5.5  # the mean of 4 draws from {2, 4, 0, 6}
 
 
 # ----------------------------------------------------------------------------- smaller flag contracts
