@@ -159,9 +159,13 @@ class TextTowerTokenizer(_SentencePieceTokenizer):
 # similar length into one batch, so that little of each batch is padding.
 
 
-def pad(rows, pad_id):
-    """Rows of token ids -> (B, T) ids right-padded with pad_id, and the (B, T) attention mask (1 = token)."""
-    T = max(len(r) for r in rows)
+def pad(rows, pad_id, multiple=1, limit=None):
+    """Rows of token ids -> (B, T) ids right-padded with pad_id, and the (B, T) attention mask (1 = token).
+    T is the longest row rounded up to a multiple of `multiple` (at most `limit`): batches of similar lengths
+    then share a few shapes, which a compiled model compiles (and a CUDA graph records) once each."""
+    longest = max(len(r) for r in rows)
+    T = -(-longest // multiple) * multiple  # rounded up
+    T = max(longest, min(T, limit)) if limit else T
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for b, r in enumerate(rows):

@@ -25,39 +25,60 @@ from its `last` checkpoint.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
 import random
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+from tqdm import tqdm
 
 from weights import find_checkpoint
 
 ARMS = ("text-only", "stage 2 only", "stage 1 (en) + 2", "stage 1 (de) + 2")
 
 
-def train(*args, out=None, note=""):
+def train(*args, out=None, log=None, threads=None):
     """Run train.py and return the JSON line it ends with. A training run (`out`: its --out folder) that finished
-    before is read back from OUT/summary.json; one interrupted after a checkpoint continues with --resume."""
+    before is read back from OUT/summary.json; one interrupted after a checkpoint continues with --resume.
+    `log`: a file for its stderr (progress bars, messages; default: the terminal); `threads`: its intra-op
+    threads (default: PyTorch's choice)."""
     if out is not None and (out / "summary.json").is_file():
-        print(f"{note}done before: {out}", flush=True)
         return json.loads((out / "summary.json").read_text())
     if out is not None and find_checkpoint(out / "last").exists():  # (or the copy a crash left aside)
         args = (*args, "--resume")
     elif out is not None and out.exists():  # interrupted before its first checkpoint: nothing to resume
-        print(f"starting over: {out} (interrupted before its first checkpoint)", flush=True)
         shutil.rmtree(out)
     cmd = [sys.executable, "train.py", *map(str, args)]
-    print(f"{note}$ {' '.join(cmd)}", flush=True)
-    # stderr (the progress bars and, on failure, train.py's message) goes to the terminal; stdout ends with the JSON
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    with open(log, "a") if log else contextlib.nullcontext() as err:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     if done.returncode:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}")
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}" + (f"; its messages: {log}" if log else ""))
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_all(runs, jobs, desc):
+    """{name: (train.py arguments, out folder)} -> {name: summary}: `jobs` runs at a time, each on
+    cpu_count / jobs threads, its messages in OUT.log; a progress bar, and a line per finished run."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    done = {}
+    with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(runs), desc=desc) as bar:
+        futures = {pool.submit(train, *cli, out=out, log=out.with_name(out.name + ".log"), threads=threads): name
+                   for name, (cli, out) in runs.items()}
+        for future in as_completed(futures):
+            name = futures[future]
+            done[name] = future.result()
+            bar.update(1)
+            bar.write(f"{name}: test BLEU {done[name]['test_bleu']}")
+    return done
 
 
 def paired(a, b, rounds=10000, seed=0):
@@ -80,6 +101,8 @@ def main(argv=None):
                    help=f"the arms to run (default: all four: {', '.join(ARMS)})")
     p.add_argument("--stage1_extra", nargs=argparse.REMAINDER, default=[],
                    help="further train.py flags for stage 1, for an ablation (last on the command line)")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="training runs at a time, each on cpu_count / jobs threads (default: the CPU cores, at most 8)")
     p.add_argument("--out", default="runs/experiment")
     a = p.parse_args(argv)
     out = Path(a.out)
@@ -92,30 +115,34 @@ def main(argv=None):
     saved.write_text(json.dumps(settings))
     t0 = time.time()
 
-    # the pretrained models, once
+    # the pretrained models, once (all threads); then each seed's stage 1 runs, then every stage 2 run
+    print(f"stage 0 into {out / 'stage0'}", flush=True)
     s0 = train("--stage", 0, "--out", out / "stage0", out=out / "stage0")
     weights = out / "stage0" / "last"
     results = {"settings": settings, "seeds": a.seeds, "pairs": a.pairs, "stage0": s0, "stage1": {}, "bleu": {}}
-    n_runs = len(a.seeds) * len(a.pairs) * len(a.arms)
-    count = itertools.count(1)
     for seed in a.seeds:
+        (out / f"seed{seed}").mkdir(exist_ok=True)
+    stage1 = {f"seed {seed}, stage 1 ({lang})": (["--stage", 1, "--caption_lang", lang, "--weights", weights,
+                                                   "--seed", seed, "--max_steps", a.stage1_steps,
+                                                   "--out", out / f"seed{seed}" / f"stage1_{lang}", *a.stage1_extra],
+                                                  out / f"seed{seed}" / f"stage1_{lang}")
+              for seed in a.seeds for lang in ("en", "de") if f"stage 1 ({lang}) + 2" in a.arms}
+    results["stage1"] = {name: r["test_bleu"] for name, r in run_all(stage1, a.jobs, "stage 1 runs").items()}
+    stage2 = {}
+    for seed, pairs, arm in itertools.product(a.seeds, a.pairs, a.arms):
         d = out / f"seed{seed}"
-        for lang in ("en", "de"):  # captioning first, in the source or in the target language
-            if f"stage 1 ({lang}) + 2" in a.arms:
-                s1 = train("--stage", 1, "--caption_lang", lang, "--weights", weights, "--seed", seed,
-                           "--max_steps", a.stage1_steps, "--out", d / f"stage1_{lang}", *a.stage1_extra,
-                           out=d / f"stage1_{lang}")
-                results["stage1"][f"{seed} {lang}"] = s1["test_bleu"]
-        for pairs, arm in itertools.product(a.pairs, a.arms):
-            start = {"text-only": ["--prefix_len", 0, "--weights", weights],
-                     "stage 2 only": ["--from_scratch_stage2", "--weights", weights],
-                     "stage 1 (en) + 2": ["--init", d / "stage1_en" / "last"],
-                     "stage 1 (de) + 2": ["--init", d / "stage1_de" / "last"]}[arm]
-            o = d / f"{pairs}_{arm.replace(' ', '').replace('(', '_').replace(')', '')}"
-            s2 = train("--stage", 2, *start, "--seed", seed, "--n_pairs", pairs, "--max_steps", a.steps,
-                       "--eval_every", a.steps, "--out", o, out=o, note=f"[{next(count)}/{n_runs}] ")
-            results["bleu"].setdefault(arm, {}).setdefault(str(pairs), {})[str(seed)] = s2["test_bleu"]
-            (out / "results.json").write_text(json.dumps(results, indent=2))
+        start = {"text-only": ["--prefix_len", 0, "--weights", weights],
+                 "stage 2 only": ["--from_scratch_stage2", "--weights", weights],
+                 "stage 1 (en) + 2": ["--init", d / "stage1_en" / "last"],
+                 "stage 1 (de) + 2": ["--init", d / "stage1_de" / "last"]}[arm]
+        o = d / f"{pairs}_{arm.replace(' ', '').replace('(', '_').replace(')', '')}"
+        stage2[(arm, pairs, seed)] = (["--stage", 2, *start, "--seed", seed, "--n_pairs", pairs, "--max_steps",
+                                       a.steps, "--eval_every", a.steps, "--out", o], o)
+    named = {f"seed {seed}, {pairs} pairs, {arm}": run for (arm, pairs, seed), run in stage2.items()}
+    done = run_all(named, a.jobs, "stage 2 runs")
+    for (arm, pairs, seed), name in zip(stage2, named):
+        results["bleu"].setdefault(arm, {}).setdefault(str(pairs), {})[str(seed)] = done[name]["test_bleu"]
+    (out / "results.json").write_text(json.dumps(results, indent=2))
     minutes = (time.time() - t0) / 60
 
     # the table: mean ± std over seeds; then every pair of arms, paired by seed

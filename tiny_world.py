@@ -374,19 +374,21 @@ def retrieval(model, ttok, split, langs, device, group=64):
 
 def recall(image, text, texts, group=64, ks=(1, 5)):
     """image, text (N, D): the embeddings of N examples and their captions `texts`. Within groups of `group`
-    examples, each image against the captions of its group (and each caption against the images): the share whose
-    right partner is among the k most similar by cosine. A caption that reads exactly like the right one counts
-    as right (one-shape scenes repeat). Whole groups only, so chance is k / group; a split smaller than one
-    group is one group."""
+    examples, each image against the captions of its group (and each caption against the images): the share
+    whose right partner is among the k most similar by cosine. A caption that reads exactly like the right one
+    counts as right (one-shape scenes repeat). Whole groups only, so chance is k / group; a split smaller than
+    one group is one group."""
     image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
     group = min(group, len(texts))
     hits = {f"{d}_r{k}": 0 for d in ("image_to_text", "text_to_image") for k in ks}
     for g in range(0, len(texts) - group + 1, group):
         sim = image[g:g + group] @ text[g:g + group].T  # (group, group): image i, caption j
         same = torch.tensor([[a == b for b in texts[g:g + group]] for a in texts[g:g + group]])
-        for k in ks:
-            hits[f"image_to_text_r{k}"] += same.gather(1, sim.topk(min(k, group), dim=1).indices.cpu()).any(1).sum().item()
-            hits[f"text_to_image_r{k}"] += same.gather(1, sim.T.topk(min(k, group), dim=1).indices.cpu()).any(1).sum().item()
+        for k in ks:  # (group, k): the k nearest captions of each image, the k nearest images of each caption
+            top = min(k, group)
+            to_text, to_image = sim.topk(top, dim=1).indices, sim.T.topk(top, dim=1).indices
+            hits[f"image_to_text_r{k}"] += same.gather(1, to_text.cpu()).any(1).sum().item()
+            hits[f"text_to_image_r{k}"] += same.gather(1, to_image.cpu()).any(1).sum().item()
     n = len(texts) // group * group
     return {name: round(h / n, 3) for name, h in hits.items()}
 
@@ -430,7 +432,8 @@ def stage0(settings: dict, device) -> Path:
     # (a) CLIP's contrastive objective: image i and its caption (in any language) are a pair, every other
     # caption in the batch is a negative. The text tower learns all languages into one space with the images.
     # Three times the denoiser's steps, from twice its learning rate, warmed up then decayed on a cosine: the
-    # towers then find an image's caption among 64 at recall@1 0.93 (0.79 with the denoiser's recipe, measured).
+    # towers then find an image's caption among 64 at recall@1 0.93 (0.79 with the denoiser's recipe:
+    # measured, EXPERIMENTS.md).
     temp = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
     towers = list(model.vision.parameters()) + list(model.text.parameters()) + [temp]
     opt = torch.optim.AdamW(towers, lr=2 * c.lr, weight_decay=0.01)
@@ -440,7 +443,8 @@ def stage0(settings: dict, device) -> Path:
     bar = tqdm(range(3 * steps), desc="stage 0: contrastive")
     for step in bar:
         progress = max(0, step - warmup) / max(1, 3 * steps - warmup)
-        opt.param_groups[0]["lr"] = 2 * c.lr * min(1, (step + 1) / warmup) * (1 + math.cos(math.pi * progress)) / 2
+        warm = min(1, (step + 1) / warmup)
+        opt.param_groups[0]["lr"] = 2 * c.lr * warm * (1 + math.cos(math.pi * progress)) / 2
         idx = torch.randint(n, (B,), generator=g)
         lang = [langs[j] for j in torch.randint(len(langs), (B,), generator=g).tolist()]
         ids, mask = ttok.encode([train.sentences[lang[j]][i] for j, i in enumerate(idx.tolist())],
@@ -494,7 +498,8 @@ def stage0(settings: dict, device) -> Path:
     shutil.rmtree(tmp_tok)
     summary.update(denoising_loss=round(loss.item(), 4), minutes=round((time.time() - t_start) / 60, 2),
                    checkpoint=str(out))
-    data.atomic_write(Path(c.out) / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
+    text = json.dumps(summary, indent=2)
+    data.atomic_write(Path(c.out) / "summary.json", lambda p: Path(p).write_text(text))
     print(json.dumps(summary))
     return out
 

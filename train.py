@@ -111,7 +111,9 @@ class Config:
     max_eval: int = flag(0, "evaluate on the first n examples only (0: all)")
     seed: int = flag(29, "seeds the model's initialisation, the data order and dropout")
     dtype: str = flag("auto", "auto: bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU")
-    compile: bool = flag(False, "torch.compile the model (off: eager)")
+    compile: str = flag("auto", "torch.compile's mode for the training step: auto (CUDA: reduce-overhead, "
+                                "the fastest bench.py measured; CPU: none), none (eager), default, "
+                                "reduce-overhead (CUDA graphs), max-autotune")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
     skip_missing_images: bool = flag(False, "drop the examples whose image file is missing, as the official "
                                             "WIT loader does (default: a missing image is an error)")
@@ -129,10 +131,12 @@ class Config:
 # The flags with a fixed set of values (argparse rejects the others), and the numbers that must be positive or
 # non-negative (checked once the preset's defaults are in).
 CHOICES = {"stage": (0, 1, 2), "preset": ("tiny", "paper"), "mapping": ("mlp", "hidden_mlp", "transformer"),
-           "schedule": ("constant", "cosine"), "dtype": ("auto", "bf16", "fp16", "fp32")}
+           "schedule": ("constant", "cosine"), "dtype": ("auto", "bf16", "fp16", "fp32"),
+           "compile": ("auto", "none", "default", "reduce-overhead", "max-autotune")}
 POSITIVE = ("batch_size", "grad_accum", "epochs", "lr", "save_every", "log_every", "beam", "max_new_tokens",
             "eval_batch_size")
-NON_NEGATIVE = ("prefix_len", "n_pairs", "max_steps", "max_eval", "warmup_steps", "eval_every", "weight_decay")
+NON_NEGATIVE = ("prefix_len", "n_pairs", "max_steps", "max_eval", "warmup_steps", "eval_every",
+                "weight_decay")
 
 
 def defaults(c: Config):
@@ -151,13 +155,13 @@ def defaults(c: Config):
                          f"--stage 2 --eval_only (it scores a trained translation model with one of its "
                          f"inputs taken away)")
     if c.prefix_len == 0 and c.stage == 1:
-        raise SystemExit("error: --prefix_len 0 with --stage 1: captioning needs the prefix (it is the image's "
-                         "only way into the decoder). The text-only baseline is a translation model: "
-                         "python train.py --stage 2 --prefix_len 0 (it starts from --weights)")
+        raise SystemExit("error: --prefix_len 0 with --stage 1: captioning needs the prefix (it is the "
+                         "image's only way into the decoder). The text-only baseline is a translation "
+                         "model: python train.py --stage 2 --prefix_len 0 (it starts from --weights)")
     if c.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
         raise SystemExit(f"error: --prefix_len 0 has no prefix to {'take away' if c.ablate else 'embed'}: "
                          f"drop {'--ablate prefix' if c.ablate else '--test_with_image'}")
-    if c.prefix_len == 0 and c.stage == 2:  # the baseline fine-tunes the pretrained mBART: no stage 1 to start from
+    if c.prefix_len == 0 and c.stage == 2:  # the baseline fine-tunes the pretrained mBART: no stage 1 for it
         c.from_scratch_stage2 = True
     batch, epochs, lr = table[(c.preset, c.stage)]
     c.batch_size, c.epochs, c.lr = c.batch_size or batch, c.epochs or epochs, c.lr or lr
@@ -179,10 +183,10 @@ def defaults(c: Config):
     if not c.caption_lang:  # the official choice: English when the pair has it
         has_english = "en" in (c.src.split("_")[0], c.tgt.split("_")[0])
         if c.stage == 1 and not has_english:
-            raise SystemExit(f"error: stage 1 captions in English when the pair has it, and {c.src}-{c.tgt} has "
-                             f"no English (the official code then captions in Spanish): give --caption_lang, "
-                             f"one of the languages of the training split "
-                             f"({', '.join(data.languages(c.data, c.train_split)) or 'none found in --data'})")
+            found = ", ".join(data.languages(c.data, c.train_split)) or "none found in --data"
+            raise SystemExit(f"error: stage 1 captions in English when the pair has it, and {c.src}-{c.tgt} "
+                             f"has no English (the official code then captions in Spanish): give "
+                             f"--caption_lang, one of the languages of the training split ({found})")
         c.caption_lang = "en" if has_english else ""
     c.test_split = c.test_split or ("test" if tiny else "test_2016_flickr")
     c.split = c.split or c.test_split
@@ -275,9 +279,9 @@ def load_model(folder, c: Config, device, what):
     P = model.config.mapping.prefix_len
     if c.prefix_len >= 0 and c.prefix_len != P:  # a new mapping network: only where one starts fresh anyway
         if what != "starting weights":
-            raise SystemExit(f"error: --prefix_len {c.prefix_len}: {what} {folder} has a trained mapping network "
-                             f"of {P} prefix vectors. Leave --prefix_len out, or start from --weights (stage "
-                             f"1, or stage 2 with --from_scratch_stage2)")
+            raise SystemExit(f"error: --prefix_len {c.prefix_len}: {what} {folder} has a trained mapping "
+                             f"network of {P} prefix vectors. Leave --prefix_len out, or start from "
+                             f"--weights (stage 1, or stage 2 with --from_scratch_stage2)")
         model.new_mapping(MappingConfig(model.config.mapping.kind, c.prefix_len))
     elif model.config.mapping.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
         raise SystemExit(f"error: {folder} is the text-only baseline (no prefix): --test_with_image and "
@@ -360,12 +364,13 @@ def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
     langs, tgt_lang = ([c.caption_lang], c.caption_lang) if c.stage == 1 else ([c.src, c.tgt], c.tgt)
     try:  # --n_pairs cuts the training split, --max_eval the others
         limit = c.n_pairs if split == c.train_split else c.max_eval
-        s = data.read_split(c.data, split, langs, images, limit=limit, skip_missing_images=c.skip_missing_images)
+        s = data.read_split(c.data, split, langs, images, limit=limit,
+                            skip_missing_images=c.skip_missing_images)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     if s.skipped:
-        log0(env.rank, f"{split}: {len(s.skipped)} example(s) dropped, their image missing (--skip_missing_images): "
-                       f"{', '.join(s.skipped[:5])}{' ...' if len(s.skipped) > 5 else ''}")
+        log0(env.rank, f"{split}: {len(s.skipped)} example(s) dropped, their image missing "
+                       f"(--skip_missing_images): {', '.join(s.skipped[:5])}{' ...' * (len(s.skipped) > 5)}")
     if model.config.mapping.prefix_len == 0:  # the text-only baseline: no prefix, so no M-CLIP embedding
         feats = torch.zeros(len(s), 0)
     else:
@@ -491,8 +496,8 @@ def lr_at(step, c: Config, total):
 
 
 # What fixes a run's data order and what it trains: --resume must continue with the same.
-RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs", "skip_missing_images",
-               "batch_size", "grad_accum", "seed")
+RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs",
+               "skip_missing_images", "batch_size", "grad_accum", "seed")
 
 
 def validate(c: Config, run: Run, val: Examples, tok):
@@ -514,16 +519,82 @@ def validate(c: Config, run: Run, val: Examples, tok):
     run.save("last")
 
 
+# -----------------------------------------------------------------------------
+# One training step: forward, loss, backward, the optimizer, over grad_accum micro-batches. bench/bench.py
+# times this very function.
+
+PAD_MULTIPLE = 8  # source and target padded to multiples of 8 tokens: an epoch has a few shapes, not hundreds
+
+
+def micro_batch(ex: Examples, batch, pad_id, config, device):
+    """Examples `batch` (indices) as the model's inputs on `device`: the mapping network's input (B, D), the
+    encoder input and its mask (B, S), the targets (B, T), S and T rounded up to PAD_MULTIPLE (padding changes
+    no loss: the pads are masked and labelled -100). Returns them and the batch's target tokens."""
+    positions, P = config.mbart.max_positions, config.mapping.prefix_len
+    ids, mask = data.pad([ex.src_ids[i] for i in batch], pad_id, PAD_MULTIPLE, limit=positions)
+    tgt, _ = data.pad([ex.tgt_ids[i] for i in batch], pad_id, PAD_MULTIPLE, limit=positions - P)
+    n_tok = sum(len(ex.tgt_ids[i]) for i in batch)
+    return [t.to(device, non_blocking=True) for t in (ex.feats[batch], ids, mask, tgt)], n_tok
+
+
+def batch_shapes(ex: Examples, batches, pad_id, config):
+    """The distinct input shapes (B, S, T) of `batches`: how many graphs a compiled step records."""
+    shapes = set()
+    for batch in batches:
+        (_, ids, _, tgt), _ = micro_batch(ex, batch, pad_id, config, "cpu")
+        shapes.add((len(batch), ids.shape[1], tgt.shape[1]))
+    return shapes
+
+
+def train_step(model, opt, scaler, micro, env: Env):
+    """One optimizer step over the micro-batches `micro` ([(inputs, target tokens)], from micro_batch). The
+    loss is the mean over all target tokens of the global batch: each process divides its sum by the global
+    count, times world (DDP averages gradients), over the accumulated micro-batches. Returns that loss."""
+    counts = torch.tensor([n for _, n in micro], device=env.device, dtype=torch.float)
+    if env.world > 1:
+        dist.all_reduce(counts)
+    loss_sum = torch.zeros((), device=env.device)
+    for j, (inputs, n_tok) in enumerate(micro):
+        sync = j == len(micro) - 1  # DDP averages the gradients after the last micro-batch only
+        with model.no_sync() if (env.world > 1 and not sync) else contextlib.nullcontext():
+            with env.autocast:
+                mean = model(*inputs)
+            scaler.scale(mean * n_tok / counts.sum() * env.world).backward()
+        loss_sum += mean.detach() * n_tok / counts.sum()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if env.world > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum
+
+
+def compiled(model, mode, env: Env, shapes=64):
+    """The model the training step runs: DDP-wrapped with several processes, then compiled in `mode`.
+    "auto": on CUDA reduce-overhead, CUDA graphs recorded once per shape, the fastest mode bench.py measured
+    at the paper's sizes; with DDP the default mode, whose graph the compiler splits at DDP's gradient buckets
+    so that they overlap; on a CPU eager, where compiling the tiny preset costs minutes and saves seconds.
+    One compilation per input shape, at most `shapes` of them: past that the compiler falls back to eager."""
+    if env.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    if mode == "auto":
+        mode = "none" if env.device.type != "cuda" else "default" if env.world > 1 else "reduce-overhead"
+    if mode == "none":
+        return model
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
 def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok):
     """Optimizer steps of grad_accum micro-batches until `total`, validating at the end of each epoch (or
     every --eval_every steps) and at the end. Returns the target tokens trained on (all processes) and the
     time it took."""
-    env, model, train_model = run.env, run.model, run.model
-    if env.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    if c.compile:  # after DDP: the compiler then splits the graph at DDP's gradient buckets, so they overlap
-        train_model = torch.compile(train_model)
+    env, model = run.env, run.model
+    sampler.set_epoch(run.epoch)
+    shapes = len(batch_shapes(ex, list(sampler), tok.pad_id, model.config))
+    log0(env.rank, f"an epoch pads its batches to {shapes} shapes (lengths in multiples of {PAD_MULTIPLE})")
+    train_model = compiled(model, c.compile, env, shapes=max(64, 2 * shapes))
     t_start, tokens_seen = time.time(), 0
     bar = tqdm(total=total, initial=run.step, desc=f"stage {c.stage}", disable=env.rank != 0)
     model.train()
@@ -533,38 +604,16 @@ def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok)
         usable = len(batches) - len(batches) % c.grad_accum
         t0, pause_t0, tok_window = time.time(), run.pause_s, 0
         while run.batch_in_epoch < usable and run.step < total:
-            # forward backward update, with gradient accumulation. The loss is a mean over all target tokens
-            # of the global batch: each process divides its sum by the global count, times world (DDP averages
-            # gradients), over the accumulated micro-batches.
+            # forward backward update, over grad_accum micro-batches (see train_step)
             for g in run.opt.param_groups:
                 g["lr"] = lr_at(run.step, c, total)
-            loss_sum = torch.zeros((), device=env.device)
-            micro = batches[run.batch_in_epoch:run.batch_in_epoch + c.grad_accum]
-            sizes = [sum(len(ex.tgt_ids[i]) for i in b) for b in micro]  # target tokens of each micro-batch
-            counts = torch.tensor(sizes, device=env.device, dtype=torch.float)
-            if env.world > 1:
-                dist.all_reduce(counts)
-            for j, batch in enumerate(micro):
-                sync = j == len(micro) - 1  # DDP averages the gradients after the last micro-batch only
-                with train_model.no_sync() if (env.world > 1 and not sync) else contextlib.nullcontext():
-                    ids, mask = data.pad([ex.src_ids[i] for i in batch], tok.pad_id)  # (B, S) encoder input
-                    tgt, _ = data.pad([ex.tgt_ids[i] for i in batch], tok.pad_id)  # (B, T) target
-                    n_tok = sizes[j]
-                    with env.autocast:
-                        mean = train_model(ex.feats[batch].to(env.device), ids.to(env.device),
-                                           mask.to(env.device), tgt.to(env.device))
-                    loss = mean * n_tok / counts.sum() * env.world
-                    run.scaler.scale(loss).backward()
-                loss_sum += mean.detach() * n_tok / counts.sum()
-                tok_window += n_tok
-                tokens_seen += n_tok
-            run.scaler.step(run.opt)
-            run.scaler.update()
-            run.opt.zero_grad(set_to_none=True)
+            micro = [micro_batch(ex, b, tok.pad_id, model.config, env.device)
+                     for b in batches[run.batch_in_epoch:run.batch_in_epoch + c.grad_accum]]
+            loss_sum = train_step(train_model, run.opt, run.scaler, micro, env)
             run.step += 1
             run.batch_in_epoch += c.grad_accum
-            if env.world > 1:
-                dist.all_reduce(loss_sum)
+            n_tok = sum(n for _, n in micro)
+            tok_window, tokens_seen = tok_window + n_tok, tokens_seen + n_tok
             bar.update(1)
 
             # timing and logging

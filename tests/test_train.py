@@ -487,17 +487,71 @@ def test_ddp_two_processes_match_one_on_the_same_global_batch(world, stage1, cac
     assert ddp.returncode == 0, describe(ddp)
 
 
-def test_compile_trains_like_eager(world, stage1, tmp_path):
-    """--compile: the same two optimizer steps as without it (one batch of the same 8 pairs, so one shape and
-    one compilation), the same losses and weights up to float rounding."""
-    common = args("--stage", 2, "--data", world, "--init", stage1 / "last", "--max_steps", 2, "--dropout", 0,
-                  "--n_pairs", 8, "--batch_size", 8, *FAST)
-    train.main(common + args("--out", tmp_path / "eager"))
-    train.main(common + args("--out", tmp_path / "compiled", "--compile"))
+def test_compile_trains_like_eager(world, stage1, tmp_path, capsys):
+    """--compile default: the same optimizer steps as eager mode over batches of several shapes (one compilation
+    each), the same losses and weights up to float rounding; the run says how many shapes an epoch has."""
+    common = args("--stage", 2, "--data", world, "--init", stage1 / "last", "--max_steps", 3, "--dropout", 0,
+                  "--n_pairs", 24, "--batch_size", 8, *FAST)
+    train.main(common + args("--out", tmp_path / "eager", "--compile", "none"))
+    shapes = [line for line in capsys.readouterr().out.splitlines() if "shapes" in line]
+    train.main(common + args("--out", tmp_path / "compiled", "--compile", "default"))
     eager, compiled = step_losses(records(tmp_path / "eager")), step_losses(records(tmp_path / "compiled"))
+    assert shapes == ["an epoch pads its batches to 2 shapes (lengths in multiples of 8)"], shapes
     assert compiled == pytest.approx(eager, abs=1e-4, rel=0)
-    assert sorted(eager) == [1, 2] and eager[2] != eager[1]  # the first step changed the weights the second one saw
+    assert sorted(eager) == [1, 2, 3] and len(set(eager.values())) == 3
     assert max_diff(tensors(tmp_path / "eager" / "last"), tensors(tmp_path / "compiled" / "last")) <= 1e-4
+
+
+def test_resume_under_compile_equals_an_uninterrupted_run(world, stage1, tmp_path):
+    """--compile default, dropout on: 2 steps, then --resume to 4, equal 4 steps in one go (the compiled step
+    draws its dropout masks from the RNG states the checkpoint restores)."""
+    common = args("--stage", 2, "--data", world, "--init", stage1 / "last", "--n_pairs", 32, "--batch_size", 8,
+                  "--compile", "default", "--save_every", 2, *FAST)
+    train.main(common + args("--out", tmp_path / "whole", "--max_steps", 4))
+    train.main(common + args("--out", tmp_path / "split", "--max_steps", 2))
+    train.main(common + args("--out", tmp_path / "split", "--max_steps", 4, "--resume"))
+    whole, split = step_losses(records(tmp_path / "whole")), step_losses(records(tmp_path / "split"))
+    assert sorted(split) == [1, 2, 3, 4]
+    assert split == pytest.approx(whole, abs=1e-6, rel=0)
+    assert max_diff(tensors(tmp_path / "whole" / "last"), tensors(tmp_path / "split" / "last")) <= 1e-6
+
+
+def test_padding_to_a_multiple_changes_no_loss_and_no_gradient():
+    """micro_batch pads source and target to multiples of 8: the loss and every gradient equal those of the
+    batch padded only to its longest row (CPU, fp32, dropout off)."""
+    torch.manual_seed(0)
+    cfg = CLIPTransConfig.preset("tiny")
+    cfg.mbart.vocab_size = cfg.text.vocab_size = 64
+    cfg.mbart.dropout = 0.0
+    model = CLIPTrans(cfg)
+    ex = train.Examples({}, torch.randn(3, cfg.vision.embed_dim), [[59, 5, 6, 7, 2], [59, 8, 2], [59] + [9] * 8 + [2]],
+                        [[60, 4, 5, 2], [60, 6, 7, 8, 9, 2], [60, 2]], "de", [])
+    (feats, ids, mask, tgt), n_tok = train.micro_batch(ex, [0, 1, 2], 1, cfg, "cpu")
+    assert (ids.shape[1], tgt.shape[1], n_tok) == (16, 8, 12)
+    tight_ids, tight_mask = data.pad(ex.src_ids, 1)
+    tight_tgt, _ = data.pad(ex.tgt_ids, 1)
+    assert (tight_ids.shape[1], tight_tgt.shape[1]) == (10, 6)
+
+    def loss_and_grads(*inputs):
+        model.zero_grad()
+        loss = model(*inputs)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    padded, tight = loss_and_grads(feats, ids, mask, tgt), loss_and_grads(feats, tight_ids, tight_mask, tight_tgt)
+    assert abs(padded[0] - tight[0]) < 1e-6 and padded[1].keys() == tight[1].keys()
+    assert max((padded[1][k] - tight[1][k]).abs().max().item() for k in tight[1]) < 1e-6
+    # the cap: a target never padded past mBART's positions (minus the prefix)
+    long = train.Examples({}, feats, [[59, 2]], [[60] + [4] * 115 + [2]], "de", [])
+    assert train.micro_batch(long, [0], 1, cfg, "cpu")[0][3].shape[1] == cfg.mbart.max_positions - 10
+
+
+def test_batch_shapes_of_an_epoch():
+    ex = train.Examples({}, torch.zeros(5, 4), [[1] * 3, [1] * 9, [1] * 4, [1] * 17, [1] * 5],
+                        [[1] * 8, [1] * 2, [1] * 7, [1] * 3, [1] * 9], "de", [])
+    cfg = CLIPTransConfig.preset("tiny")
+    # (B, S, T): [0, 2] -> (2, 8, 8); [1, 3] -> (2, 24, 8); [4] -> (1, 8, 16); [0, 1] -> (2, 16, 8)
+    assert train.batch_shapes(ex, [[0, 2], [1, 3], [4], [0, 1]], 0, cfg) == {(2, 8, 8), (2, 24, 8), (1, 8, 16),
+                                                                              (2, 16, 8)}
 
 
 # ----------------------------------------------------------------------------- 6. the default commands
@@ -853,20 +907,21 @@ def test_experiment_pairs_arms_by_seed(tmp_path, monkeypatch, capsys):
     calls = []
     bleu = {"--prefix_len": 50.0, "--from_scratch_stage2": 60.0, "stage1_en": 70.0, "stage1_de": 55.0}
 
-    def train_stub(*cli, out=None, note=""):
+    def train_stub(*cli, out=None, log=None, threads=None):
         cli = [str(x) for x in cli]
         calls.append(cli)
         seed = int(cli[cli.index("--seed") + 1]) if "--seed" in cli else 0
         arm = next((k for k in bleu if any(k in x for x in cli)), None)
         return {"test_bleu": (bleu[arm] + seed) if "--n_pairs" in cli else 20.0}
     monkeypatch.setattr(experiment, "train", train_stub)
-    experiment.main(["--seeds", "1", "2", "3", "--pairs", "50", "200", "--out", str(tmp_path)])
+    experiment.main(["--seeds", "1", "2", "3", "--pairs", "50", "200", "--jobs", "2", "--out", str(tmp_path)])
     stages = [c[c.index("--stage") + 1] for c in calls]
     assert stages.count("0") == 1 and stages.count("1") == 3 * 2 and stages.count("2") == 3 * 2 * 4
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["bleu"]["stage 1 (en) + 2"]["200"] == {"1": 71.0, "2": 72.0, "3": 73.0}
     r = results["paired"]["stage 1 (en) + 2 - text-only, 50 pairs"]
     assert r["differences"] == [20.0] * 3 and r["ci95"] == [20.0, 20.0] and (r["higher"], r["lower"]) == (3, 0)
+    assert results["stage1"]["seed 2, stage 1 (de)"] == 20.0
     assert "stage 1 (de) + 2 - stage 2 only" in capsys.readouterr().out
 
 
