@@ -173,8 +173,9 @@ def check_resumable(state, settings: dict, same, folder, world):
     of the settings named in `same` (those that fix the data order and what trains) and as many processes."""
     saved = state.get("config")
     if "optimizer" not in state or saved is None:
-        raise SystemExit(f"error: {folder} holds no training state to resume (a stage "
-                         f"{state.get('stage', '?')} checkpoint or converted weights): --resume continues a "
+        what = (f"a stage {state['stage']} checkpoint" if "stage" in state else
+                "converted weights, or a run's `best`, which keeps the model only")
+        raise SystemExit(f"error: {folder} holds no training state to resume ({what}): --resume continues a "
                          f"stage 1 or 2 run from its `last`; to start stage 2 from a stage 1 checkpoint, "
                          f"give it as --init without --resume")
     diff = [k for k in same if saved.get(k) != settings[k]]
@@ -203,6 +204,7 @@ class Run:
         self.settings, self.env, self.out = settings, env, Path(settings["out"])
         self.model, self.opt, self.scaler = model, opt, scaler
         self.tokenizers_from = start  # every checkpoint carries the tokenizers of the one it started from
+        self.towers_from = start  # ... and shares its frozen towers' file (see weights.TOWERS_FILE)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # optimizer steps; the position in the data
         self.best, self.pause_s = -1.0, 0.0  # best: the best validation score so far
         if env.rank == 0:  # the folder is this run's from now on; checked again: another run may have ended
@@ -254,7 +256,8 @@ class Run:
             self.metrics.flush()
 
     def save(self, name):
-        """OUT/{name}: the model, and the training state with every process's RNG states (rank 0 writes)."""
+        """OUT/{name}: the model; `last` also the training state with every process's RNG states, which only
+        --resume reads (rank 0 writes)."""
         t, rngs = time.time(), [None] * self.env.world
         if self.env.world > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -263,10 +266,16 @@ class Run:
         if self.env.rank == 0:
             state = {"optimizer": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
                      "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                     "best": self.best, "rng": rngs, "config": self.settings}
+                     "best": self.best, "rng": rngs, "config": self.settings} if name == "last" else None
             folder = self.out / name
             try:
-                weights.save_checkpoint(folder, self.model, self.settings, state, self.tokenizers_from)
+                how = weights.save_checkpoint(folder, self.model, self.settings, state, self.tokenizers_from,
+                                              self.towers_from)
+                if how != "linked" and self.towers_from != folder:  # a start of the older layout, or afar
+                    why = "no hard link reaches it" if how == "copied" else f"it has no {weights.TOWERS_FILE}"
+                    log0(0, f"{folder}: the frozen towers {how}, not linked to {self.towers_from}'s ({why}); "
+                            f"the next checkpoints link to these")
+                    self.towers_from = folder
             except OSError as e:  # a full or read-only disk: the previous checkpoint is intact
                 raise SystemExit(f"error: cannot write the checkpoint {folder} ({e.strerror or e}): free "
                                  f"some space or make {self.out} writable, then --resume from the previous "

@@ -45,6 +45,7 @@ import json
 import os
 import math
 import random
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ import tiny_world
 import weights
 from cliptrans import Attention, CLIPTransConfig, MappingConfig
 import runs
-from runs import Env, Run, log0, read_state, setup
+from runs import Env, Run, log0, setup
 
 # -----------------------------------------------------------------------------
 # Settings. Every field is a command-line flag (`--batch_size 32`); unknown flags are errors. What is left at
@@ -117,6 +118,7 @@ class Config:
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
     skip_missing_images: bool = flag(False, "drop the examples whose image file is missing, as the official "
                                             "WIT loader does (default: a missing image is an error)")
+    ignore_disk_space: bool = flag(False, "start even when --out's disk looks too small for the checkpoints")
     allow_large_images: bool = flag(False, "lift pillow's limit on image pixels (a decompression-bomb guard)")
     out: str = flag("", "the run's folder (default: runs/PRESET/stageSTAGE)")
     checkpoint: str = flag("", "--eval_only / --resume: the checkpoint (default: OUT/best or OUT/last)")
@@ -292,9 +294,10 @@ def load_model(folder, c: Config, device, what):
                 m.p = c.dropout
             elif isinstance(m, Attention) and m.dropout:  # mBART's attention has none: keep it so
                 m.dropout = c.dropout
-    stage = read_state(folder).get("config", {}).get("stage") if what == "stage 1 checkpoint" else 1
+    trained = weights.read_config(folder)[1].get("train", {})  # the settings a checkpoint was trained with
+    stage = trained.get("stage") if what == "stage 1 checkpoint" else 1
     if stage != 1:
-        raise SystemExit(f"error: {folder} is not a stage 1 checkpoint (its state.pt says stage {stage}): "
+        raise SystemExit(f"error: {folder} is not a stage 1 checkpoint (its config.json says stage {stage}): "
                          f"give --init a stage 1 `last` folder")
     return model, folder
 
@@ -495,6 +498,28 @@ def lr_at(step, c: Config, total):
     return c.lr * 0.5 * (1 + math.cos(math.pi * (step - c.warmup_steps) / max(1, total - c.warmup_steps)))
 
 
+def plan_disk(c: Config, model, params, env: Env):
+    """What the run writes: the size of a checkpoint and of its folder at the end (`last`, and in stage 2
+    `best`; the frozen towers shared with the starting folder, see weights.TOWERS_FILE), checked against the
+    free space of --out before the first step: a run that cannot save should not train for hours first."""
+    towers = ("vision.", "text.")
+    model_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
+                      if not k.startswith(towers))
+    state_bytes = 2 * sum(p.numel() * 4 for p in params)  # AdamW's two fp32 moments, in `last` only
+    end = model_bytes + state_bytes + (model_bytes if c.stage == 2 else 0)
+    peak = end + model_bytes + state_bytes  # a new `last` is written before the old one is removed
+    folder = next(p for p in [Path(c.out), *Path(c.out).absolute().parents] if p.exists())
+    free = shutil.disk_usage(folder).free
+    gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
+    log0(env.rank, f"checkpoints: {gb(model_bytes)} of weights each (the towers linked, not copied), "
+                   f"{gb(state_bytes)} of optimizer state in `last`; {c.out} will hold {gb(end)} at the end, "
+                   f"{gb(peak)} while a checkpoint is replaced; {gb(free)} free")
+    if peak > free and not c.ignore_disk_space:
+        raise SystemExit(f"error: {c.out} needs up to {gb(peak)} for its checkpoints and its disk has "
+                         f"{gb(free)} free: free some space, choose another --out, or pass --ignore_disk_space "
+                         f"to start anyway (a save that fails keeps the previous checkpoint)")
+
+
 # What fixes a run's data order and what it trains: --resume must continue with the same.
 RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs",
                "skip_missing_images", "batch_size", "grad_accum", "seed")
@@ -691,6 +716,7 @@ def main(argv=None):
     scaler = torch.amp.GradScaler("cuda", enabled=env.dtype == "fp16")
     sampler, steps_per_epoch = make_sampler(c, train_set, env)
     total = c.max_steps or steps_per_epoch * c.epochs
+    plan_disk(c, model, params, env)
 
     # the loop, from the start or (--resume) exactly where the checkpoint left off
     run = Run(dataclasses.asdict(c), RESUME_SAME, env, model, opt, scaler, start, resume=c.resume)

@@ -13,8 +13,9 @@ folder (its text tower is dropped) or a vision-only one. M-CLIP's folder holds o
 the name of its base model: `--xlmr` is that base model's folder (xlm-roberta-large), which gives the
 text tower's sizes and its tokenizer.
 
-Output: `OUT/cliptrans.safetensors` (tied weights stored once, the mapping network freshly initialised),
-`OUT/config.json` (sizes read from the Hugging Face configs), `OUT/tokenizer_mbart.json`,
+Output: `OUT/towers.safetensors` (the image and text towers, which stay frozen: every checkpoint trained
+from here shares this file), `OUT/cliptrans.safetensors` (mBART, tied weights stored once, and the mapping
+network freshly initialised), `OUT/config.json` (sizes read from the Hugging Face configs), `OUT/tokenizer_mbart.json`,
 `OUT/tokenizer_text.json` (each folder's tokenizer.json, or its sentencepiece.bpe.model converted; both checked
 against the model's vocab_size). Then `model = weights.load("weights/paper")`.
 """
@@ -40,6 +41,11 @@ from cliptrans import (CLIPTrans, CLIPTransConfig, MappingConfig, MappingNetwork
 from data import MBART50_LANGS, SPECIALS, DataError, atomic_write, check_new_folder, written_aside
 
 WEIGHTS_FILE, CONFIG_FILE = "cliptrans.safetensors", "config.json"
+# The frozen towers, in a file of their own: a checkpoint shares its starting folder's (a hard link), so the
+# 2.6 GB of the paper's towers are stored once however many checkpoints there are. Older folders hold
+# everything in WEIGHTS_FILE; they load all the same.
+TOWERS_FILE = "towers.safetensors"
+TOWERS = ("vision.", "text.")
 MBART_TOKENIZER, TEXT_TOKENIZER = "tokenizer_mbart.json", "tokenizer_text.json"
 
 
@@ -461,14 +467,36 @@ def _protobuf_fields(buf):
 # The command, load and save; checkpoint folders (weights, config, tokenizers and a training state).
 
 
-def save(model, folder, extra_config=None):
-    """Write `model` as OUT/cliptrans.safetensors + OUT/config.json, each atomically (temp file + rename)."""
+def save(model, folder, extra_config=None, towers_from=None):
+    """Write `model` as OUT/towers.safetensors (the frozen towers) + OUT/cliptrans.safetensors (the rest) +
+    OUT/config.json, each atomically (temp file + rename). towers_from: a folder whose towers file holds these
+    very towers, shared instead of written again: a hard link, or a copy where the filesystem has none.
+    Returns how the towers got there: "written", "linked" or "copied"."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(state, p))
+    rest = {k: v for k, v in state.items() if not k.startswith(TOWERS)}
+    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(rest, p))
+    how = share_towers(Path(towers_from) / TOWERS_FILE, folder / TOWERS_FILE) if towers_from else None
+    if how is None:
+        towers = {k: v for k, v in state.items() if k.startswith(TOWERS)}
+        atomic_write(folder / TOWERS_FILE, lambda p: save_file(towers, p))
     config = {"cliptrans": model.config.to_dict(), **(extra_config or {})}
     atomic_write(folder / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+    return how or "written"
+
+
+def share_towers(src: Path, dst: Path):
+    """dst as a hard link to src ("linked"), else a copy ("copied"); None when src does not exist (a folder of
+    the older single-file layout)."""
+    if not src.is_file():
+        return None
+    try:
+        os.link(src, dst)
+        return "linked"
+    except OSError:  # another filesystem, or one without hard links
+        atomic_write(dst, lambda p: shutil.copyfile(src, p))
+        return "copied"
 
 
 def read_config(folder):
@@ -492,25 +520,37 @@ def load(folder, device="cpu", dtype=torch.float32):
     config, _ = read_config(folder)
     with torch.device("meta"):
         model = CLIPTrans(config)
-    try:
-        state = load_file(folder / WEIGHTS_FILE, device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ConversionError(f"cannot read {folder / WEIGHTS_FILE}: {e}. The file is damaged or incomplete")
+    state = {}
+    for name in (WEIGHTS_FILE, TOWERS_FILE):  # (folders written before the towers had their file: one file)
+        if name == WEIGHTS_FILE or (folder / name).exists():
+            try:
+                state.update(load_file(folder / name, device=str(device)))
+            except (SafetensorError, OSError) as e:
+                raise ConversionError(f"cannot read {folder / name}: {e}. The file is damaged or incomplete")
     check_keys(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype).eval()
 
 
-def save_checkpoint(folder, model, settings: dict, state: dict, tokenizers_from):
-    """A checkpoint folder: the model as `save` writes it (the training settings in config.json), the two
-    tokenizers copied from `tokenizers_from`, and `state` (optimizer, step, ...) as state.pt. The folder is
-    written aside and renamed into place (data.written_aside), so an interruption never leaves a half-written
-    checkpoint, and a failed save (a full disk, say) leaves the previous one in place."""
+def save_checkpoint(folder, model, settings: dict, state: dict | None, tokenizers_from, towers_from=None):
+    """A checkpoint folder: the model as `save` writes it (the training settings in config.json; the towers
+    shared with `towers_from`'s), the two tokenizers copied from `tokenizers_from`, and, unless None, `state`
+    (optimizer, step, ...) as state.pt. The folder is written aside and renamed into place
+    (data.written_aside), so an interruption never leaves a half-written checkpoint, and a failed save (a full
+    disk, say) leaves the previous one in place. Returns how the towers got there (see `save`)."""
     with written_aside(folder) as tmp:
-        save(model, tmp, extra_config={"train": settings})
+        how = save(model, tmp, extra_config={"train": settings}, towers_from=towers_from)
         for name in (MBART_TOKENIZER, TEXT_TOKENIZER):
             shutil.copyfile(Path(tokenizers_from) / name, tmp / name)
-        torch.save(state, tmp / "state.pt")
+        if state is not None:
+            torch.save(state, tmp / "state.pt")
+    return how
+
+
+def folder_size(folder):
+    """Bytes of the files under `folder`, each file once however many hard links it has there."""
+    files = {(f.stat().st_dev, f.stat().st_ino): f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()}
+    return sum(files.values())
 
 
 def find_checkpoint(folder):
@@ -560,7 +600,8 @@ def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0, 
     with written_aside(out) as tmp:  # all or nothing: a kill leaves --out as it was
         for name, text in tokenizer_files.items():
             (tmp / name).write_bytes(text)
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE)
+        save_file({k: v.contiguous() for k, v in state.items() if not k.startswith(TOWERS)}, tmp / WEIGHTS_FILE)
+        save_file({k: v.contiguous() for k, v in state.items() if k.startswith(TOWERS)}, tmp / TOWERS_FILE)
         meta = {"cliptrans": config.to_dict(), "sources": {"mbart": str(mbart), "mclip": str(mclip),
                                                           "xlmr": str(xlmr), "clip": str(clip)}}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
@@ -586,7 +627,8 @@ def main(argv=None):
     except OSError as e:  # a full or read-only disk: nothing of the new folder is left, --out is as it was
         raise SystemExit(f"error: cannot write {a.out} ({e.strerror or e}): free some space or make its folder "
                          f"writable; {a.out} is as it was")
-    print(f"wrote {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / MBART_TOKENIZER}, {out / TEXT_TOKENIZER}")
+    print(f"wrote {out / TOWERS_FILE}, {out / WEIGHTS_FILE}, {out / CONFIG_FILE}, {out / MBART_TOKENIZER}, "
+          f"{out / TEXT_TOKENIZER}")
 
 
 if __name__ == "__main__":

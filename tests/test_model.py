@@ -538,6 +538,15 @@ def test_paper_preset_parameter_counts_equal_hf():
 # ----------------------------------------------------------------------------- other formats and bad folders
 
 
+def test_converted_folder_keeps_the_towers_in_their_own_file(converted, model):
+    """towers.safetensors holds the frozen towers, cliptrans.safetensors the rest: each tensor once, together
+    the whole model, which weights.load reads back."""
+    towers, rest = load_file(converted / weights.TOWERS_FILE), load_file(converted / weights.WEIGHTS_FILE)
+    assert towers and all(k.startswith(("vision.", "text.")) for k in towers)
+    assert not any(k.startswith(("vision.", "text.")) for k in rest)
+    assert towers.keys() | rest.keys() == model.state_dict().keys()
+
+
 @pytest.mark.parametrize("variant", ["hf_mbart_bin_dir", "hf_mbart_sharded_dir"])
 def test_bin_and_sharded_checkpoints_convert_identically(request, tmp_path, variant, converted,
                                                          hf_mclip_dir, hf_xlmr_dir, hf_clip_dir):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import data
 import experiment
@@ -36,6 +36,7 @@ import translate
 import weights
 from cliptrans import CLIPTrans, CLIPTransConfig, MappingConfig
 from conftest import ROOT
+from runs import read_state
 
 # Small evaluation settings for every run that does not test the defaults: greedy, short, 8 sentences.
 FAST = ["--beam", "1", "--max_new_tokens", "20", "--max_eval", "8", "--log_every", "1"]
@@ -71,7 +72,8 @@ def step_losses(recs):
 
 
 def tensors(folder):
-    return load_file(Path(folder) / weights.WEIGHTS_FILE)
+    """Every tensor of a checkpoint: its own file and the towers' file it shares."""
+    return {**load_file(Path(folder) / weights.WEIGHTS_FILE), **load_file(Path(folder) / weights.TOWERS_FILE)}
 
 
 def changed(before, after):
@@ -588,11 +590,67 @@ def test_default_commands_end_to_end(world, cache, tmp_path):
         assert recs[-1] == {"summary": summary}
         for name in ("val.step3.txt", "test.final.txt"):  # the full 24-sentence splits, one line each
             assert len((out / "hyps" / name).read_text().splitlines()) == 24
-        for name in (weights.WEIGHTS_FILE, weights.CONFIG_FILE, "state.pt", weights.MBART_TOKENIZER):
+        for name in (weights.WEIGHTS_FILE, weights.TOWERS_FILE, weights.CONFIG_FILE, weights.MBART_TOKENIZER):
             assert (out / kept / name).is_file()
+        assert (out / kept / "state.pt").is_file() == (kept == "last"), "the optimizer state in `last` only"
     # stage 2 found stage 1's `last` by itself
     saved = json.loads((tmp_path / "stage2" / "last" / weights.CONFIG_FILE).read_text())["train"]
     assert saved["init"] == str(tmp_path / "stage1" / "last")
+
+
+# ----------------------------------------------------------------------------- what a run keeps on disk
+
+
+def test_checkpoints_share_the_frozen_towers_and_only_last_keeps_the_optimizer(stage0, stage1, stage2, tmp_path):
+    """One towers file for stage 0's output and every checkpoint trained from it (hard links: one inode); the
+    optimizer state in `last` only; a checkpoint copied elsewhere still loads, with the same tensors."""
+    towers = [stage0 / weights.TOWERS_FILE] + [run / kept / weights.TOWERS_FILE for run, kept in
+                                               ((stage1, "last"), (stage2, "last"), (stage2, "best"))]
+    assert len({f.stat().st_ino for f in towers}) == 1 and towers[0].stat().st_nlink >= 4
+    assert not (stage2 / "best" / "state.pt").exists() and (stage2 / "last" / "state.pt").exists()
+    assert not set(load_file(stage2 / "best" / weights.WEIGHTS_FILE)) & set(load_file(towers[0])), "each once"
+    moved = tmp_path / "moved"
+    shutil.copytree(stage2 / "best", moved)
+    a, b = weights.load(moved).state_dict(), weights.load(stage2 / "best").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert weights.folder_size(stage2) < sum(f.stat().st_size for f in stage2.rglob("*") if f.is_file())
+
+
+def test_a_folder_of_the_single_file_layout_loads_and_trains(world, stage0, tmp_path, capsys):
+    """Folders written before the towers had their own file hold every tensor in cliptrans.safetensors: they
+    load the same, and a run from one writes the towers once, then links them."""
+    old = tmp_path / "old"
+    shutil.copytree(stage0, old)
+    save_file(tensors(stage0), old / weights.WEIGHTS_FILE)
+    (old / weights.TOWERS_FILE).unlink()
+    a, b = weights.load(old).state_dict(), weights.load(stage0).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    out = tmp_path / "run"
+    train.main(args("--stage", 1, "--data", world, "--weights", old, "--out", out, "--max_steps", 2,
+                    "--save_every", 1, "--batch_size", 16, *FAST))
+    said = [line for line in capsys.readouterr().out.splitlines() if "frozen towers" in line]
+    assert said == [f"{out / 'last'}: the frozen towers written, not linked to {old}'s (it has no "
+                    f"{weights.TOWERS_FILE}); the next checkpoints link to these"]
+    assert (out / "last" / weights.TOWERS_FILE).stat().st_nlink == 1  # the first copy, replaced twice since
+    assert tensors(out / "last").keys() == tensors(stage0).keys()
+
+
+def test_a_run_says_what_it_will_write_and_refuses_a_disk_too_small(world, stage1, tmp_path, capsys, monkeypatch):
+    common = args("--stage", 2, "--data", world, "--init", stage1 / "last", "--max_steps", 1, "--batch_size", 16,
+                  *FAST)
+    free = shutil.disk_usage(tmp_path).free
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free, free - 1000, 1000))
+    with pytest.raises(SystemExit, match=r"needs up to \d+\.\d MB for its checkpoints and its disk has 0\.0 MB free"):
+        train.main(common + args("--out", tmp_path / "refused"))
+    assert not (tmp_path / "refused" / "last").exists()
+    capsys.readouterr()
+    train.main(common + args("--out", tmp_path / "anyway", "--ignore_disk_space"))
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoints: "))
+    # the sizes it announced: `best` is the weights alone, `last` the weights and the optimizer state
+    best = (tmp_path / "anyway" / "best" / weights.WEIGHTS_FILE).stat().st_size
+    state = (tmp_path / "anyway" / "last" / "state.pt").stat().st_size
+    assert f"checkpoints: {best / 1e6:.1f} MB of weights each" in plan and best > 1e6
+    assert f"{state / 1e6:.1f} MB of optimizer state in `last`" in plan and state > 1e6
 
 
 # ----------------------------------------------------------------------------- 7. bad input
@@ -683,7 +741,8 @@ def test_more_bad_input_in_process(case, world, stage0, stage1, tmp_path):
     out = tmp_path / "out"
     (tmp_path / "a_file").write_text("")
     cli, message = {
-        "stage0_as_init": (["--stage", 2, "--init", stage0], f"{stage0} is not a stage 1 checkpoint"),
+        "stage0_as_init": (["--stage", 2, "--init", stage0], f"{stage0} is not a stage 1 checkpoint (its config.json "
+                                                             f"says stage 0)"),
         "resume_nothing": (["--stage", 1, "--weights", stage0, "--resume"], f"no checkpoint in {out / 'last'} "
                                                                             f"to resume"),
         "score_nothing": (["--stage", 2, "--eval_only"], f"no checkpoint in {out / 'best'} to score"),
@@ -1060,7 +1119,7 @@ def test_resume_from_the_copy_an_interrupted_save_left_aside(world, stage1, tmp_
     train.main(resume_args(world, stage1, out, "--resume", "--max_steps", 5, "--save_every", 1))
     assert "restored from .last.old" in "".join(capsys.readouterr())
     assert not (out / ".last.old").exists()
-    assert train.read_state(out / "last")["step"] == 5
+    assert read_state(out / "last")["step"] == 5
 
 
 def test_a_run_holds_its_folder(world, stage1, tmp_path, capsys):
@@ -1114,7 +1173,7 @@ def test_an_over_long_sentence_is_cut_when_the_data_is_prepared(world, stage1, t
     said = "".join(capsys.readouterr())
     assert "train: 1 target sentence(s) cut to mBART's 118 tokens (line 3)" in said
     assert "train: 1 source sentence(s) cut to mBART's 128 tokens (line 3)" in said
-    assert train.read_state(tmp_path / "out" / "last")["step"] == 2
+    assert read_state(tmp_path / "out" / "last")["step"] == 2
 
 
 def test_a_broken_test_split_is_found_before_the_first_step(world, stage1, tmp_path):
@@ -1144,7 +1203,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(world, stage1, 
     message = refused(resume_args(world, stage1, out, "--max_steps", 3, "--save_every", 1),
                       f"cannot write the checkpoint {out / 'last'} (No space left on device)", "intact")
     assert "--resume" in message
-    assert train.read_state(out / "last")["step"] == 1 and not (out / ".last.tmp").exists()
+    assert read_state(out / "last")["step"] == 1 and not (out / ".last.tmp").exists()
 
 
 def test_a_damaged_training_state_fails_clearly(world, stage1, stage2, tmp_path):
