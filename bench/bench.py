@@ -8,8 +8,9 @@ same random weights (converted from the Hugging Face models with weights.py's ru
 Three measurements:
 1. stage 2 training step: 64 precomputed 512-d text embeddings -> mapping network -> 10-vector prefix +
    mBART-50, source 32 tokens, target 32 tokens, fused AdamW step included. Hugging Face's side is
-   MBartForConditionalGeneration (sdpa) fed the same prefix through `decoder_inputs_embeds` (with its
-   own causal mask: the same work up to the prefix mask).
+   MBartForConditionalGeneration (sdpa) fed the same prefix through `decoder_inputs_embeds` (timed with its
+   own causal mask: the same work up to the prefix mask). The first loss of both sides is compared in fp32 with
+   our prefix mask given to Hugging Face's decoder as a 4D `decoder_attention_mask`: the same computation.
 2. beam search, 5 beams, 128 sources of 20 tokens, exactly 32 new tokens (min = max = 32).
 3. the frozen towers: XLM-R large + mean pooling on 256 sentences of 32 tokens; ViT-B/32 on 256 images.
 Prints one table (ratios: Hugging Face time / our time, higher is better) and writes the figures to JSON.
@@ -29,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's files: bench/ sits beside them
 import weights  # noqa: E402
-from cliptrans import CLIPTrans, CLIPTransConfig  # noqa: E402
+from cliptrans import CLIPTrans, CLIPTransConfig, prefix_mask  # noqa: E402
 
 CPU_VARIANTS = ("matmul attention", "torch.topk", "eager scores", "compiled scores")  # they need no GPU
 # --profile: these variants' kernels too, next to the default's (3 new tokens with plain launches: what a search
@@ -287,15 +288,12 @@ def main():
 
         _, labels = ours.decoder_inputs(clip, tgt)  # the same layout for both
 
-        def hf_loss():
-            tok = mbart_hf.model.shared(torch.cat([torch.full_like(tgt[:, :1], 2), tgt[:, :-1]], 1))  # scaled
-            embeds = torch.cat([tok[:, :1], mapping_hf(clip).to(tok.dtype), tok[:, 1:]], 1)
-            return mbart_hf(input_ids=src, attention_mask=src_mask, decoder_inputs_embeds=embeds, labels=labels).loss
+        def hf_loss():  # timed with Hugging Face's own causal mask (its fast path): the same work up to the mask
+            return hf_forward(mbart_hf, mapping_hf, clip, src, src_mask, tgt, labels, cfg.mapping.prefix_len,
+                              "causal").loss
 
         ours_loss = lambda: ours(clip, src, src_mask, tgt)  # noqa: E731
-        with torch.no_grad(), amp:  # same weights, no dropout: the two losses agree
-            mbart_hf.eval(), ours.eval()
-            loss_diff = abs(hf_loss().item() - ours_loss().item())
+        agreement = first_loss_agreement(ours, mbart_hf, mapping_hf, clip, src, src_mask, tgt)
 
         def trainer(params, loss_fn, modules, attention=None):  # attention: the SDPA kernels allowed (None: all)
             opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0,
@@ -336,8 +334,7 @@ def main():
                                                               [mbart_hf, mapping_hf])[0])[-1]))
         mfu = (lambda t: None if peak is None else flops / t / peak)
         row("stage 2 training step", hf_t, ours_t, TB, "sentences", hf_peak_gib=hf_mem, ours_peak_gib=ours_mem,
-            hf_mfu=mfu(hf_t), ours_mfu=mfu(ours_t), model_tflop_per_step=flops / 1e12,
-            first_loss_abs_diff=loss_diff)
+            hf_mfu=mfu(hf_t), ours_mfu=mfu(ours_t), model_tflop_per_step=flops / 1e12, **agreement)
         save(results, a.out)
         del ours_opt, ours_step
         params = list(ours.mbart.parameters()) + list(ours.mapping.parameters())
@@ -398,6 +395,69 @@ def main():
                 print(f"  {name}: {extra}")
     save(results, a.out)
     print(f"wrote {a.out}")
+
+
+def hf_decoder_mask(prefix_len, length, batch, dtype, attn_implementation):
+    """Our decoder's self-attention mask (`prefix_mask`: the prefix bidirectional, the rest causal) as the 4D mask
+    Hugging Face's MBart decoder takes as it is, `decoder_attention_mask` (B, 1, T, T): bool (True = may attend)
+    for SDPA, additive (0 or the dtype's minimum) for eager attention, which adds it to the scores."""
+    allowed = prefix_mask(prefix_len, length)[None, None].expand(batch, 1, length, length)
+    if attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def hf_forward(mbart_hf, mapping_hf, clip, src, src_mask, tgt, labels, prefix_len, hf_mask="prefix"):
+    """Hugging Face's side of the stage 2 step: MBartForConditionalGeneration fed our decoder input layout
+    (`</s> P1..Pp <lang> y1..`, its own scaled token embeddings and its copy of the mapping network) through
+    `decoder_inputs_embeds`, with our labels (CLIPTrans.decoder_inputs'); hf_mask "prefix": our prefix mask as its
+    4D `decoder_attention_mask`, "causal": its own causal mask (no mask given). Returns its output (.loss,
+    .logits)."""
+    P = prefix_len
+    tok = mbart_hf.model.shared(torch.cat([torch.full_like(tgt[:, :1], 2), tgt[:, :-1]], 1))  # scaled
+    embeds = torch.cat([tok[:, :1], mapping_hf(clip).to(tok.dtype), tok[:, 1:]], 1)
+    mask = None if hf_mask == "causal" else hf_decoder_mask(P, embeds.shape[1], len(embeds), embeds.dtype,
+                                                            mbart_hf.config._attn_implementation).to(embeds.device)
+    return mbart_hf(input_ids=src, attention_mask=src_mask, decoder_inputs_embeds=embeds,
+                    decoder_attention_mask=mask, labels=labels)
+
+
+def ours_first_loss(ours, clip, src, src_mask, tgt):
+    """Our side: CLIPTrans.forward's loss, and the logits (B, T, V) and labels (B, T) of the same pieces forward
+    uses (decoder_inputs, prefix_mask, the decoder, the output projection), at every position (forward projects
+    only the labelled ones)."""
+    P = ours.config.mapping.prefix_len
+    embeds, labels = ours.decoder_inputs(clip, tgt)
+    h = ours.mbart.decoder(embeds, ours.mbart.encode(src, src_mask), src_mask,
+                           mask=prefix_mask(P, embeds.shape[1], embeds.device))
+    return ours(clip, src, src_mask, tgt), ours.mbart.logits(h), labels
+
+
+def first_loss_agreement(ours, mbart_hf, mapping_hf, clip, src, src_mask, tgt, hf_mask="prefix"):
+    """The two implementations' first training step on the same weights, without dropout, in fp32 (TF32 off): the
+    difference of the mean losses, and the largest difference of the decoder's logits (every position, the whole
+    vocabulary). On the tiny preset (CPU, fp32), Hugging Face's decoder reading the prefix causally moves the mean
+    loss by 1e-5 only (random weights predict nearly uniformly, and the changes cancel), the logits of the labelled
+    positions by 5e-4, those of the prefix positions by 4e-2; with the prefix mask on both sides the logits agree
+    within 5e-7. So the logits tell the prefix mask from a causal one, which the mean loss alone hardly can
+    (tests/test_bench.py tries both)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    modes = [m.training for m in (ours, mbart_hf, mapping_hf)]
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for m in (ours, mbart_hf, mapping_hf):
+            m.eval()
+        with torch.no_grad():
+            ours_loss, ours_logits, labels = ours_first_loss(ours, clip, src, src_mask, tgt)
+            hf = hf_forward(mbart_hf, mapping_hf, clip, src, src_mask, tgt, labels, ours.config.mapping.prefix_len,
+                            hf_mask)
+            diff = hf.logits.float() - ours_logits.float()  # (B, T, V)
+            return {"first_loss_abs_diff": abs(hf.loss.item() - ours_loss.item()),
+                    "first_logits_max_abs_diff": diff.abs().max().item()}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        for m, mode in zip((ours, mbart_hf, mapping_hf), modes):
+            m.train(mode)
 
 
 class CastOnce(torch.autograd.Function):

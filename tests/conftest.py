@@ -42,6 +42,7 @@ for p in (str(ROOT), str(TESTS)):  # `import weights` and `from hf_configs impor
         sys.path.insert(0, p)
 
 from hf_configs import MBART_LARGE_50, XLM_ROBERTA_LARGE, hf_param_counts  # noqa: E402,F401  (re-exported)
+import weights  # noqa: E402
 
 SEED = 0
 
@@ -408,3 +409,48 @@ def hf_mclip_dir(tmp_path_factory, hf_xlmr_dir):
 @pytest.fixture(scope="session")
 def hf_mclip(hf_mclip_dir):
     return load_hf_mclip(hf_mclip_dir)
+
+
+# ----------------------------------------------------------------------------- the converted models
+# (session fixtures of test_model.py, test_agreement.py and test_recipe.py)
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir):
+    out = tmp_path_factory.mktemp("converted")
+    weights.convert_all(hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def model(converted, device):
+    return weights.load(converted, device=device)
+
+
+@pytest.fixture(scope="session")
+def hf_mbart(hf_mbart_dir, device):
+    import transformers
+    return transformers.MBartForConditionalGeneration.from_pretrained(
+        hf_mbart_dir, attn_implementation="eager", dtype=torch.float32).eval().to(device)
+
+
+@pytest.fixture(scope="session")
+def peaked_pair(tmp_path_factory, hf_mbart, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, device):
+    """mBART with large random weights (std 0.3), so that what it generates depends on its input: with a small
+    init every sentence decodes alike. Returns (Hugging Face model, ours), converted through weights.py."""
+    import transformers
+    folder = tmp_path_factory.mktemp("peaked")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        state = {k: (torch.randn(v.shape, generator=g) * 0.3 if v.dim() == 2 else v.clone())
+                 for k, v in hf_mbart.cpu().state_dict().items()}
+    hf_mbart.to(device)
+    peaked = transformers.MBartForConditionalGeneration(hf_mbart.config)
+    peaked.load_state_dict(state, strict=False)
+    peaked.tie_weights()
+    peaked.save_pretrained(folder / "mbart")
+    shutil.copy(hf_mbart_dir / "tokenizer.json", folder / "mbart")  # the converter checks the model's tokenizer
+    weights.convert_all(folder / "mbart", hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, folder / "ours")
+    hf = transformers.MBartForConditionalGeneration.from_pretrained(
+        folder / "mbart", attn_implementation="eager", dtype=torch.float32).eval().to(device)
+    return hf, weights.load(folder / "ours", device=device)

@@ -24,45 +24,6 @@ from conftest import assert_close, hf_param_counts, mclip_reference
 import transformers  # noqa: E402  (a test dependency: requirements.txt)
 
 
-@pytest.fixture(scope="session")
-def converted(tmp_path_factory, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir):
-    out = tmp_path_factory.mktemp("converted")
-    weights.convert_all(hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, out)
-    return out
-
-
-@pytest.fixture(scope="session")
-def model(converted, device):
-    return weights.load(converted, device=device)
-
-
-@pytest.fixture(scope="session")
-def hf_mbart(hf_mbart_dir, device):
-    return transformers.MBartForConditionalGeneration.from_pretrained(
-        hf_mbart_dir, attn_implementation="eager", dtype=torch.float32).eval().to(device)
-
-
-@pytest.fixture(scope="session")
-def peaked_pair(tmp_path_factory, hf_mbart, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, device):
-    """mBART with large random weights (std 0.3), so that what it generates depends on its input: with a small
-    init every sentence decodes alike. Returns (Hugging Face model, ours), converted through weights.py."""
-    folder = tmp_path_factory.mktemp("peaked")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        state = {k: (torch.randn(v.shape, generator=g) * 0.3 if v.dim() == 2 else v.clone())
-                 for k, v in hf_mbart.cpu().state_dict().items()}
-    hf_mbart.to(device)
-    peaked = transformers.MBartForConditionalGeneration(hf_mbart.config)
-    peaked.load_state_dict(state, strict=False)
-    peaked.tie_weights()
-    peaked.save_pretrained(folder / "mbart")
-    shutil.copy(hf_mbart_dir / "tokenizer.json", folder / "mbart")  # the converter checks the model's tokenizer
-    weights.convert_all(folder / "mbart", hf_mclip_dir, hf_xlmr_dir, hf_clip_dir, folder / "ours")
-    hf = transformers.MBartForConditionalGeneration.from_pretrained(
-        folder / "mbart", attn_implementation="eager", dtype=torch.float32).eval().to(device)
-    return hf, weights.load(folder / "ours", device=device)
-
-
 def padded_batch(vocab_size, lengths, pad_id=1, lang_id=None, seed=0, device="cpu"):
     """Right-padded (B, T) ids `[lang] x </s>` (or `<s> x </s>` when lang_id is None) and their mask."""
     g = torch.Generator().manual_seed(seed)
