@@ -29,6 +29,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's files: bench/ sits beside them
+import runs  # noqa: E402
+import train as recipe  # noqa: E402  (train.py: the training step a user's run takes)
 import weights  # noqa: E402
 from cliptrans import CLIPTrans, CLIPTransConfig, prefix_mask  # noqa: E402
 
@@ -319,10 +321,42 @@ def main():
         hf_mem = peak_memory(dev, lambda: [hf_step() for _ in range(2)])
         hf_t = timed(hf_step, dev, iters)
         del hf_opt, hf_step
+        hf_compiled = {}  # what a user of Hugging Face could do: torch.compile its model (--compile)
+        for hf_mode in (("default", "reduce-overhead") if dev == "cuda" else ("default",)) if a.compile else ():
+            torch._dynamo.reset()
+            compiled_hf = torch.compile(mbart_hf, mode=hf_mode)
+            try:
+                t0 = time.perf_counter()
+                step = trainer(list(mbart_hf.parameters()) + list(mapping_hf.parameters()), lambda: hf_forward(
+                    compiled_hf, mapping_hf, clip, src, src_mask, tgt, labels, cfg.mapping.prefix_len,
+                    "causal").loss, [mbart_hf, mapping_hf])[0]
+                step()
+                setup = time.perf_counter() - t0
+                hf_compiled[hf_mode] = (timed(step, dev, iters), peak_memory(dev, lambda: [step() for _ in range(2)]),
+                                        setup)
+            except Exception as e:  # noqa: BLE001  (reported; the other figures stand)
+                results[f"Hugging Face training step (torch.compile {hf_mode})"] = {"error": repr(e)}
+                print(f"Hugging Face torch.compile {hf_mode}: failed: {e!r}", flush=True)
         mbart_hf.cpu(), mapping_hf.cpu()
         ours.mbart.to(dev), ours.mapping.to(dev)
-        ours_step, ours_opt = trainer(list(ours.mbart.parameters()) + list(ours.mapping.parameters()), ours_loss,
-                                      [ours])
+        params = list(ours.mbart.parameters()) + list(ours.mapping.parameters())
+        # Ours: train.py's own step (train_step) as train.py runs it on this device: its --compile default
+        # (train.compiled: CUDA graphs on CUDA, eager on a CPU), its AdamW, GradScaler and autocast.
+        env = runs.setup(dev, "auto")
+        micro = [((clip, src, src_mask, tgt), TB * TT)]  # one micro-batch of TB x TT target tokens, no padding
+
+        def train_py_step(mode):
+            opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0,
+                                    fused=dev == "cuda")
+            scaler = torch.amp.GradScaler("cuda", enabled=env.dtype == "fp16")
+            model = recipe.compiled(ours, mode, env)
+            ours.train()
+            return lambda: recipe.train_step(model, opt, scaler, micro, env)
+        torch._dynamo.reset()
+        t0 = time.perf_counter()
+        ours_step = train_py_step("auto")
+        ours_step()  # the first call compiles (and on CUDA records the graph)
+        setup_s = time.perf_counter() - t0
         ours_mem = peak_memory(dev, lambda: [ours_step() for _ in range(2)])
         ours_t = timed(ours_step, dev, iters)
         if a.profile:  # new optimizers, made when the job runs
@@ -333,24 +367,25 @@ def main():
                                                               list(mapping_hf.parameters()), hf_loss,
                                                               [mbart_hf, mapping_hf])[0])[-1]))
         mfu = (lambda t: None if peak is None else flops / t / peak)
-        row("stage 2 training step", hf_t, ours_t, TB, "sentences", hf_peak_gib=hf_mem, ours_peak_gib=ours_mem,
-            hf_mfu=mfu(hf_t), ours_mfu=mfu(ours_t), model_tflop_per_step=flops / 1e12, **agreement)
+        auto = "reduce-overhead" if dev == "cuda" else "none"  # what train.py's --compile auto chooses here
+        row("stage 2 training step (train.py default)", hf_t, ours_t, TB, "sentences", hf_peak_gib=hf_mem,
+            ours_peak_gib=ours_mem, hf_mfu=mfu(hf_t), ours_mfu=mfu(ours_t), model_tflop_per_step=flops / 1e12,
+            compile=auto, setup_s=setup_s, **agreement)
+        for hf_mode, (t, mem, setup) in hf_compiled.items():  # the same step of ours, against HF compiled
+            row(f"stage 2 training step (train.py default; HF torch.compile {hf_mode})", t, ours_t, TB,
+                "sentences", hf_peak_gib=mem, ours_peak_gib=ours_mem, hf_setup_s=setup)
         save(results, a.out)
-        del ours_opt, ours_step
-        params = list(ours.mbart.parameters()) + list(ours.mapping.parameters())
+        del ours_step
         forward = lambda m: (lambda: m(clip, src, src_mask, tgt))  # noqa: E731
-        variants = []
+        modes = [m for m in ("none", "default", "reduce-overhead") if m != auto and (m == "none" or a.compile)
+                 and (m != "reduce-overhead" or dev == "cuda")]
+        variants = [(f"train.py --compile {m}", lambda m=m: train_py_step(m)) for m in modes]
         if dev == "cuda":  # PyTorch may choose cuDNN's attention kernels on recent GPUs: are they the fastest here?
             variants.append(("no cuDNN attention", lambda: trainer(params, forward(ours), [ours], attention=[
                 SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])[0]))
             variants.append(("Linear weights cast once per step", lambda: trainer(params, cast_once_forward(
                 ours, ("mbart", "mapping"), (clip, src, src_mask, tgt), torch.bfloat16), [ours])[0]))
-        if a.compile:  # the whole model as one graph (its kernels launched one by one, or replayed as CUDA graphs
-            # recorded once per shape); then each layer on its own (last: it compiles in place)
-            variants.append(("torch.compile", lambda: trainer(params, forward(torch.compile(ours)), [ours])[0]))
-            if dev == "cuda":
-                variants.append(("torch.compile, CUDA graphs", lambda: trainer(
-                    params, forward(torch.compile(ours, mode="reduce-overhead")), [ours])[0]))
+        if a.compile:  # each layer compiled on its own (last: it compiles in place)
             variants.append(("torch.compile per layer", lambda: trainer(params, forward(compile_layers(ours)),
                                                                         [ours])[0]))
         for name, make in variants:
