@@ -97,3 +97,18 @@ def test_first_loss_agreement_tells_the_prefix_mask_from_a_causal_one(attn_imple
     causal = bench.first_loss_agreement(*inputs, hf_mask="causal")
     assert causal["first_logits_max_abs_diff"] > 100 * FIRST_LOGITS_ATOL, causal
     assert causal["first_loss_abs_diff"] > FIRST_LOSS_ATOL, causal
+
+
+def test_epoch_smoke_run_counts_the_batches_train_py_draws(tmp_path):
+    """bench/epoch.py on a small tiny world: the batches are train.py's sampler's, grad_accum to a step, and the
+    shapes those train.micro_batch pads them to (timings are the GPU run's business, not a test's)."""
+    import tiny_world
+    world = tiny_world.make_tiny_world(tmp_path / "world", n_train=300, n_val=4, n_test=4, image_size=16)
+    out = tmp_path / "epoch.json"
+    done = subprocess.run([sys.executable, "bench/epoch.py", "--data", str(world), "--preset", "tiny", "--steps", "2",
+                           "--batch_size", "8", "--grad_accum", "2", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert (figures["steps"], figures["sentences"], figures["ours"]["compile"]) == (2, 2 * 2 * 8, "none")
+    assert 1 <= figures["shapes"] <= 4  # 4 micro-batches of sentences of similar lengths
