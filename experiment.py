@@ -14,8 +14,10 @@ same test split (held-out colour-shape pairs) from the source sentence alone, as
     stage 1 (de) + 2   ... captioning in the target language first
 
 The pretrained models are the same for every run, as M-CLIP and mBART-50 are in the paper: one stage 0
-(OUT/stage0). A seed fixes a run's initialisation of what it adds (the mapping network), its data order and its
-dropout; each seed has its own two stage 1 runs (`--stage1_steps`, on all the world's training images).
+(OUT/stage0, or `--stage0` an existing one). A seed fixes a run's initialisation of what it adds (the mapping
+network), its data order and its dropout; each seed has its own two stage 1 runs (`--stage1_steps`, on all the
+world's training images). `--jobs` runs train.py that many times at once, each on its share of the cores.
+Ablations: `--arms` picks arms, `--stage1_extra` / `--stage2_extra` add train.py flags to a stage's runs.
 
 Prints the test BLEU, mean ± standard deviation over seeds, and, for each pair of arms at each size, the mean
 of the paired differences (the same seed, the same data) with a 95% bootstrap interval over seeds and how many
@@ -30,6 +32,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -46,8 +49,9 @@ ARMS = ("text-only", "stage 2 only", "stage 1 (en) + 2", "stage 1 (de) + 2")
 
 
 def train(*args, out=None, log=None, threads=None):
-    """Run train.py and return the JSON line it ends with. A training run (`out`: its --out folder) that finished
-    before is read back from OUT/summary.json; one interrupted after a checkpoint continues with --resume.
+    """Run train.py and return the JSON line it ends with. A training run (`out`: its --out folder) that
+    finished before is read back from OUT/summary.json; one interrupted after a checkpoint continues with
+    --resume.
     `log`: a file for its stderr (progress bars, messages; default: the terminal); `threads`: its intra-op
     threads (default: PyTorch's choice)."""
     if out is not None and (out / "summary.json").is_file():
@@ -61,7 +65,7 @@ def train(*args, out=None, log=None, threads=None):
     with open(log, "a") if log else contextlib.nullcontext() as err:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
     if done.returncode:
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}" + (f"; its messages: {log}" if log else ""))
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}; its messages: {log or 'above'}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -71,8 +75,8 @@ def run_all(runs, jobs, desc):
     threads = max(1, (os.cpu_count() or 1) // jobs)
     done = {}
     with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(runs), desc=desc) as bar:
-        futures = {pool.submit(train, *cli, out=out, log=out.with_name(out.name + ".log"), threads=threads): name
-                   for name, (cli, out) in runs.items()}
+        futures = {pool.submit(train, *cli, out=out, log=out.with_name(out.name + ".log"), threads=threads):
+                   name for name, (cli, out) in runs.items()}
         for future in as_completed(futures):
             name = futures[future]
             done[name] = future.result()
@@ -99,32 +103,39 @@ def main(argv=None):
     p.add_argument("--stage1_steps", type=int, default=250, help="stage 1's optimizer steps")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, metavar="ARM",
                    help=f"the arms to run (default: all four: {', '.join(ARMS)})")
-    p.add_argument("--stage1_extra", nargs=argparse.REMAINDER, default=[],
-                   help="further train.py flags for stage 1, for an ablation (last on the command line)")
+    p.add_argument("--stage1_extra", default="", help='further train.py flags for stage 1, for an ablation '
+                                                      '(one string: --stage1_extra="--lr 1e-4")')
+    p.add_argument("--stage2_extra", default="", help="further train.py flags for stage 2 (the same way)")
+    p.add_argument("--stage0", default=None, help="an existing stage 0 run folder to start from (default: "
+                                                   "OUT/stage0, made first)")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
-                   help="training runs at a time, each on cpu_count / jobs threads (default: the CPU cores, at most 8)")
+                   help="training runs at a time, each on cpu_count / jobs threads (default: the CPU cores, "
+                        "at most 8)")
     p.add_argument("--out", default="runs/experiment")
     a = p.parse_args(argv)
     out = Path(a.out)
-    settings = {"steps": a.steps, "stage1_steps": a.stage1_steps, "stage1_extra": a.stage1_extra}
+    settings = {"steps": a.steps, "stage1_steps": a.stage1_steps, "stage1_extra": a.stage1_extra,
+                "stage2_extra": a.stage2_extra}
     saved = out / "settings.json"  # continuing in OUT: only with the settings its runs were made with
     if saved.is_file() and json.loads(saved.read_text()) != settings:
-        raise SystemExit(f"error: {out} holds runs made with {json.loads(saved.read_text())}, not {settings}: "
-                         f"give another --out, or the same settings to continue them")
+        raise SystemExit(f"error: {out} holds runs made with {json.loads(saved.read_text())}, not "
+                         f"{settings}: give another --out, or the same settings to continue them")
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(settings))
     t0 = time.time()
 
     # the pretrained models, once (all threads); then each seed's stage 1 runs, then every stage 2 run
     print(f"stage 0 into {out / 'stage0'}", flush=True)
-    s0 = train("--stage", 0, "--out", out / "stage0", out=out / "stage0")
-    weights = out / "stage0" / "last"
-    results = {"settings": settings, "seeds": a.seeds, "pairs": a.pairs, "stage0": s0, "stage1": {}, "bleu": {}}
+    stage0 = Path(a.stage0) if a.stage0 else out / "stage0"
+    s0 = train("--stage", 0, "--out", stage0, out=stage0)
+    weights = stage0 / "last"
+    results = {"settings": settings, "seeds": a.seeds, "pairs": a.pairs, "stage0": s0, "bleu": {}}
     for seed in a.seeds:
         (out / f"seed{seed}").mkdir(exist_ok=True)
     stage1 = {f"seed {seed}, stage 1 ({lang})": (["--stage", 1, "--caption_lang", lang, "--weights", weights,
                                                    "--seed", seed, "--max_steps", a.stage1_steps,
-                                                   "--out", out / f"seed{seed}" / f"stage1_{lang}", *a.stage1_extra],
+                                                   "--out", out / f"seed{seed}" / f"stage1_{lang}",
+                                                   *shlex.split(a.stage1_extra)],
                                                   out / f"seed{seed}" / f"stage1_{lang}")
               for seed in a.seeds for lang in ("en", "de") if f"stage 1 ({lang}) + 2" in a.arms}
     results["stage1"] = {name: r["test_bleu"] for name, r in run_all(stage1, a.jobs, "stage 1 runs").items()}
@@ -136,8 +147,9 @@ def main(argv=None):
                  "stage 1 (en) + 2": ["--init", d / "stage1_en" / "last"],
                  "stage 1 (de) + 2": ["--init", d / "stage1_de" / "last"]}[arm]
         o = d / f"{pairs}_{arm.replace(' ', '').replace('(', '_').replace(')', '')}"
-        stage2[(arm, pairs, seed)] = (["--stage", 2, *start, "--seed", seed, "--n_pairs", pairs, "--max_steps",
-                                       a.steps, "--eval_every", a.steps, "--out", o], o)
+        stage2[(arm, pairs, seed)] = (["--stage", 2, *start, "--seed", seed, "--n_pairs", pairs,
+                                       "--max_steps", a.steps, "--eval_every", a.steps, "--out", o,
+                                       *shlex.split(a.stage2_extra)], o)
     named = {f"seed {seed}, {pairs} pairs, {arm}": run for (arm, pairs, seed), run in stage2.items()}
     done = run_all(named, a.jobs, "stage 2 runs")
     for (arm, pairs, seed), name in zip(stage2, named):
@@ -148,21 +160,23 @@ def main(argv=None):
     # the table: mean ± std over seeds; then every pair of arms, paired by seed
     def scores(arm, pairs):
         return [results["bleu"][arm][str(pairs)][str(s)] for s in a.seeds]
-    print(f"\ntest BLEU, tiny world en -> de (held-out colour-shape pairs), mean ± std over seeds {a.seeds}; "
-          f"stage 2: {a.steps} steps; stage 1: {a.stage1_steps} steps ({minutes:.0f} min)")
+    std = statistics.stdev if len(a.seeds) > 1 else (lambda xs: 0.0)
+    print(f"\ntest BLEU, tiny world en -> de (held-out colour-shape pairs), mean ± std over seeds "
+          f"{a.seeds}; stage 2: {a.steps} steps; stage 1: {a.stage1_steps} steps ({minutes:.0f} min)")
     print(f"{'':18s}" + "".join(f"{f'{n} pairs':>18s}" for n in a.pairs))
     for arm in a.arms:
-        cells = [f"{statistics.mean(scores(arm, n)):.1f} ± {statistics.stdev(scores(arm, n)) if len(a.seeds) > 1 else 0:.1f}"
-                 for n in a.pairs]
+        cells = [f"{statistics.mean(scores(arm, n)):.1f} ± {std(scores(arm, n)):.1f}" for n in a.pairs]
         print(f"{arm:18s}" + "".join(f"{c:>18s}" for c in cells))
-    print("\npaired differences, first arm minus second: mean [95% bootstrap interval over seeds] (seeds higher/lower)")
+    print("\npaired differences, first arm minus second: mean [95% bootstrap interval over seeds] (seeds "
+          "higher/lower)")
     results["paired"] = {}
     for x, y in itertools.combinations(a.arms, 2):
         row = []
         for n in a.pairs:
             r = paired(scores(y, n), scores(x, n))
             results["paired"][f"{y} - {x}, {n} pairs"] = r
-            row.append(f"{r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] ({r['higher']}/{r['lower']})")
+            low, high = r["ci95"]
+            row.append(f"{r['mean']:+.1f} [{low:+.1f}, {high:+.1f}] ({r['higher']}/{r['lower']})")
         print(f"{y + ' - ' + x:38s}" + "  ".join(f"{c:>26s}" for c in row))
     results["minutes"] = round(minutes, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
