@@ -43,6 +43,7 @@ for p in (str(ROOT), str(TESTS)):  # `import weights` and `from hf_configs impor
 
 from hf_configs import MBART_LARGE_50, XLM_ROBERTA_LARGE, hf_param_counts  # noqa: E402,F401  (re-exported)
 import weights  # noqa: E402
+from cliptrans import CLIPTrans  # noqa: E402
 
 SEED = 0
 
@@ -454,3 +455,15 @@ def peaked_pair(tmp_path_factory, hf_mbart, hf_mbart_dir, hf_mclip_dir, hf_xlmr_
     hf = transformers.MBartForConditionalGeneration.from_pretrained(
         folder / "mbart", attn_implementation="eager", dtype=torch.float32).eval().to(device)
     return hf, weights.load(folder / "ours", device=device)
+
+
+def bench_models(cfg):
+    """bench.py's two sides on the same weights: CLIPTrans, Hugging Face's mBART (converted into ours with the
+    converter's rules) and a copy of our mapping network for Hugging Face's side."""
+    from bench import bench
+    mbart_hf, xlmr_hf, head_hf, vision_hf = bench.hf_models(cfg)
+    ours = CLIPTrans(cfg)
+    bench.convert_from_hf(ours, mbart_hf, xlmr_hf, head_hf, vision_hf)
+    mapping_hf = type(ours.mapping)(cfg.mapping, cfg.text.embed_dim, cfg.mbart.d_model)
+    mapping_hf.load_state_dict(ours.mapping.state_dict())
+    return ours, mbart_hf, mapping_hf

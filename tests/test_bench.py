@@ -10,6 +10,7 @@ import torch
 
 from bench import bench  # bench/bench.py
 from cliptrans import CLIPTrans, CLIPTransConfig
+from conftest import bench_models
 
 ROOT = Path(__file__).resolve().parents[1]
 # The first training step of both implementations on the same weights, fp32 on a CPU (bench.first_loss_agreement):
@@ -80,12 +81,8 @@ def test_first_loss_agreement_tells_the_prefix_mask_from_a_causal_one(attn_imple
     fail."""
     torch.manual_seed(0)
     cfg = CLIPTransConfig.preset("tiny")
-    mbart_hf, xlmr_hf, head_hf, vision_hf = bench.hf_models(cfg)
+    ours, mbart_hf, mapping_hf = bench_models(cfg)
     mbart_hf.set_attn_implementation(attn_implementation)
-    ours = CLIPTrans(cfg)
-    bench.convert_from_hf(ours, mbart_hf, xlmr_hf, head_hf, vision_hf)
-    mapping_hf = type(ours.mapping)(cfg.mapping, cfg.text.embed_dim, cfg.mbart.d_model)
-    mapping_hf.load_state_dict(ours.mapping.state_dict())
     g = torch.Generator().manual_seed(0)
     V = cfg.mbart.vocab_size
     src, tgt = torch.randint(4, V - 60, (4, 12), generator=g), torch.randint(4, V - 60, (4, 12), generator=g)

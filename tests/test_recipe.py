@@ -29,7 +29,7 @@ import transformers
 import weights
 from bench import bench  # bench/bench.py: Hugging Face's models on the same weights, its stage 2 step
 from cliptrans import CLIPTrans, CLIPTransConfig
-from conftest import MULTI30K, assert_close
+from conftest import MULTI30K, assert_close, bench_models
 
 
 # ----------------------------------------------------------------------------- stage 0
@@ -249,13 +249,9 @@ def test_training_mode_equals_hf_with_the_same_dropout_masks():
     torch.manual_seed(0)
     cfg = CLIPTransConfig.preset("tiny")
     assert cfg.mbart.dropout == 0.1
-    mbart_hf, xlmr_hf, head_hf, vision_hf = bench.hf_models(cfg)
+    ours, mbart_hf, mapping_hf = bench_models(cfg)
     assert (mbart_hf.config.dropout, mbart_hf.config.attention_dropout, mbart_hf.config.activation_dropout) == (
         0.1, 0.0, 0.0), "mbart-large-50's dropouts (tests/hf_configs.py)"
-    ours = CLIPTrans(cfg)
-    bench.convert_from_hf(ours, mbart_hf, xlmr_hf, head_hf, vision_hf)
-    mapping_hf = type(ours.mapping)(cfg.mapping, cfg.text.embed_dim, cfg.mbart.d_model)
-    mapping_hf.load_state_dict(ours.mapping.state_dict())
     g = torch.Generator().manual_seed(1)
     V = cfg.mbart.vocab_size
     src, src_mask = torch.randint(4, V - 60, (4, 10), generator=g), torch.ones(4, 10, dtype=torch.long)
