@@ -502,9 +502,8 @@ def plan_disk(c: Config, model, params, env: Env):
     """What the run writes: the size of a checkpoint and of its folder at the end (`last`, and in stage 2
     `best`; the frozen towers shared with the starting folder, see weights.TOWERS_FILE), checked against the
     free space of --out before the first step: a run that cannot save should not train for hours first."""
-    towers = ("vision.", "text.")
     model_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
-                      if not k.startswith(towers))
+                      if not k.startswith(weights.TOWERS))
     state_bytes = 2 * sum(p.numel() * 4 for p in params)  # AdamW's two fp32 moments, in `last` only
     end = model_bytes + state_bytes + (model_bytes if c.stage == 2 else 0)
     peak = end + model_bytes + state_bytes  # a new `last` is written before the old one is removed
