@@ -159,13 +159,17 @@ class TextTowerTokenizer(_SentencePieceTokenizer):
 # similar length into one batch, so that little of each batch is padding.
 
 
+def padded_len(longest, multiple=1, limit=None):
+    """`longest` rounded up to a multiple of `multiple`, but not past `limit` (nor below `longest`)."""
+    T = -(-longest // multiple) * multiple
+    return max(longest, min(T, limit)) if limit else T
+
+
 def pad(rows, pad_id, multiple=1, limit=None):
     """Rows of token ids -> (B, T) ids right-padded with pad_id, and the (B, T) attention mask (1 = token).
     T is the longest row rounded up to a multiple of `multiple` (at most `limit`): batches of similar lengths
     then share a few shapes, which a compiled model compiles (and a CUDA graph records) once each."""
-    longest = max(len(r) for r in rows)
-    T = -(-longest // multiple) * multiple  # rounded up
-    T = max(longest, min(T, limit)) if limit else T
+    T = padded_len(max(len(r) for r in rows), multiple, limit)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
     for b, r in enumerate(rows):

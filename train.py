@@ -547,27 +547,27 @@ def validate(c: Config, run: Run, val: Examples, tok):
 # One training step: forward, loss, backward, the optimizer, over grad_accum micro-batches. bench/bench.py
 # times this very function.
 
-PAD_MULTIPLE = 8  # source and target padded to multiples of 8 tokens: an epoch has a few shapes, not hundreds
+PAD_MULTIPLE = 8  # a compiled step: lengths padded to multiples of 8, so an epoch has a few shapes, not hundreds
 
 
-def micro_batch(ex: Examples, batch, pad_id, config, device):
+def micro_batch(ex: Examples, batch, pad_id, config, device, multiple=1):
     """Examples `batch` (indices) as the model's inputs on `device`: the mapping network's input (B, D), the
-    encoder input and its mask (B, S), the targets (B, T), S and T rounded up to PAD_MULTIPLE (padding changes
-    no loss: the pads are masked and labelled -100). Returns them and the batch's target tokens."""
+    encoder input and its mask (B, S), the targets (B, T). S and T are the longest row, rounded up to
+    `multiple` for a compiled step (padding changes no loss: the pads are masked and labelled -100). Returns
+    them and the batch's target tokens."""
     positions, P = config.mbart.max_positions, config.mapping.prefix_len
-    ids, mask = data.pad([ex.src_ids[i] for i in batch], pad_id, PAD_MULTIPLE, limit=positions)
-    tgt, _ = data.pad([ex.tgt_ids[i] for i in batch], pad_id, PAD_MULTIPLE, limit=positions - P)
+    ids, mask = data.pad([ex.src_ids[i] for i in batch], pad_id, multiple, limit=positions)
+    tgt, _ = data.pad([ex.tgt_ids[i] for i in batch], pad_id, multiple, limit=positions - P)
     n_tok = sum(len(ex.tgt_ids[i]) for i in batch)
     return [t.to(device, non_blocking=True) for t in (ex.feats[batch], ids, mask, tgt)], n_tok
 
 
-def batch_shapes(ex: Examples, batches, pad_id, config):
-    """The distinct input shapes (B, S, T) of `batches`: how many graphs a compiled step records."""
-    shapes = set()
-    for batch in batches:
-        (_, ids, _, tgt), _ = micro_batch(ex, batch, pad_id, config, "cpu")
-        shapes.add((len(batch), ids.shape[1], tgt.shape[1]))
-    return shapes
+def batch_shapes(ex: Examples, batches, config, multiple=PAD_MULTIPLE):
+    """The distinct input shapes (B, S, T) micro_batch gives `batches`: how many graphs a compiled step records."""
+    positions, P = config.mbart.max_positions, config.mapping.prefix_len
+    longest = lambda rows, batch: max(len(rows[i]) for i in batch)  # noqa: E731
+    return {(len(b), data.padded_len(longest(ex.src_ids, b), multiple, positions),
+             data.padded_len(longest(ex.tgt_ids, b), multiple, positions - P)) for b in batches}
 
 
 def train_step(model, opt, scaler, micro, env: Env):
@@ -593,17 +593,24 @@ def train_step(model, opt, scaler, micro, env: Env):
     return loss_sum
 
 
+def compile_mode(mode, env: Env):
+    """--compile's mode. "auto": on CUDA reduce-overhead, CUDA graphs recorded once per shape, the fastest mode
+    bench.py measured at the paper's sizes; with DDP the default mode, whose graph the compiler splits at DDP's
+    gradient buckets so that they overlap; on a CPU "none" (eager), where compiling the tiny preset costs
+    minutes and saves seconds."""
+    if mode != "auto":
+        return mode
+    return "none" if env.device.type != "cuda" else "default" if env.world > 1 else "reduce-overhead"
+
+
 def compiled(model, mode, env: Env, shapes=64):
-    """The model the training step runs: DDP-wrapped with several processes, then compiled in `mode`.
-    "auto": on CUDA reduce-overhead, CUDA graphs recorded once per shape, the fastest mode bench.py measured
-    at the paper's sizes; with DDP the default mode, whose graph the compiler splits at DDP's gradient buckets
-    so that they overlap; on a CPU eager, where compiling the tiny preset costs minutes and saves seconds.
-    One compilation per input shape, at most `shapes` of them: past that the compiler falls back to eager."""
+    """The model the training step runs: DDP-wrapped with several processes, then compiled in `mode` (see
+    compile_mode). One compilation per input shape, at most `shapes` of them: past that the compiler falls
+    back to eager."""
     if env.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    if mode == "auto":
-        mode = "none" if env.device.type != "cuda" else "default" if env.world > 1 else "reduce-overhead"
+    mode = compile_mode(mode, env)
     if mode == "none":
         return model
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
@@ -615,10 +622,13 @@ def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok)
     every --eval_every steps) and at the end. Returns the target tokens trained on (all processes) and the
     time it took."""
     env, model = run.env, run.model
-    sampler.set_epoch(run.epoch)
-    shapes = len(batch_shapes(ex, list(sampler), tok.pad_id, model.config))
-    log0(env.rank, f"an epoch pads its batches to {shapes} shapes (lengths in multiples of {PAD_MULTIPLE})")
-    train_model = compiled(model, c.compile, env, shapes=max(64, 2 * shapes))
+    # a compiled step pads to multiples of PAD_MULTIPLE, to compile a few shapes; an eager one to the longest row
+    mode, multiple, shapes = compile_mode(c.compile, env), 1, 0
+    if mode != "none":
+        sampler.set_epoch(run.epoch)
+        multiple, shapes = PAD_MULTIPLE, len(batch_shapes(ex, list(sampler), model.config))
+        log0(env.rank, f"an epoch pads its batches to {shapes} shapes (lengths in multiples of {multiple})")
+    train_model = compiled(model, mode, env, shapes=max(64, 2 * shapes))
     t_start, tokens_seen = time.time(), 0
     bar = tqdm(total=total, initial=run.step, desc=f"stage {c.stage}", disable=env.rank != 0)
     model.train()
@@ -631,7 +641,7 @@ def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok)
             # forward backward update, over grad_accum micro-batches (see train_step)
             for g in run.opt.param_groups:
                 g["lr"] = lr_at(run.step, c, total)
-            micro = [micro_batch(ex, b, tok.pad_id, model.config, env.device)
+            micro = [micro_batch(ex, b, tok.pad_id, model.config, env.device, multiple)
                      for b in batches[run.batch_in_epoch:run.batch_in_epoch + c.grad_accum]]
             loss_sum = train_step(train_model, run.opt, run.scaler, micro, env)
             run.step += 1

@@ -66,7 +66,9 @@ def main():
     batches = list(sampler)[:a.steps * a.grad_accum]
     steps = [batches[i:i + a.grad_accum] for i in range(0, len(batches), a.grad_accum)]
     sentences = sum(len(b) for b in batches)
-    shapes = recipe.batch_shapes(ex, batches, 1, cfg)
+    mode = recipe.compile_mode("auto", env)  # and the padding train.py gives its batches in that mode
+    multiple = recipe.PAD_MULTIPLE if mode != "none" else 1
+    shapes = recipe.batch_shapes(ex, batches, cfg, multiple)
     results = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
                "preset": a.preset, "steps": len(steps), "sentences": sentences, "shapes": len(shapes),
                "lengths": "tokenizer" if tok else "words and punctuation + 2"}
@@ -92,10 +94,10 @@ def main():
     params = [*ours.mapping.parameters(), *ours.mbart.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, fused=dev.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=env.dtype == "fp16")
-    model = recipe.compiled(ours, "auto", env, shapes=max(64, 2 * len(shapes)))
+    model = recipe.compiled(ours, mode, env, shapes=max(64, 2 * len(shapes)))
     results["ours"] = two_passes(lambda step: recipe.train_step(
-        model, opt, scaler, [recipe.micro_batch(ex, b, 1, cfg, dev) for b in step], env))
-    results["ours"]["compile"] = "reduce-overhead" if dev.type == "cuda" else "none"
+        model, opt, scaler, [recipe.micro_batch(ex, b, 1, cfg, dev, multiple) for b in step], env))
+    results["ours"]["compile"] = mode
     print(f"ours: {results['ours']}", flush=True)
     ours = model = opt = params = None  # freed before Hugging Face's model comes
     if dev.type == "cuda":
@@ -109,7 +111,7 @@ def main():
                             eps=1e-6, fused=dev.type == "cuda")
 
     def hf_step(step):
-        micro = [recipe.micro_batch(ex, b, 1, cfg, dev) for b in step]
+        micro = [recipe.micro_batch(ex, b, 1, cfg, dev, multiple) for b in step]
         total = sum(n for _, n in micro)
         for (clip, src, mask, tgt), n in micro:  # labels as CLIPTrans.decoder_inputs lays them out
             labels = torch.cat([tgt[:, :1].masked_fill(tgt[:, :1] == 1, -100), tgt.new_full((len(tgt), P), -100),

@@ -512,14 +512,17 @@ def test_ddp_two_processes_match_one_on_the_same_global_batch(world, stage1, cac
 
 def test_compile_trains_like_eager(world, stage1, tmp_path, capsys):
     """--compile default: the same optimizer steps as eager mode over batches of several shapes (one compilation
-    each), the same losses and weights up to float rounding; the run says how many shapes an epoch has."""
+    each, lengths in multiples of 8 where eager pads to the longest row), the same losses and weights up to float
+    rounding; the compiled run says how many shapes an epoch has."""
     common = args("--stage", 2, "--data", world, "--init", stage1 / "last", "--max_steps", 3, "--dropout", 0,
                   "--n_pairs", 24, "--batch_size", 8, *FAST)
     train.main(common + args("--out", tmp_path / "eager", "--compile", "none"))
-    shapes = [line for line in capsys.readouterr().out.splitlines() if "shapes" in line]
+    eager_shapes = [line for line in capsys.readouterr().out.splitlines() if "shapes" in line]
     train.main(common + args("--out", tmp_path / "compiled", "--compile", "default"))
+    shapes = [line for line in capsys.readouterr().out.splitlines() if "shapes" in line]
     eager, compiled = step_losses(records(tmp_path / "eager")), step_losses(records(tmp_path / "compiled"))
-    assert shapes == ["an epoch pads its batches to 2 shapes (lengths in multiples of 8)"], shapes
+    # eager pads each batch to its longest row; the compiled step to multiples of 8: the same losses
+    assert eager_shapes == [] and shapes == ["an epoch pads its batches to 2 shapes (lengths in multiples of 8)"]
     assert compiled == pytest.approx(eager, abs=1e-4, rel=0)
     assert sorted(eager) == [1, 2, 3] and len(set(eager.values())) == 3
     assert max_diff(tensors(tmp_path / "eager" / "last"), tensors(tmp_path / "compiled" / "last")) <= 1e-4
@@ -540,8 +543,8 @@ def test_resume_under_compile_equals_an_uninterrupted_run(world, stage1, tmp_pat
 
 
 def test_padding_to_a_multiple_changes_no_loss_and_no_gradient():
-    """micro_batch pads source and target to multiples of 8: the loss and every gradient equal those of the
-    batch padded only to its longest row (CPU, fp32, dropout off)."""
+    """micro_batch pads source and target to multiples of 8 for a compiled step: the loss and every gradient
+    equal those of the batch padded only to its longest row, as an eager step pads it (CPU, fp32, dropout off)."""
     torch.manual_seed(0)
     cfg = CLIPTransConfig.preset("tiny")
     cfg.mbart.vocab_size = cfg.text.vocab_size = 64
@@ -549,11 +552,11 @@ def test_padding_to_a_multiple_changes_no_loss_and_no_gradient():
     model = CLIPTrans(cfg)
     ex = train.Examples({}, torch.randn(3, cfg.vision.embed_dim), [[59, 5, 6, 7, 2], [59, 8, 2], [59] + [9] * 8 + [2]],
                         [[60, 4, 5, 2], [60, 6, 7, 8, 9, 2], [60, 2]], "de", [])
-    (feats, ids, mask, tgt), n_tok = train.micro_batch(ex, [0, 1, 2], 1, cfg, "cpu")
+    (feats, ids, mask, tgt), n_tok = train.micro_batch(ex, [0, 1, 2], 1, cfg, "cpu", train.PAD_MULTIPLE)
     assert (ids.shape[1], tgt.shape[1], n_tok) == (16, 8, 12)
-    tight_ids, tight_mask = data.pad(ex.src_ids, 1)
-    tight_tgt, _ = data.pad(ex.tgt_ids, 1)
+    (_, tight_ids, tight_mask, tight_tgt), _ = train.micro_batch(ex, [0, 1, 2], 1, cfg, "cpu")
     assert (tight_ids.shape[1], tight_tgt.shape[1]) == (10, 6)
+    assert torch.equal(tight_ids, ids[:, :10]) and (ids[:, 10:] == 1).all() and not mask[:, 10:].any()
 
     def loss_and_grads(*inputs):
         model.zero_grad()
@@ -565,16 +568,23 @@ def test_padding_to_a_multiple_changes_no_loss_and_no_gradient():
     assert max((padded[1][k] - tight[1][k]).abs().max().item() for k in tight[1]) < 1e-6
     # the cap: a target never padded past mBART's positions (minus the prefix)
     long = train.Examples({}, feats, [[59, 2]], [[60] + [4] * 115 + [2]], "de", [])
-    assert train.micro_batch(long, [0], 1, cfg, "cpu")[0][3].shape[1] == cfg.mbart.max_positions - 10
+    assert train.micro_batch(long, [0], 1, cfg, "cpu", 8)[0][3].shape[1] == cfg.mbart.max_positions - 10
 
 
 def test_batch_shapes_of_an_epoch():
     ex = train.Examples({}, torch.zeros(5, 4), [[1] * 3, [1] * 9, [1] * 4, [1] * 17, [1] * 5],
                         [[1] * 8, [1] * 2, [1] * 7, [1] * 3, [1] * 9], "de", [])
     cfg = CLIPTransConfig.preset("tiny")
-    # (B, S, T): [0, 2] -> (2, 8, 8); [1, 3] -> (2, 24, 8); [4] -> (1, 8, 16); [0, 1] -> (2, 16, 8)
-    assert train.batch_shapes(ex, [[0, 2], [1, 3], [4], [0, 1]], 0, cfg) == {(2, 8, 8), (2, 24, 8), (1, 8, 16),
-                                                                              (2, 16, 8)}
+    batches = [[0, 2], [1, 3], [4], [0, 1], [2, 0]]
+    # (B, S, T) in multiples of 8: [0, 2] -> (2, 8, 8); [1, 3] -> (2, 24, 8); [4] -> (1, 8, 16); [0, 1] -> (2, 16, 8)
+    assert train.batch_shapes(ex, batches, cfg) == {(2, 8, 8), (2, 24, 8), (1, 8, 16), (2, 16, 8)}
+    # unrounded: [0, 2] -> (2, 4, 8); [1, 3] -> (2, 17, 3); [4] -> (1, 5, 9); [0, 1] -> (2, 9, 8)
+    assert train.batch_shapes(ex, batches, cfg, 1) == {(2, 4, 8), (2, 17, 3), (1, 5, 9), (2, 9, 8)}
+    # and they are the shapes micro_batch gives
+    for multiple in (1, 8):
+        made = [train.micro_batch(ex, b, 0, cfg, "cpu", multiple)[0] for b in batches]
+        assert {(len(ids), ids.shape[1], tgt.shape[1]) for _, ids, _, tgt in made} == train.batch_shapes(
+            ex, batches, cfg, multiple)
 
 
 # ----------------------------------------------------------------------------- 6. the default commands
