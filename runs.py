@@ -3,7 +3,9 @@ The bookkeeping of a training run, apart from the method, as minGPT keeps its tr
 here is specific to CLIPTrans, and a first reading of train.py can take it on trust.
 
 - `setup`: where a process runs: DDP from torchrun's environment, the device, the precision (autocast).
-- `hold`, `check_free`: one run at a time in a folder, and never a new run over an earlier one's files.
+- `compiled`: how the training step runs: DDP-wrapped, and torch.compile'd on CUDA (the speed machinery).
+- `hold`, `check_free`, `plan_disk`: one run at a time in a folder, never a new run over an earlier one's
+  files, and not a run whose checkpoints cannot fit on its disk.
 - `Run`: what a run keeps in its folder and what `--resume` restores exactly: the position in the data, the
   optimizer, the gradient scaler and the RNG states of every process (`state.pt`, written with the model into
   each checkpoint folder by weights.save_checkpoint, atomically), and the metrics log (`metrics.jsonl`).
@@ -14,6 +16,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -70,6 +73,30 @@ def log0(rank, *args):
         tqdm.write(" ".join(str(a) for a in args))
 
 
+def compile_mode(mode, env: Env):
+    """--compile's mode. "auto": on CUDA reduce-overhead, CUDA graphs recorded once per shape, the fastest mode
+    bench.py measured at the paper's sizes; with DDP the default mode, whose graph the compiler splits at DDP's
+    gradient buckets so that they overlap; on a CPU "none" (eager), where compiling the tiny preset costs
+    minutes and saves seconds."""
+    if mode != "auto":
+        return mode
+    return "none" if env.device.type != "cuda" else "default" if env.world > 1 else "reduce-overhead"
+
+
+def compiled(model, mode, env: Env, shapes=64):
+    """The model the training step runs: DDP-wrapped with several processes, then compiled in `mode` (see
+    compile_mode). One compilation per input shape, at most `shapes` of them: past that the compiler falls
+    back to eager."""
+    if env.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    mode = compile_mode(mode, env)
+    if mode == "none":
+        return model
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
 # -----------------------------------------------------------------------------
 # A run's folder: held by one run at a time, never reused by a new run.
 
@@ -84,6 +111,28 @@ def check_free(out):
         raise SystemExit(f"error: {out} already holds a checkpoint or a run's log ({', '.join(taken)}): "
                          f"--resume to continue it, or give another --out (or delete the folder) to start "
                          f"over")
+
+
+def plan_disk(out, model, params, keeps_best, ignore, rank=0):
+    """What the run writes: the size of a checkpoint and of its folder at the end (`last`, and `best` when
+    `keeps_best`; the frozen towers shared with the starting folder, see weights.TOWERS_FILE), checked against
+    the free space of `out` before the first step: a run that cannot save should not train for hours first
+    (`ignore`: --ignore_disk_space)."""
+    model_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
+                      if not k.startswith(weights.TOWERS))
+    state_bytes = 2 * sum(p.numel() * 4 for p in params)  # AdamW's two fp32 moments, in `last` only
+    end = model_bytes + state_bytes + (model_bytes if keeps_best else 0)
+    peak = end + model_bytes + state_bytes  # a new `last` is written before the old one is removed
+    folder = next(p for p in [Path(out), *Path(out).absolute().parents] if p.exists())
+    free = shutil.disk_usage(folder).free
+    gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
+    log0(rank, f"checkpoints: {gb(model_bytes)} of weights each (the towers linked, not copied), "
+               f"{gb(state_bytes)} of optimizer state in `last`; {out} will hold {gb(end)} at the end, "
+               f"{gb(peak)} while a checkpoint is replaced; {gb(free)} free")
+    if peak > free and not ignore:
+        raise SystemExit(f"error: {out} needs up to {gb(peak)} for its checkpoints and its disk has "
+                         f"{gb(free)} free: free some space, choose another --out, or pass --ignore_disk_space "
+                         f"to start anyway (a save that fails keeps the previous checkpoint)")
 
 
 def hold(out):

@@ -45,7 +45,6 @@ import json
 import os
 import math
 import random
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ import tiny_world
 import weights
 from cliptrans import Attention, CLIPTransConfig, MappingConfig
 import runs
-from runs import Env, Run, log0, setup
+from runs import Env, Run, compile_mode, compiled, log0, plan_disk, setup
 
 # -----------------------------------------------------------------------------
 # Settings. Every field is a command-line flag (`--batch_size 32`); unknown flags are errors. What is left at
@@ -125,6 +124,7 @@ class Config:
     resume: bool = flag(False, "continue the run in OUT exactly where its `last` checkpoint left off")
     eval_only: bool = flag(False, "score a checkpoint on --split instead of training")
     from_scratch_stage2: bool = flag(False, "the ablation: stage 2 without stage 1, from --weights")
+    freeze_decoder: bool = flag(False, "the ablation: stage 1 trains the mapping network alone, mBART frozen")
     test_with_image: bool = flag(False, "stage 2 evaluation from the image embedding instead of the text's")
     ablate: str = flag("", "--eval_only, stage 2: prefix (each sentence gets the previous sentence's "
                            "embedding) or source (the encoder sees only `<src_lang> </s>`)")
@@ -156,6 +156,9 @@ def defaults(c: Config):
         raise SystemExit(f"error: --ablate {c.ablate}: expected --ablate prefix or --ablate source, with "
                          f"--stage 2 --eval_only (it scores a trained translation model with one of its "
                          f"inputs taken away)")
+    if c.freeze_decoder and c.stage != 1:
+        raise SystemExit(f"error: --freeze_decoder with --stage {c.stage}: it is a stage 1 ablation (stage 2 "
+                         f"fine-tunes all of mBART)")
     if c.prefix_len == 0 and c.stage == 1:
         raise SystemExit("error: --prefix_len 0 with --stage 1: captioning needs the prefix (it is the "
                          "image's only way into the decoder). The text-only baseline is a translation "
@@ -462,13 +465,14 @@ def score(c: Config, model, tok, start, env: Env):
 # Training: what trains, the schedule, the run's bookkeeping (checkpoints, metrics log, --resume), the loop.
 
 
-def trainable(model, stage):
+def trainable(model, stage, freeze_decoder=False):
     """(4) What trains: the mapping network in both stages; in stage 1 the mBART decoder (the towers and the
-    mBART encoder, with the shared embedding and the tied output layer, stay frozen); in stage 2 all of
-    mBART."""
+    mBART encoder, with the shared embedding and the tied output layer, stay frozen; --freeze_decoder: the
+    decoder too, as ClipCap's frozen-GPT-2 variant); in stage 2 all of mBART."""
     model.requires_grad_(False)
     model.mapping.requires_grad_(True)
-    (model.mbart.decoder if stage == 1 else model.mbart).requires_grad_(True)
+    if not freeze_decoder:
+        (model.mbart.decoder if stage == 1 else model.mbart).requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -498,30 +502,9 @@ def lr_at(step, c: Config, total):
     return c.lr * 0.5 * (1 + math.cos(math.pi * (step - c.warmup_steps) / max(1, total - c.warmup_steps)))
 
 
-def plan_disk(c: Config, model, params, env: Env):
-    """What the run writes: the size of a checkpoint and of its folder at the end (`last`, and in stage 2
-    `best`; the frozen towers shared with the starting folder, see weights.TOWERS_FILE), checked against the
-    free space of --out before the first step: a run that cannot save should not train for hours first."""
-    model_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
-                      if not k.startswith(weights.TOWERS))
-    state_bytes = 2 * sum(p.numel() * 4 for p in params)  # AdamW's two fp32 moments, in `last` only
-    end = model_bytes + state_bytes + (model_bytes if c.stage == 2 else 0)
-    peak = end + model_bytes + state_bytes  # a new `last` is written before the old one is removed
-    folder = next(p for p in [Path(c.out), *Path(c.out).absolute().parents] if p.exists())
-    free = shutil.disk_usage(folder).free
-    gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
-    log0(env.rank, f"checkpoints: {gb(model_bytes)} of weights each (the towers linked, not copied), "
-                   f"{gb(state_bytes)} of optimizer state in `last`; {c.out} will hold {gb(end)} at the end, "
-                   f"{gb(peak)} while a checkpoint is replaced; {gb(free)} free")
-    if peak > free and not c.ignore_disk_space:
-        raise SystemExit(f"error: {c.out} needs up to {gb(peak)} for its checkpoints and its disk has "
-                         f"{gb(free)} free: free some space, choose another --out, or pass --ignore_disk_space "
-                         f"to start anyway (a save that fails keeps the previous checkpoint)")
-
-
 # What fixes a run's data order and what it trains: --resume must continue with the same.
 RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs",
-               "skip_missing_images", "batch_size", "grad_accum", "seed")
+               "skip_missing_images", "freeze_decoder", "batch_size", "grad_accum", "seed")
 
 
 def validate(c: Config, run: Run, val: Examples, tok):
@@ -591,30 +574,6 @@ def train_step(model, opt, scaler, micro, env: Env):
     if env.world > 1:
         dist.all_reduce(loss_sum)
     return loss_sum
-
-
-def compile_mode(mode, env: Env):
-    """--compile's mode. "auto": on CUDA reduce-overhead, CUDA graphs recorded once per shape, the fastest mode
-    bench.py measured at the paper's sizes; with DDP the default mode, whose graph the compiler splits at DDP's
-    gradient buckets so that they overlap; on a CPU "none" (eager), where compiling the tiny preset costs
-    minutes and saves seconds."""
-    if mode != "auto":
-        return mode
-    return "none" if env.device.type != "cuda" else "default" if env.world > 1 else "reduce-overhead"
-
-
-def compiled(model, mode, env: Env, shapes=64):
-    """The model the training step runs: DDP-wrapped with several processes, then compiled in `mode` (see
-    compile_mode). One compilation per input shape, at most `shapes` of them: past that the compiler falls
-    back to eager."""
-    if env.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    mode = compile_mode(mode, env)
-    if mode == "none":
-        return model
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
-    return torch.compile(model, mode=mode, dynamic=False)
 
 
 def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok):
@@ -719,13 +678,13 @@ def main(argv=None):
     test_set = prepare(c, c.test_split, model, tok, start, env)
 
     # (4) what trains, with AdamW and (fp16) a gradient scaler, in batches of examples of similar length
-    params = trainable(model, c.stage)
+    params = trainable(model, c.stage, c.freeze_decoder)
     opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=c.weight_decay,
                             fused=env.device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=env.dtype == "fp16")
     sampler, steps_per_epoch = make_sampler(c, train_set, env)
     total = c.max_steps or steps_per_epoch * c.epochs
-    plan_disk(c, model, params, env)
+    plan_disk(c.out, model, params, c.stage == 2, c.ignore_disk_space, env.rank)
 
     # the loop, from the start or (--resume) exactly where the checkpoint left off
     run = Run(dataclasses.asdict(c), RESUME_SAME, env, model, opt, scaler, start, resume=c.resume)

@@ -547,10 +547,17 @@ def save_checkpoint(folder, model, settings: dict, state: dict | None, tokenizer
     return how
 
 
-def folder_size(folder):
-    """Bytes of the files under `folder`, each file once however many hard links it has there."""
-    files = {(f.stat().st_dev, f.stat().st_ino): f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()}
-    return sum(files.values())
+def folder_size(folder, seen=None):
+    """Bytes of the files under `folder`, each file once however many hard links it has there, and none whose
+    inode is already in `seen` (a set of (device, inode), which the files counted then join)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for f in Path(folder).rglob("*"):
+        st = f.stat()
+        if f.is_file() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
 
 
 def find_checkpoint(folder):

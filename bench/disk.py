@@ -26,17 +26,6 @@ import weights  # noqa: E402
 from cliptrans import CLIPTrans, CLIPTransConfig  # noqa: E402
 
 
-def new_bytes(folder, seen):
-    """Bytes of the files under `folder` whose inode is not in `seen` (which it then joins)."""
-    total = 0
-    for f in sorted(Path(folder).rglob("*")):
-        st = f.stat()
-        if f.is_file() and (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_size
-    return total
-
-
 def adamw_state(params):
     """An AdamW state dict as train.py's optimizer holds it after a step: two fp32 moments per parameter."""
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
@@ -84,14 +73,14 @@ def main():
                 save_file(state, conv / weights.WEIGHTS_FILE)
                 (conv / weights.TOWERS_FILE).unlink()
                 del state
-            size = {"converted weights": new_bytes(conv, seen)}
+            size = {"converted weights": weights.folder_size(conv, seen)}
             link = conv if layout == "now" else None
             weights.save_checkpoint(root / "stage1" / "last", model, {"stage": 1}, state1, tok, link)
-            size["stage 1 run (last)"] = new_bytes(root / "stage1", seen)
+            size["stage 1 run (last)"] = weights.folder_size(root / "stage1", seen)
             weights.save_checkpoint(root / "stage2" / "last", model, {"stage": 2}, state2, tok, link)
             weights.save_checkpoint(root / "stage2" / "best", model, {"stage": 2},
                                     state2 if layout == "before" else None, tok, link)
-            size["stage 2 run (best + last)"] = new_bytes(root / "stage2", seen)
+            size["stage 2 run (best + last)"] = weights.folder_size(root / "stage2", seen)
             rows.append(size)
             shutil.rmtree(root)
     finally:

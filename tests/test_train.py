@@ -263,6 +263,18 @@ def test_stage1_trains_only_the_decoder_and_the_mapping_network(stage0, stage1):
     assert max_diff(s0, s1, prefixed(s0, "mapping.")) > 1e-4  # moved by real updates (lr 5e-4), not noise
 
 
+def test_freeze_decoder_trains_the_mapping_network_alone(world, stage0, tmp_path):
+    """--freeze_decoder, the stage 1 ablation: only the mapping network moves; refused outside stage 1."""
+    out = tmp_path / "frozen"
+    train.main(args("--stage", 1, "--data", world, "--weights", stage0, "--out", out, "--max_steps", 2,
+                    "--batch_size", 16, "--freeze_decoder", *FAST))
+    s0, s1 = tensors(stage0), tensors(out / "last")
+    assert changed(s0, s1) == prefixed(s0, "mapping.")
+    assert max_diff(s0, s1, prefixed(s0, "mapping.")) > 1e-4
+    with pytest.raises(SystemExit, match="--freeze_decoder with --stage 2: it is a stage 1 ablation"):
+        train.main(args("--stage", 2, "--data", world, "--out", tmp_path / "s2", "--freeze_decoder"))
+
+
 def test_stage2_trains_all_of_mbart_and_the_mapping_network(stage1, stage2):
     s1, s2 = tensors(stage1 / "last"), tensors(stage2 / "last")
     moved = changed(s1, s2)
@@ -647,7 +659,11 @@ def test_checkpoints_share_the_frozen_towers_and_only_last_keeps_the_optimizer(s
     shutil.copytree(stage2 / "best", moved)
     a, b = weights.load(moved).state_dict(), weights.load(stage2 / "best").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert weights.folder_size(stage2) < sum(f.stat().st_size for f in stage2.rglob("*") if f.is_file())
+    # folder_size counts the towers once: two links in stage2 (best, last), none new after stage 0's
+    every, tw = sum(f.stat().st_size for f in stage2.rglob("*") if f.is_file()), towers[0].stat().st_size
+    assert weights.folder_size(stage2) == every - tw
+    seen = set()
+    assert weights.folder_size(stage0, seen) >= tw and weights.folder_size(stage2, seen) == every - 2 * tw
 
 
 def test_a_folder_of_the_single_file_layout_loads_and_trains(world, stage0, tmp_path, capsys):
@@ -673,7 +689,7 @@ def test_a_run_says_what_it_will_write_and_refuses_a_disk_too_small(world, stage
     common = args("--stage", 2, "--data", world, "--init", stage1 / "last", "--max_steps", 1, "--batch_size", 16,
                   *FAST)
     free = shutil.disk_usage(tmp_path).free
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free, free - 1000, 1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(free, free - 1000, 1000))
     with pytest.raises(SystemExit, match=r"needs up to \d+\.\d MB for its checkpoints and its disk has 0\.0 MB free"):
         train.main(common + args("--out", tmp_path / "refused"))
     assert not (tmp_path / "refused" / "last").exists()
@@ -1012,6 +1028,8 @@ def test_experiment_pairs_arms_by_seed(tmp_path, monkeypatch, capsys):
     experiment.main(["--seeds", "1", "2", "3", "--pairs", "50", "200", "--jobs", "2", "--out", str(tmp_path)])
     stages = [c[c.index("--stage") + 1] for c in calls]
     assert stages.count("0") == 1 and stages.count("1") == 3 * 2 and stages.count("2") == 3 * 2 * 4
+    # stage 2: 200 steps, validated 4 times, the best checkpoint kept
+    assert all(c[c.index("--eval_every") + 1] == "50" for c in calls if "--n_pairs" in c)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["bleu"]["stage 1 (en) + 2"]["200"] == {"1": 71.0, "2": 72.0, "3": 73.0}
     r = results["paired"]["stage 1 (en) + 2 - text-only, 50 pairs"]
