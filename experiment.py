@@ -18,7 +18,8 @@ The pretrained models are the same for every run, as M-CLIP and mBART-50 are in 
 network), its data order and its dropout; each seed has its own two stage 1 runs (`--stage1_steps`, on all the
 world's training images). Stage 2 validates `--evals` times and keeps its checkpoint best on val, as the
 paper's recipe does: the test score is not that of a late loss spike. `--jobs` runs train.py that many times
-at once, each on its share of the cores. Ablations: `--arms` picks arms, `--stage1_extra` / `--stage2_extra` add train.py flags to a stage's runs.
+at once, each on its share of the cores. Ablations: `--arms` picks arms, `--stage1_extra` / `--stage2_extra`
+add train.py flags to a stage's runs.
 
 Prints the test BLEU, mean ± standard deviation over seeds, and, for each pair of arms at each size, the mean
 of the paired differences (the same seed, the same data) with a 95% bootstrap interval over seeds and how many

@@ -533,6 +533,12 @@ def validate(c: Config, run: Run, val: Examples, tok):
 PAD_MULTIPLE = 8  # a compiled step: lengths padded to multiples of 8, so an epoch has a few shapes, not hundreds
 
 
+def pad_multiple(mode):
+    """What micro_batch rounds lengths up to under --compile `mode` (resolved): PAD_MULTIPLE when compiled, 1
+    (the longest row) when eager."""
+    return 1 if mode == "none" else PAD_MULTIPLE
+
+
 def micro_batch(ex: Examples, batch, pad_id, config, device, multiple=1):
     """Examples `batch` (indices) as the model's inputs on `device`: the mapping network's input (B, D), the
     encoder input and its mask (B, S), the targets (B, T). S and T are the longest row, rounded up to
@@ -582,10 +588,11 @@ def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok)
     time it took."""
     env, model = run.env, run.model
     # a compiled step pads to multiples of PAD_MULTIPLE, to compile a few shapes; an eager one to the longest row
-    mode, multiple, shapes = compile_mode(c.compile, env), 1, 0
+    mode, shapes = compile_mode(c.compile, env), 0
+    multiple = pad_multiple(mode)
     if mode != "none":
         sampler.set_epoch(run.epoch)
-        multiple, shapes = PAD_MULTIPLE, len(batch_shapes(ex, list(sampler), model.config))
+        shapes = len(batch_shapes(ex, list(sampler), model.config, multiple))
         log0(env.rank, f"an epoch pads its batches to {shapes} shapes (lengths in multiples of {multiple})")
     train_model = compiled(model, mode, env, shapes=max(64, 2 * shapes))
     t_start, tokens_seen = time.time(), 0

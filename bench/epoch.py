@@ -67,7 +67,7 @@ def main():
     steps = [batches[i:i + a.grad_accum] for i in range(0, len(batches), a.grad_accum)]
     sentences = sum(len(b) for b in batches)
     mode = recipe.compile_mode("auto", env)  # and the padding train.py gives its batches in that mode
-    multiple = recipe.PAD_MULTIPLE if mode != "none" else 1
+    multiple = recipe.pad_multiple(mode)
     shapes = recipe.batch_shapes(ex, batches, cfg, multiple)
     results = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
                "preset": a.preset, "steps": len(steps), "sentences": sentences, "shapes": len(shapes),
