@@ -22,7 +22,8 @@ Every network matches its Hugging Face counterpart number for number (tests/test
 - image tower:  transformers/models/clip/modeling_clip.py   (CLIPModel.get_image_features)
 - text tower:   transformers/models/xlm_roberta/modeling_xlm_roberta.py + multilingual_clip's mean pooling
 - translation:  transformers/models/mbart/modeling_mbart.py (MBartForConditionalGeneration)
-Greedy and beam search live in decoding.py; weights come from weights.py; training from train.py.
+Greedy and beam search live in decoding.py, which runs this file's decoder handed a cache (`Attention`'s
+`cache`); weights come from weights.py; training from train.py.
 """
 
 import math
@@ -147,14 +148,21 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x, memory=None, mask=None, causal=False):
-        # x: (B, T, C); memory: (B, S, C); mask: bool, True = may attend, broadcast to (B, H, T, S)
+    def forward(self, x, memory=None, mask=None, causal=False, cache=None):
+        # x: (B, T, C); memory: (B, S, C); mask: bool, True = may attend, broadcast to (B, H, T, S);
+        # cache: generation's (decoding.Cache), which keeps keys and values from one decoding step to the next
         B, T, C = x.shape
         if memory is None:
             q, k, v = self.qkv(x).view(B, T, 3, C).unbind(2)  # (B, T, C) each
             k, v = self.split_heads(k), self.split_heads(v)  # (B, H, T, Dh)
-        else:
+            if cache is not None:  # the new positions' keys and values join those of the earlier ones
+                k, v = cache.update(self, k, v)
+        elif cache is None:
             q, (k, v) = self.project_query(x), self.project_memory(memory)
+        else:  # the source's keys and values, projected at the first decoding call only
+            q, (k, v) = self.project_query(x), cache.memory(self, memory)
+        if cache is not None:  # (B, T, C): the cache knows how the beams of a sentence share their keys
+            return self.out(cache.attend(q, k, v, mask, causal))
         y = F.scaled_dot_product_attention(self.split_heads(q), k, v, attn_mask=mask,
                                            is_causal=causal and mask is None,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, Dh)
@@ -202,10 +210,10 @@ class Block(nn.Module):
             return x + self.drop(f(ln(x)))
         return ln(x + self.drop(f(x)))
 
-    def forward(self, x, mask=None, causal=False, memory=None, memory_mask=None):
-        x = self.residual(x, self.ln_attn, lambda h: self.attn(h, mask=mask, causal=causal))
+    def forward(self, x, mask=None, causal=False, memory=None, memory_mask=None, cache=None):
+        x = self.residual(x, self.ln_attn, lambda h: self.attn(h, mask=mask, causal=causal, cache=cache))
         if memory is not None:
-            x = self.residual(x, self.ln_cross, lambda h: self.cross(h, memory, mask=memory_mask))
+            x = self.residual(x, self.ln_cross, lambda h: self.cross(h, memory, mask=memory_mask, cache=cache))
         return self.residual(x, self.ln_mlp, self.mlp)
 
 
@@ -291,12 +299,16 @@ class Embeddings(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         self.max_positions = c.max_positions
 
-    def forward(self, x):  # (B, T, d) -> (B, T, d)
+    def forward(self, x, start=0):  # (B, T, d) at positions start.. -> (B, T, d)
         T = x.shape[1]
-        if T > self.max_positions:
-            raise ValueError(f"sequence of {T} positions exceeds mBART's {self.max_positions}: "
+        if torch.is_tensor(start):  # a decoding step's position, read on the device (a CUDA graph replays it)
+            positions = self.pos_embed(start + 2 + torch.arange(T, device=x.device))
+        elif start + T > self.max_positions:
+            raise ValueError(f"sequence of {start + T} positions exceeds mBART's {self.max_positions}: "
                              f"shorten the input or lower max_new_tokens")
-        return self.drop(self.ln_embed(x + self.pos_embed.weight[2:2 + T]))
+        else:
+            positions = self.pos_embed.weight[2 + start:2 + start + T]
+        return self.drop(self.ln_embed(x + positions))
 
 
 class Encoder(nn.Module):
@@ -323,14 +335,15 @@ class Decoder(nn.Module):
                                           eps=c.eps) for _ in range(c.decoder_layers))
         self.ln_final = nn.LayerNorm(c.d_model, eps=c.eps)
 
-    def forward(self, x, memory, memory_mask=None, mask=None):
-        # x: (B, T, d) decoder input vectors; memory: (B, S, d) the encoder's output;
-        # mask: (T, T) bool self-attention mask (CLIPTrans: `prefix_mask`), or None for causal attention.
-        x = self.embed(x)
+    def forward(self, x, memory, memory_mask=None, mask=None, start=0, cache=None):
+        # x: (B, T, d) decoder input vectors at positions start..; memory: (B, S, d) the encoder's output;
+        # mask: (T, T) bool self-attention mask (CLIPTrans: `prefix_mask`), or None for causal attention;
+        # cache: generation's (decoding.Cache), which also gives a decoding step its mask (Cache.begin_step).
+        x = self.embed(x, start)
         memory_mask = key_padding_mask(memory_mask)
         causal = mask is None and x.shape[1] > 1
         for layer in self.layers:
-            x = layer(x, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask)
+            x = layer(x, mask=mask, causal=causal, memory=memory, memory_mask=memory_mask, cache=cache)
         return self.ln_final(x)
 
 
@@ -352,24 +365,26 @@ class MBart(nn.Module):
     def encode(self, input_ids, attention_mask=None):  # (B, S) -> (B, S, d)
         return self.encoder(self.embed_tokens(input_ids), attention_mask)
 
-    def logits(self, h):  # (..., d) -> (..., V): the output projection is the token embedding itself
-        return F.linear(h, self.shared.weight, self.final_logits_bias)
+    def output_projection(self):  # the weight (V, d) and bias (V,) of the logits: the token embedding itself
+        return self.shared.weight, self.final_logits_bias
+
+    def logits(self, h):  # (..., d) -> (..., V)
+        return F.linear(h, *self.output_projection())
 
     def forward(self, input_ids, attention_mask, decoder_input_ids):  # -> (B, T, V)
         memory = self.encode(input_ids, attention_mask)
         return self.logits(self.decoder(self.embed_tokens(decoder_input_ids), memory, attention_mask))
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, num_beams=5, max_new_tokens=60,
-                 forced_bos_token_id=None, **search_args):
-        """mBART alone, with Hugging Face's semantics: returns (B, 1 + n) = [decoder start, tokens...],
-        padded. `search_args`: see decoding.generate."""
+    def generate(self, input_ids, attention_mask=None, tgt_lang_id=None, num_beams=5, max_new_tokens=60,
+                 **search_args):
+        """mBART alone, with Hugging Face's semantics (`tgt_lang_id`: its forced_bos_token_id, or None): returns
+        the new tokens (B, n), padded: Hugging Face's output without its first column, the decoder start token.
+        `search_args`: see decoding.generate."""
         memory = self.encode(input_ids, attention_mask)
         start = torch.full((input_ids.shape[0], 1), self.config.decoder_start_id, device=input_ids.device)
-        tokens = decoding.generate(self, memory, attention_mask, self.embed_tokens(start), None,
-                                   num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                   forced_bos_token_id=forced_bos_token_id, **search_args)
-        return torch.cat([start, tokens], dim=1)
+        return decoding.generate(self, memory, attention_mask, self.embed_tokens(start), None, num_beams=num_beams,
+                                 max_new_tokens=max_new_tokens, forced_bos_token_id=tgt_lang_id, **search_args)
 
 
 # -----------------------------------------------------------------------------
@@ -418,6 +433,14 @@ def prefix_mask(prefix_len, length, device=None):
     return (i[None, :] <= i[:, None]) | (in_prefix[:, None] & in_prefix[None, :])
 
 
+def teacher_forcing(targets, c: MBartConfig):
+    """targets (B, L) `<lang> y1..yn </s>`, right-padded -> the decoder's input ids `</s> <lang> y1..yn` (the
+    targets shifted right, as mBART's `shift_tokens_right`) and its labels: the targets, padding at -100 (no
+    loss). mBART's own recipe, which CLIPTrans inserts its prefix into (and stage 0's denoiser uses as it is)."""
+    eos = targets.new_full((targets.shape[0], 1), c.eos_id)
+    return torch.cat([eos, targets[:, :-1]], dim=1), targets.masked_fill(targets == c.pad_id, -100)
+
+
 class CLIPTrans(nn.Module):
     """The two towers, the mapping network and mBART-50.
 
@@ -460,13 +483,11 @@ class CLIPTrans(nn.Module):
     def decoder_inputs(self, clip_embeds, targets):
         """clip_embeds (B, D); targets (B, L) = `<lang> y1..yn </s>` right-padded.
         Returns the decoder input vectors (B, 1 + P + L - 1, d) and the labels (B, 1 + P + L - 1)."""
-        c = self.config.mbart
         B, P = targets.shape[0], self.config.mapping.prefix_len
-        eos = torch.full((B, 1), c.eos_id, dtype=targets.dtype, device=targets.device)
-        tokens = self.mbart.embed_tokens(torch.cat([eos, targets[:, :-1]], dim=1))  # (B, L, d): </s> <lang>..
+        ids, labels = teacher_forcing(targets, self.config.mbart)  # (B, L) each: `</s> <lang> y1..yn`, targets
+        tokens = self.mbart.embed_tokens(ids)  # (B, L, d)
         prefix = self.mapping(clip_embeds).to(tokens.dtype)  # (B, P, d)
         embeds = torch.cat([tokens[:, :1], prefix, tokens[:, 1:]], dim=1)
-        labels = targets.masked_fill(targets == c.pad_id, -100)
         labels = torch.cat([labels[:, :1], labels.new_full((B, P), -100), labels[:, 1:]], dim=1)
         return embeds, labels
 

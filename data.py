@@ -19,14 +19,11 @@ Only torch, tokenizers, safetensors, pillow and tqdm are needed.
 """
 
 import argparse
-import contextlib
 import ctypes
 import gzip
 import hashlib
 import math
 import os
-import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -41,6 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
+
+import folders
 
 
 class DataError(ValueError):
@@ -105,16 +104,15 @@ class _SentencePieceTokenizer:
                              f"mBART-50 / XLM-R layout (<s> <pad> </s> <unk>, pieces, language codes, <mask>)")
         return i
 
-    def _encode(self, texts, first_id, max_len):
-        """(B, T) ids `first x </s>` right-padded with pad_id, and the (B, T) attention mask (1 = token)."""
+    def _rows(self, texts, first_id, max_len=None) -> list[list[int]]:
+        """The ids `first x </s>` of each text, at most max_len of them."""
         if isinstance(texts, str) or not texts:
             raise ValueError(f"expected a non-empty list of strings, got {texts!r:.80}")
         if max_len is not None and max_len < 3:
             raise ValueError(f"max_len={max_len} leaves no room for text between the two special tokens")
         keep = None if max_len is None else max_len - 2  # truncation keeps both special tokens
-        rows = [[first_id] + e.ids[:keep] + [self.eos_id]
+        return [[first_id] + e.ids[:keep] + [self.eos_id]
                 for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
-        return pad(rows, self.pad_id)
 
     def lengths(self, texts) -> list[int]:
         """How many ids `encode` gives each text when nothing is cut: its pieces and two special tokens."""
@@ -141,17 +139,27 @@ class MBartTokenizer(_SentencePieceTokenizer):
                              f"(facebook/mbart-large-50), or one in its layout (the tiny world's)")
         return i
 
-    def encode(self, texts: list[str], lang: str, max_len: int | None = None):
-        return self._encode(texts, self.lang_id(lang), max_len)
+    def rows(self, texts: list[str], lang: str, max_len: int | None = None) -> list[list[int]]:
+        """The ids `[lang_code] x </s>` of each text, unpadded."""
+        return self._rows(texts, self.lang_id(lang), max_len)
 
-    encode_target = encode
+    def encode(self, texts: list[str], lang: str, max_len: int | None = None):
+        """(B, T) ids `[lang_code] x </s>` right-padded with pad_id, and the (B, T) attention mask (1 = token)."""
+        return pad(self.rows(texts, lang, max_len), self.pad_id)
+
+    encode_target = encode  # mBART-50 writes a target as it writes a source
+
+    def language_only(self, lang: str, n: int) -> list[list[int]]:
+        """`[lang_code] </s>`, n times: the encoder input of stage 1, where "the encoder input is trivial"."""
+        return [[self.lang_id(lang), self.eos_id]] * n
 
 
 class TextTowerTokenizer(_SentencePieceTokenizer):
     """XLM-R (M-CLIP's text tower): `<s> x </s>`, at most 512 tokens (514 positions minus the 2 skipped)."""
 
     def encode(self, texts: list[str], max_len: int | None = 512):
-        return self._encode(texts, self.bos_id, max_len)
+        """(B, T) ids `<s> x </s>` right-padded with pad_id, and the (B, T) attention mask (1 = token)."""
+        return pad(self._rows(texts, self.bos_id, max_len), self.pad_id)
 
 
 # -----------------------------------------------------------------------------
@@ -183,15 +191,15 @@ def _chunks(items, size):
 
 
 class LengthBucketSampler(torch.utils.data.Sampler):
-    """Yields batches (lists of dataset indices) for `DataLoader(dataset, batch_sampler=...)`.
+    """Yields batches: lists of dataset indices, this rank's share of each step.
 
-    Each epoch: shuffle (generator seeded with seed + epoch), cut into buckets, sort each bucket by length,
-    cut it into steps of batch_size * world_size examples, shuffle the order of the steps. Rank r takes
-    every world_size-th example of each step, so the ranks of one step get examples of similar length and
-    equal work, and every example is seen exactly once per epoch across all ranks, without duplicates.
-    All ranks have the same number of batches (len(sampler)); only the last step of an epoch can be short:
-    its ranks get batches that differ by at most one example, and a rank gets an EMPTY batch when fewer
-    examples than ranks remain. drop_last=True drops that short step instead.
+    Each epoch: shuffle (generator seeded with seed + epoch), cut into buckets (default: 100 steps' worth of
+    examples), sort each bucket by length, cut it into steps of batch_size * world_size examples, shuffle the
+    order of the steps. Rank r takes every world_size-th example of each step, so the ranks of one step get
+    examples of similar length and equal work, and every example is seen exactly once per epoch across all
+    ranks, without duplicates. All ranks have the same number of batches (len(sampler)); only the last step of
+    an epoch can be short: its ranks get batches that differ by at most one example, and a rank gets an EMPTY
+    batch when fewer examples than ranks remain. drop_last=True drops that short step instead.
 
     shuffle=False (evaluation): one bucket, longest first, steps in order. Batches hold original indices:
     `hyps[i] = out` for i, out in zip(batch, outputs) restores the dataset's order.
@@ -204,7 +212,7 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         self.lengths, self.batch_size, self.seed = [int(n) for n in lengths], batch_size, seed
         self.shuffle, self.rank, self.world_size, self.drop_last = shuffle, rank, world_size, drop_last
         self.step = batch_size * world_size
-        bucket_size = bucket_size or 100 * batch_size
+        bucket_size = bucket_size or 100 * self.step
         self.bucket_size = math.ceil(bucket_size / self.step) * self.step  # whole steps: only the last is short
         self.epoch = 0
 
@@ -443,66 +451,12 @@ MULTI30K_FILES = ([f"raw/{s}.{lang}.gz" for s, langs in MULTI30K_SPLITS.items() 
                   + [f"image_splits/{s}.txt" for s in MULTI30K_SPLITS])
 
 
-def atomic_write(path, write):
-    """Write `path` through `write(tmp_path)` into a temporary file in the same folder, fsync, rename: readers see
-    the old file or the new one, never a half-written one (the converter and the checkpoints use it too)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the file is as readable as any other
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def check_new_folder(folder, overwrite: bool):
-    """Refuse a `folder` that holds anything, unless `overwrite`: a command that writes a folder neither mixes
-    its files with others' nor replaces them unasked."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"{folder} is a file: expected a folder to write into; choose another --out")
-    held = sorted(p.name + "/" * p.is_dir() for p in folder.iterdir()) if folder.is_dir() else []
-    if held and not overwrite:
-        raise DataError(f"{folder} is not empty (it holds {', '.join(held[:5])}{' ...' * (len(held) > 5)}): "
-                        f"expected a new or empty folder. Choose another --out, or pass --overwrite to "
-                        f"replace everything in it")
-
-
-@contextlib.contextmanager
-def written_aside(folder):
-    """Yields a temporary folder beside `folder` to write into; when the block ends without an error it
-    becomes `folder` (an old one is moved aside first, removed last), on an error it is removed. Readers see
-    the old folder or the complete new one, never a half-written one; a kill leaves `.{name}.tmp`, which the
-    next call clears."""
-    folder = Path(folder).resolve()  # resolved: "." has no name to put beside it
-    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:  # Ctrl-C included
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def download_multi30k(out, timeout: float = 5.0, overwrite: bool = False) -> Path:
     """Multi30k task-1 text and image lists (not the images) into out/raw and out/image_splits. `out` must be
     new or empty unless `overwrite`; it appears, or is replaced, only once every file is there."""
     out = Path(out)
-    check_new_folder(out, overwrite)
-    with written_aside(out) as tmp:
+    folders.check_new_folder(out, overwrite)
+    with folders.written_aside(out) as tmp:
         for rel in tqdm(MULTI30K_FILES, desc="multi30k", unit="file"):
             try:
                 with urllib.request.urlopen(MULTI30K_URL + rel, timeout=timeout) as response:
@@ -554,11 +508,20 @@ def cached_embeddings(cache_dir, name: str, key: str, compute: Callable[[], torc
         raise TypeError(f"compute() for {name} returned {type(embeddings).__name__}, expected a tensor")
     embeddings = embeddings.detach().cpu().contiguous()
     try:
-        atomic_write(path, lambda tmp: save_file({"embeddings": embeddings}, tmp, metadata={"key": key, "name": name}))
+        folders.atomic_write(path, lambda tmp: save_file({"embeddings": embeddings}, tmp, metadata={"key": key, "name": name}))
     except OSError as e:  # a read-only dataset folder, say
         raise DataError(f"cannot write the feature cache {path} ({e}): make {path.parent} writable, or cache the "
                         f"features in another folder (train.py --features DIR)") from None
     return embeddings
+
+
+def image_digests(files) -> list[str]:
+    """A hash of each image file's bytes: the image features are cached under what the images hold, not under
+    their names, so images replaced in place are embedded again. The bytes, not the size and time of a file:
+    a copy that keeps the old time, or an edit of the same size, is still seen. It reads every image once."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib runs outside the GIL
+        digest = lambda f: hashlib.blake2b(Path(f).read_bytes(), digest_size=16).hexdigest()  # noqa: E731
+        return list(pool.map(digest, files))
 
 
 @torch.no_grad()
@@ -597,7 +560,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         print(f"Multi30k text in {download_multi30k(args.out, overwrite=args.overwrite)}")
-    except DataError as e:
+    except (DataError, folders.FolderError) as e:
         p.exit(1, f"error: {e}\n")
     except OSError as e:  # a full or read-only disk: the half-written folder is removed
         p.exit(1, f"error: cannot write {args.out} ({e.strerror or e}): free some space or make its folder "

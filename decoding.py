@@ -14,18 +14,20 @@ num_beams candidates per step, so that num_beams survive even if num_beams of th
 `</s>` before it.
 
 The decoder runs one token at a time with a KV cache: a step computes only its new position and attends the
-keys and values kept from the earlier ones. This file is handed the model (an `MBart` of cliptrans.py) and
-runs its decoder layers itself; cliptrans.py holds no decoding code.
+keys and values kept from the earlier ones. This file is handed the model (an `MBart` of cliptrans.py) and runs
+the model's own decoder, handed a `Cache`: each attention layer writes its keys and values into it and attends
+through it (cliptrans.Attention's `cache`). The layers' math is cliptrans.py's alone; the search, the cache's
+layout and the speed-ups are this file's.
 
-Reading order: `generate`, then `greedy_search` and `beam_search` (the algorithms), then `start_decoding`,
-`decode_layers` and `KVCache` (the decoder one step at a time). Every speed device is marked `# speed:` where
-it enters, and the last section holds them; a first reading can skip them:
+Reading order, top to bottom: `generate`; `greedy_search`, `beam_search` and its `keep_finished` (the
+algorithms); `start_decoding` and `Cache` (the model's decoder one step at a time); then the speed-ups. Each
+speed-up is marked `# speed:` where it enters; a first reading can skip them:
 - a sentence's beams attend one copy of its source and its prompt, and a beam reorder moves no keys or values
-  (KVCache);
-- a decoding step is recorded once and replayed as one CUDA graph (`cuda_graph`, `linears_cast`);
+  (`Cache`);
 - beam search's candidates come from a top-k over chunks of the logits, under torch.compile on CUDA
-  (`beam_candidates`, `topk_by_chunks`);
-- the decoding steps' attention: SDPA's choice of kernel, given kernels, or two matmuls (`matmul_attention`).
+  (`topk_by_chunks`, `beam_candidates`);
+- the decoding steps' attention: SDPA's choice of kernel, given kernels, or two matmuls (`matmul_attention`);
+- a decoding step is recorded once and replayed as one CUDA graph (`linears_cast`, `cuda_graph`).
 """
 
 import math
@@ -63,15 +65,7 @@ def generate(mbart, memory, memory_mask, prompt, prompt_mask=None, num_beams=5, 
     Returns the new tokens (B, n), padded with pad_id after `</s>`."""
     c = mbart.config
     P = prompt.shape[1]
-    if num_beams < 1 or max_new_tokens < 1:
-        raise ValueError(f"num_beams={num_beams}, max_new_tokens={max_new_tokens}: expected at least 1 of "
-                         f"each")
-    if num_beams > 1 and 2 * num_beams + 1 > c.vocab_size:  # each step keeps 2 x num_beams (+1) candidates
-        raise ValueError(f"num_beams={num_beams} needs a vocabulary of at least {2 * num_beams + 1} tokens; "
-                         f"this model has {c.vocab_size}: use at most {(c.vocab_size - 1) // 2} beams")
-    if P + max_new_tokens > c.max_positions:
-        raise ValueError(f"{P} prompt positions + max_new_tokens={max_new_tokens} exceed mBART's "
-                         f"{c.max_positions}: max_new_tokens can be at most {c.max_positions - P}")
+    check_search(c, P, num_beams, max_new_tokens)
     # transformers' forced tokens: the target language first, </s> at the last step (the later one wins)
     forced = {} if forced_bos_token_id is None else {0: forced_bos_token_id}
     if forced_eos:
@@ -87,6 +81,19 @@ def generate(mbart, memory, memory_mask, prompt, prompt_mask=None, num_beams=5, 
     return beam_search(logits, next_logits, cache, c.eos_id, c.pad_id, num_beams, max_new_tokens,
                        min_new_tokens, forced, length_penalty, early_stopping, check_every,
                        lambda logits, k, banned: candidates(logits, k, banned, topk_chunk))
+
+
+def check_search(c, prompt_len, num_beams, max_new_tokens):
+    """A search that can run on mBART `c` (its config), or a ValueError that says what to ask for instead."""
+    if num_beams < 1 or max_new_tokens < 1:
+        raise ValueError(f"num_beams={num_beams}, max_new_tokens={max_new_tokens}: expected at least 1 of "
+                         f"each")
+    if num_beams > 1 and 2 * num_beams + 1 > c.vocab_size:  # each step keeps 2 x num_beams (+1) candidates
+        raise ValueError(f"num_beams={num_beams} needs a vocabulary of at least {2 * num_beams + 1} tokens; "
+                         f"this model has {c.vocab_size}: use at most {(c.vocab_size - 1) // 2} beams")
+    if prompt_len + max_new_tokens > c.max_positions:
+        raise ValueError(f"{prompt_len} prompt positions + max_new_tokens={max_new_tokens} exceed mBART's "
+                         f"{c.max_positions}: max_new_tokens can be at most {c.max_positions - prompt_len}")
 
 
 def greedy_search(logits, next_logits, eos_id, pad_id, max_new_tokens, min_new_tokens, forced, check_every):
@@ -128,10 +135,8 @@ def beam_search(logits, next_logits, cache, eos_id, pad_id, nb, max_new_tokens, 
     seqs = torch.full((B, nb, max_new_tokens), pad_id, dtype=torch.long, device=dev)
     run_scores = torch.zeros(B, nb, device=dev)
     run_scores[:, 1:] = -1e9  # at the first step all beams are equal: expand only the first
-    fin_seqs = seqs.clone()
-    fin_scores = torch.full((B, nb), -1e9, device=dev)
-    fin_lens = torch.zeros(B, nb, dtype=torch.long, device=dev)
-    fin_done = torch.zeros(B, nb, dtype=torch.bool, device=dev)
+    fin = (torch.full((B, nb), -1e9, device=dev), seqs.clone(), torch.zeros(B, nb, dtype=torch.long, device=dev),
+           torch.zeros(B, nb, dtype=torch.bool, device=dev))  # the finished hypotheses: see keep_finished
     open_ = torch.ones(B, 1, dtype=torch.bool, device=dev)  # could a running beam still beat a finished one?
     top_nb = torch.arange(k, device=dev) < nb
     for step in range(max_new_tokens):
@@ -139,8 +144,7 @@ def beam_search(logits, next_logits, cache, eos_id, pad_id, nb, max_new_tokens, 
         # top-k per beam, then over the nb x 2 nb survivors (the same set as transformers' top-k over nb x V).
         if step not in forced:  # (B * nb, 2 nb) each
             top_logp, top_tok = candidates(logits, k, eos_id if step < min_new_tokens else None)
-        else:  # a forced token replaces the whole distribution: log-probability 0, every other token -inf
-            # (those candidates never survive, whatever their token)
+        else:  # a forced token replaces the whole distribution: log-probability 0, every other candidate -inf
             top_logp = torch.full((B * nb, k), -math.inf, device=dev)
             top_logp[:, 0] = 0.0
             top_tok = torch.full((B * nb, k), forced[step], device=dev)
@@ -160,17 +164,8 @@ def beam_search(logits, next_logits, cache, eos_id, pad_id, nb, max_new_tokens, 
 
         # 3) candidates among the top nb that ended compete with the finished hypotheses
         just_ended = ended & top_nb[None, :]
-        new = cand_scores / ((step + 1) ** length_penalty)
-        new = new + (fin_done.all(-1, keepdim=True) & (early_stopping is True)).float() * -1e9
-        new = new + (~open_).float() * -1e9
-        new = new + (~just_ended) * -1e9
-        merged = torch.cat([fin_scores, new], dim=1)
-        best = torch.topk(merged, nb)[1]
-        fin_scores = torch.take_along_dim(merged, best, dim=1)
-        fin_seqs = torch.take_along_dim(torch.cat([fin_seqs, cand_seqs], 1), best[:, :, None], dim=1)
-        lens = torch.cat([fin_lens, torch.full_like(cand_tok, step + 1)], 1)
-        fin_lens = torch.take_along_dim(lens, best, dim=1)
-        fin_done = torch.take_along_dim(torch.cat([fin_done, just_ended], 1), best, dim=1)
+        fin = keep_finished(fin, cand_scores, cand_seqs, just_ended, step, length_penalty, early_stopping, open_)
+        fin_scores, fin_seqs, fin_lens, fin_done = fin
 
         # 4) can a running beam still win? transformers' heuristic (early_stopping=False) or its exact bound
         # ("never"); early_stopping=True: a sentence is done when it has nb finished hypotheses
@@ -181,39 +176,57 @@ def beam_search(logits, next_logits, cache, eos_id, pad_id, nb, max_new_tokens, 
 
         # 5) the next step's logits, each beam after its parent's history
         if step + 1 < max_new_tokens:
-            if (step + 1) % check_every == 0:
-                done = ~open_.any() | (fin_done.all() & (early_stopping is True))
-                if done:
-                    break
+            if (step + 1) % check_every == 0 and (~open_.any() | (fin_done.all() & (early_stopping is True))):
+                break
             cache.reorder(parent)  # parents are beams of the same sentence
             logits = next_logits(step, seqs[:, :, step].reshape(-1))
-    out = fin_seqs[:, 0]  # the best finished hypothesis of each sentence
-    out = torch.where(torch.arange(max_new_tokens, device=dev) < fin_lens[:, :1], out, pad_id)
+    # the best finished hypothesis of each sentence
+    out = torch.where(torch.arange(max_new_tokens, device=dev) < fin_lens[:, :1], fin_seqs[:, 0], pad_id)
     return out[:, :int(fin_lens[:, 0].max())]
 
 
+def keep_finished(fin, cand_scores, cand_seqs, just_ended, step, length_penalty, early_stopping, open_):
+    """Beam search's finished hypotheses after `step`: fin = (scores (B, nb), tokens (B, nb, max_new_tokens),
+    lengths (B, nb), done (B, nb): whether the place holds a hypothesis yet). The candidates that just ended
+    (`just_ended`, (B, 2 nb); their log-probabilities `cand_scores`, their tokens `cand_seqs`) are scored by
+    log-probability / length ** length_penalty and join them; the nb best stay. A sentence takes no more once
+    it can no longer change (`open_` (B, 1) False), or with early_stopping True once it has nb."""
+    fin_scores, fin_seqs, fin_lens, fin_done = fin
+    new = cand_scores / ((step + 1) ** length_penalty)
+    new = new + (fin_done.all(-1, keepdim=True) & (early_stopping is True)).float() * -1e9
+    new = new + (~open_).float() * -1e9
+    new = new + (~just_ended) * -1e9
+    merged = torch.cat([fin_scores, new], dim=1)
+    best = torch.topk(merged, fin_scores.shape[1])[1]  # (B, nb): the nb best of the old and the new
+    lens = torch.cat([fin_lens, torch.full_like(just_ended, step + 1, dtype=torch.long)], 1)
+    return (torch.take_along_dim(merged, best, dim=1),
+            torch.take_along_dim(torch.cat([fin_seqs, cand_seqs], 1), best[:, :, None], dim=1),
+            torch.take_along_dim(lens, best, dim=1),
+            torch.take_along_dim(torch.cat([fin_done, just_ended], 1), best, dim=1))
+
+
 # -----------------------------------------------------------------------------
-# The decoder, one step at a time.
+# The model's decoder, one step at a time, through a cache.
 
 
 def start_decoding(mbart, memory, memory_mask, prompt, prompt_mask, beams, max_new_tokens, attention=None,
                    use_cuda_graph=True):
-    """Run the prompt (B, P, d) through the decoder into a new KV cache, once per sentence (not per beam).
+    """Run the prompt (B, P, d) through the model's decoder into a new cache, once per sentence (not per beam).
     Returns the logits of the first new token (B * beams, V'), each sentence's `beams` rows next to each
     other; `next_logits(step, tokens)`: the logits after `tokens` (B * beams,), the tokens chosen at `step`;
     and the cache. V' >= V: the vocabulary padded with -inf logits that are never chosen."""
     decoder, (B, P, _), dev = mbart.decoder, prompt.shape, prompt.device
-    cache = KVCache(len(decoder.layers), P + max_new_tokens, beams)
-    h = decode_layers(decoder, decoder.embed(prompt), 0, memory, memory_mask, cache, prompt_mask,
-                      causal=prompt_mask is None and P > 1, attention=attention)  # (B, P, d)
+    cache = Cache(P + max_new_tokens, beams, attention)
+    h = decoder(prompt, memory, memory_mask, prompt_mask, cache=cache)  # (B, P, d)
 
-    # speed: the output projection cast once for the whole search and padded to a multiple of 64 rows: 250054
+    # speed: MBart's output projection cast once for the whole search and padded to a multiple of 64 rows: 250054
     # is not a multiple of 8, and misaligned rows of logits keep the GPU's matrix units off their fast paths.
+    weight, bias = mbart.output_projection()  # (V, d), (V,)
     autocast = torch.is_autocast_enabled(dev.type)
-    dtype = torch.get_autocast_dtype(dev.type) if autocast else mbart.shared.weight.dtype
-    V = mbart.config.vocab_size
-    weight = F.pad(mbart.shared.weight.to(dtype), (0, 0, 0, -V % 64))  # (also a multiple of the top-k chunks)
-    bias = F.pad(mbart.final_logits_bias.to(dtype), (0, -V % 64), value=-math.inf)
+    dtype = torch.get_autocast_dtype(dev.type) if autocast else weight.dtype
+    V = weight.shape[0]
+    weight = F.pad(weight.to(dtype), (0, 0, 0, -V % 64))  # (also a multiple of the top-k chunks)
+    bias = F.pad(bias.to(dtype), (0, -V % 64), value=-math.inf)
 
     def project(h):  # (rows, d) -> logits (rows, V'), in the autocast dtype like Hugging Face's
         return F.linear(h.to(dtype), weight, bias)
@@ -225,7 +238,8 @@ def start_decoding(mbart, memory, memory_mask, prompt, prompt_mask, beams, max_n
     def step():
         with sdpa_kernel(attention) if isinstance(attention, list) else nullcontext():
             x = mbart.embed_tokens(token_in[:, None])  # (B * beams, 1, d)
-            return project(decode_step(decoder, x, pos, memory, memory_mask, cache, attention))
+            mask = cache.begin_step(pos)  # (B, 1, beams, beams * max_len): each beam its own history
+            return project(decoder(x, memory, memory_mask, mask, start=pos, cache=cache)[:, -1])
 
     # speed: step() runs max_new_tokens - 1 times: the first records a CUDA graph, the others replay it
     if use_cuda_graph and dev.type == "cuda" and max_new_tokens > 2:
@@ -240,110 +254,68 @@ def start_decoding(mbart, memory, memory_mask, prompt, prompt_mask, beams, max_n
     return project(h[:, -1].repeat_interleave(beams, dim=0)), next_logits, cache
 
 
-def decode_step(decoder, x, pos, memory, memory_mask, cache, attention=None):
-    """One new token per row, x (B * beams, 1, d) embedded, at position `pos` (a 0-d tensor on the device),
-    with shapes that never change from one step to the next: each self-attention writes at `pos` and reads all
-    the cache slots of the row's sentence, masked to the row's own history (KVCache.attend).
-    Returns (B * beams, d)."""
-    emb = decoder.embed
-    x = emb.drop(emb.ln_embed(x + emb.pos_embed(pos + 2)))  # the position embeddings' row pos + 2 (fairseq)
-    mask = cache.attend(pos)  # (B, 1, beams, beams * max_len): each beam its own history
-    return decode_layers(decoder, x, pos, memory, memory_mask, cache, mask, attention=attention)[:, -1]
+class Cache:
+    """What the decoder keeps between decoding steps. The model's attention layers (cliptrans.Attention) are
+    handed it: self-attention `update`s it with its new keys and values, cross-attention takes the source's
+    from `memory`, and both attend through `attend`. Its buffers are keyed by the attention module.
 
-
-def decode_layers(decoder, x, pos, memory, memory_mask, cache, mask=None, causal=False, attention=None):
-    """mBART's decoder layers (cliptrans.Block, pre-LN) on x (rows, T, d), positions pos.. (an int for the
-    prompt, a 0-d tensor for a step), with each attention going through the cache. -> (rows, T, d)"""
-    memory_mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]  # (B, 1, 1, S)
-    for i, block in enumerate(decoder.layers):
-        x = block.residual(x, block.ln_attn,
-                           lambda h: self_attention(block.attn, h, pos, cache, i, mask, causal, attention))
-        x = block.residual(x, block.ln_cross, lambda h: cross_attention(block.cross, h, memory, memory_mask,
-                                                                        cache, i, attention))
-        x = block.residual(x, block.ln_mlp, block.mlp)
-    return decoder.ln_final(x)
-
-
-def self_attention(attn, x, pos, cache, layer, mask, causal, attention):
-    """cliptrans.Attention's self-attention, its keys and values written into the cache and read from it."""
-    B, T, C = x.shape
-    q, k, v = attn.qkv(x).view(B, T, 3, C).unbind(2)  # (B, T, C) each
-    k, v = cache.write(layer, attn.split_heads(k), attn.split_heads(v), pos)
-    return grouped_attention(attn, q, k, v, mask, causal, attention)
-
-
-def cross_attention(attn, x, memory, memory_mask, cache, layer, attention):
-    """cliptrans.Attention's cross-attention: the source's keys and values computed at the first call, then
-    kept."""
-    if cache.cross[layer] is None:
-        cache.cross[layer] = tuple(t.contiguous() for t in attn.project_memory(memory))  # (B, H, S, Dh) each
-    k, v = cache.cross[layer]
-    return grouped_attention(attn, attn.project_query(x), k, v, memory_mask, False, attention)
-
-
-def grouped_attention(attn, q, k, v, mask, causal=False, attention=None):
-    """q (rows, T, C) against k, v (B, H, L, Dh) with rows = G x B. speed: the G rows of a sentence (its
-    beams, next to each other) share one copy of its keys and values (the source, or the cache slots of all
-    its beams), and their G x T queries attend them together, as one row: (B, H, G * T, Dh)."""
-    rows, T, C = q.shape
-    G = rows // k.shape[0]
-    q = attn.split_heads(q.reshape(rows // G, G * T, C))  # (B, H, G * T, Dh)
-    if attention == "matmul" and T == 1:
-        y = matmul_attention(q, k, v, mask)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-    return attn.out(y.transpose(1, 2).reshape(rows, T, C))
-
-
-class KVCache:
-    """The keys and values a decoder keeps between decoding steps.
-
-    Self-attention: one buffer (layers, 2, B, H, beams, max_len, Dh) holds the keys and values of every layer:
-    B sentences with `beams` slots each, allocated once and filled position by position, so a decoding step
-    neither re-allocates nor copies the past. The prompt, the same for every beam, is written once, into slot
-    0, at an int position. A decoding step writes beam j's new token into slot j, at a position given as a
+    Self-attention: a buffer (2, B, H, beams, max_len, Dh) per layer holds its keys and values: B sentences
+    with `beams` slots each, allocated once and filled position by position, so a decoding step neither
+    re-allocates nor copies the past. The prompt, the same for every beam, is written once, into slot 0, at an
+    int position. A decoding step (`begin_step`) writes beam j's new token into slot j, at a position given as a
     device tensor, and reads all the slots of its sentence: the shapes never change, so a CUDA graph can
     replay it.
     speed: beam search never moves keys or values. When beam j continues another beam's hypothesis, it takes
     that beam's row of `owner`: owner[b, j, t] is the slot that holds position t of beam j's history (-1: not
     written yet). A reorder gathers B x beams x max_len integers instead of the keys and values written so far
     (up to 1 GB of bf16 for 128 sentences x 5 beams x 33 positions at the paper's sizes), and the beams of a
-    sentence attend all its slots together, as one row, each masked to its own history (see `attend`).
+    sentence attend all its slots together, as one row, each masked to its own history (see `begin_step`).
     Cross-attention: each layer's keys and values of the source, (B, H, S, Dh) each, computed at the first
     call: one copy per sentence, not per beam.
+    attention: generate's; with "matmul" a decoding step attends through `matmul_attention`, else through SDPA
+    (a list of kernels is start_decoding's to apply around the whole step).
     """
 
-    def __init__(self, layers, max_len, beams=1):
-        self.max_len, self.beams, self.kv, self.owner = max_len, beams, None, None
-        self.cross = [None] * layers
+    def __init__(self, max_len, beams=1, attention=None):
+        self.max_len, self.beams, self.attention = max_len, beams, attention
+        self.kv, self.cross, self.owner = {}, {}, None
+        self.pos = 0  # where `update` writes: an int for the prompt, a 0-d device tensor for a step
 
-    def write(self, layer, k, v, pos):
-        """k, v: the new keys and values of `layer`. At an int `pos`, (B, H, T, Dh) for T positions of each
-        sentence, into slot 0; returns that slot's keys and values so far, (B, H, pos + T, Dh) each. At a
-        tensor `pos`, (B * beams, H, 1, Dh), each beam's into its own slot; returns every slot, (B, H, beams *
-        max_len, Dh) each: the keys of slot s at rows s * max_len ..."""
-        if self.kv is None:
+    def update(self, attn, k, v):
+        """k, v: the new keys and values of the self-attention `attn`. At an int position, (B, H, T, Dh) for T
+        positions of each sentence, into slot 0; returns that slot's keys and values so far, (B, H, pos + T, Dh)
+        each. At a tensor position, (B * beams, H, 1, Dh), each beam's into its own slot; returns every slot,
+        (B, H, beams * max_len, Dh) each: the keys of slot s at rows s * max_len ..."""
+        if attn not in self.kv:
             B, H, _, Dh = k.shape
             # zeros, not empty: masked positions get weight 0, and 0 * (garbage NaN) would still be NaN
-            self.kv = k.new_zeros(len(self.cross), 2, B, H, self.beams, self.max_len, Dh)
-            self.owner = torch.full((B, self.beams, self.max_len), -1, dtype=torch.long, device=k.device)
-        keys, values = self.kv[layer]  # (B, H, beams, max_len, Dh) each, views
-        if isinstance(pos, int):
-            end = pos + k.shape[2]
-            keys[:, :, 0, pos:end], values[:, :, 0, pos:end] = k, v
-            self.owner[:, :, pos:end] = 0  # every beam's history starts with the prompt in slot 0
+            self.kv[attn] = k.new_zeros(2, B, H, self.beams, self.max_len, Dh)
+            if self.owner is None:
+                self.owner = torch.full((B, self.beams, self.max_len), -1, dtype=torch.long, device=k.device)
+        keys, values = self.kv[attn]  # (B, H, beams, max_len, Dh) each, views
+        if isinstance(self.pos, int):
+            start, end = self.pos, self.pos + k.shape[2]
+            keys[:, :, 0, start:end], values[:, :, 0, start:end] = k, v
+            self.owner[:, :, start:end] = 0  # every beam's history starts with the prompt in slot 0
             return keys[:, :, 0, :end], values[:, :, 0, :end]
         B, H, beams, _, Dh = keys.shape
         k, v = (t.view(B, beams, H, 1, Dh).transpose(1, 2) for t in (k, v))  # (B, H, beams, 1, Dh)
-        keys.index_copy_(3, pos.view(1), k)
-        values.index_copy_(3, pos.view(1), v)
+        keys.index_copy_(3, self.pos.view(1), k)
+        values.index_copy_(3, self.pos.view(1), v)
         return keys.flatten(2, 3), values.flatten(2, 3)
 
-    def attend(self, pos):
-        """Before a decoding step at `pos` (a device tensor): beam j's token at `pos` lies in slot j. Returns
-        the step's self-attention mask, bool (B, 1, beams, beams * max_len): beam j may attend slot s's
-        position t when that is where position t of its history lies, which also masks the positions not
-        written yet."""
+    def memory(self, attn, memory):
+        """The cross-attention `attn`'s keys and values of the source, (B, H, S, Dh) each: projected by the module
+        itself at the first call, then kept."""
+        if attn not in self.cross:
+            self.cross[attn] = tuple(t.contiguous() for t in attn.project_memory(memory))
+        return self.cross[attn]
+
+    def begin_step(self, pos):
+        """Before a decoding step at `pos` (a device tensor): beam j's token at `pos` goes into slot j. Returns
+        the step's self-attention mask, bool (B, 1, beams, beams * max_len): beam j may attend slot s's position
+        t when that is where position t of its history lies, which also masks the positions not written yet."""
+        self.pos = pos
         B, beams, _ = self.owner.shape
         slots = torch.arange(beams, device=self.owner.device)
         self.owner.index_copy_(2, pos.view(1), slots.view(1, beams, 1).expand(B, beams, 1))
@@ -354,9 +326,22 @@ class KVCache:
         takes that beam's history. In place: a recorded CUDA graph reads `owner` where it is."""
         self.owner.copy_(self.owner.gather(1, parent[:, :, None].expand_as(self.owner)))
 
+    def attend(self, q, k, v, mask=None, causal=False):
+        """q (rows, T, C) against k, v (B, H, L, Dh), rows = G x B -> (rows, T, C). speed: the G rows of a sentence
+        (its beams, next to each other) share one copy of its keys and values (the source, or the cache slots of
+        all its beams), and their G x T queries attend them together, as one row: (B, H, G * T, Dh)."""
+        rows, T, C = q.shape
+        B, H = k.shape[:2]
+        q = q.reshape(B, rows // B * T, H, C // H).transpose(1, 2)  # (B, H, G * T, Dh)
+        if self.attention == "matmul" and T == 1:
+            y = matmul_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        return y.transpose(1, 2).reshape(rows, T, C)
+
 
 # -----------------------------------------------------------------------------
-# Speed devices. None changes a token; each has a test against the plain computation.
+# Speed-ups. None changes a token; each has a test against the plain computation.
 
 
 def topk_by_chunks(x, k, chunk=64):

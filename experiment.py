@@ -45,7 +45,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from weights import find_checkpoint
+from folders import find_checkpoint
 
 ARMS = ("text-only", "stage 2 only", "stage 1 (en) + 2", "stage 1 (de) + 2")
 
@@ -129,8 +129,15 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(settings))
     t0 = time.time()
+    results = run_experiment(a, out, settings)
+    results["minutes"] = round((time.time() - t0) / 60, 1)
+    report(a, results)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
 
-    # the pretrained models, once (all threads); then each seed's stage 1 runs, then every stage 2 run
+
+def run_experiment(a, out, settings):
+    """The pretrained models once (all threads); then each seed's stage 1 runs, then every stage 2 run. Returns
+    the results: every run's test BLEU."""
     print(f"stage 0 into {out / 'stage0'}", flush=True)
     stage0 = Path(a.stage0) if a.stage0 else out / "stage0"
     s0 = train("--stage", 0, "--out", stage0, out=stage0)
@@ -161,14 +168,16 @@ def main(argv=None):
     for (arm, pairs, seed), name in zip(stage2, named):
         results["bleu"].setdefault(arm, {}).setdefault(str(pairs), {})[str(seed)] = done[name]["test_bleu"]
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    minutes = (time.time() - t0) / 60
+    return results
 
-    # the table: mean ± std over seeds; then every pair of arms, paired by seed
+
+def report(a, results):
+    """The table, mean ± std over seeds; then every pair of arms, paired by seed (into results["paired"])."""
     def scores(arm, pairs):
         return [results["bleu"][arm][str(pairs)][str(s)] for s in a.seeds]
     std = statistics.stdev if len(a.seeds) > 1 else (lambda xs: 0.0)
     print(f"\ntest BLEU, tiny world en -> de (held-out colour-shape pairs), mean ± std over seeds "
-          f"{a.seeds}; stage 2: {a.steps} steps; stage 1: {a.stage1_steps} steps ({minutes:.0f} min)")
+          f"{a.seeds}; stage 2: {a.steps} steps; stage 1: {a.stage1_steps} steps ({results['minutes']:.0f} min)")
     print(f"{'':18s}" + "".join(f"{f'{n} pairs':>18s}" for n in a.pairs))
     for arm in a.arms:
         cells = [f"{statistics.mean(scores(arm, n)):.1f} ± {std(scores(arm, n)):.1f}" for n in a.pairs]
@@ -184,8 +193,6 @@ def main(argv=None):
             low, high = r["ci95"]
             row.append(f"{r['mean']:+.1f} [{low:+.1f}, {high:+.1f}] ({r['higher']}/{r['lower']})")
         print(f"{y + ' - ' + x:38s}" + "  ".join(f"{c:>26s}" for c in row))
-    results["minutes"] = round(minutes, 1)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """
-The bookkeeping of a training run, apart from the method, as minGPT keeps its trainer apart from GPT: nothing
-here is specific to CLIPTrans, and a first reading of train.py can take it on trust.
+The bookkeeping of a training run, apart from the recipe, as minGPT keeps its trainer apart from GPT. It knows
+CLIPTrans only through the checkpoint folders weights.py writes (the frozen towers shared between them, the
+tokenizers carried along) and train.py's settings; a first reading of train.py can take it on trust.
 
 - `setup`: where a process runs: DDP from torchrun's environment, the device, the precision (autocast).
 - `compiled`: how the training step runs: DDP-wrapped, and torch.compile'd on CUDA (the speed machinery).
 - `hold`, `check_free`, `plan_disk`: one run at a time in a folder, never a new run over an earlier one's
-  files, and not a run whose checkpoints cannot fit on its disk.
+  files (folders.py), and not a run whose checkpoints cannot fit on its disk.
 - `Run`: what a run keeps in its folder and what `--resume` restores exactly: the position in the data, the
   optimizer, the gradient scaler and the RNG states of every process (`state.pt`, written with the model into
   each checkpoint folder by weights.save_checkpoint, atomically), and the metrics log (`metrics.jsonl`).
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data
+import folders
 import weights
 
 # -----------------------------------------------------------------------------
@@ -100,19 +101,6 @@ def compiled(model, mode, env: Env, shapes=64):
 # -----------------------------------------------------------------------------
 # A run's folder: held by one run at a time, never reused by a new run.
 
-# What a run leaves in its folder: its checkpoints (with the copies an interrupted save leaves) and its log.
-RUN_FILES = ("last", "best", ".last.old", ".best.old", ".last.tmp", ".best.tmp", "metrics.jsonl")
-
-
-def check_free(out):
-    """A new run never replaces what an earlier one left: a folder holding any of RUN_FILES is refused."""
-    taken = [name for name in RUN_FILES if (Path(out) / name).exists()]
-    if taken:
-        raise SystemExit(f"error: {out} already holds a checkpoint or a run's log ({', '.join(taken)}): "
-                         f"--resume to continue it, or give another --out (or delete the folder) to start "
-                         f"over")
-
-
 def plan_disk(out, model, params, keeps_best, ignore, rank=0):
     """What the run writes: the size of a checkpoint and of its folder at the end (`last`, and `best` when
     `keeps_best`; the frozen towers shared with the starting folder, see weights.TOWERS_FILE), checked against
@@ -133,6 +121,14 @@ def plan_disk(out, model, params, keeps_best, ignore, rank=0):
         raise SystemExit(f"error: {out} needs up to {gb(peak)} for its checkpoints and its disk has "
                          f"{gb(free)} free: free some space, choose another --out, or pass --ignore_disk_space "
                          f"to start anyway (a save that fails keeps the previous checkpoint)")
+
+
+def check_free(out):
+    """A new run never replaces what an earlier one left (folders.check_free), as a message."""
+    try:
+        folders.check_free(out)
+    except folders.FolderError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def hold(out):
@@ -296,7 +292,7 @@ class Run:
                     continue
                 if record.get("step", self.step + 1) <= self.step:
                     kept.append(line + "\n")
-            data.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+            folders.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
         return open(path, "a" if resume else "w")
 
     def log(self, record):

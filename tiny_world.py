@@ -1,23 +1,15 @@
 """
-The tiny world, and stage 0: what lets the tiny preset train and be tested on any CPU, in minutes.
+The tiny world: a synthetic multimodal translation task that lets the tiny preset train, and be tested, on any
+CPU in minutes.
 
-The paper starts from pretrained models: M-CLIP (an image tower and a multilingual text tower aligned on
-image-caption pairs) and mBART-50 (pre-trained as a denoising autoencoder). The tiny preset has neither. So
-this file makes a world small enough to learn in minutes, and stand-ins for both pretrained models on it:
-
-- The world: scenes of one to three coloured shapes on a 3x3 grid, drawn as 64x64 images and described in
-  English, German and French by a small grammar with correct agreement. Some colour-shape pairs are held out
-  of training and make up the test split, so a model is scored on new combinations of words it knows. It is
-  written in the Multi30k layout, with its own tokenizer (`tokenizer.json`, in mBART-50's id layout), and read
-  back by the same reader as the real data (data.read_split).
-- Stage 0: the tiny towers aligned contrastively on the world's images and captions in all its languages (as
-  M-CLIP's were), then the tiny mBART pre-trained as a denoising autoencoder on its text (as mBART's was).
-  Its output, `runs/tiny/stage0/last`, is the folder a converted checkpoint would be: the starting point of
-  stage 1.
+Scenes of one to three coloured shapes on a 3x3 grid, drawn as 64x64 images and described in English, German
+and French by a small grammar with correct agreement. Some colour-shape pairs are held out of training and make
+up the test split, so a model is scored on new combinations of words it knows. The world is written in the
+Multi30k layout, with its own tokenizer (`tokenizer.json`, in mBART-50's id layout), and read back by the same
+reader as the real data (data.read_split). The stand-ins for the pretrained models are made on it by stage 0
+(stage0.py).
 
     python tiny_world.py --out data/tiny     # write the world into a folder (it takes ~5 s)
-    python train.py --stage 0                # stage 0 (stage 1 of the tiny preset runs it when it is missing)
-
     root = tiny_world()                      # the default world, made once into ~/.cache/cliptrans/tiny_world
 """
 
@@ -28,23 +20,16 @@ import math
 import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import Unigram
-from tqdm import tqdm
 
 import data
-import weights
-from cliptrans import CLIPTrans, CLIPTransConfig, MappingConfig
+import folders
 
 # -----------------------------------------------------------------------------
 # The tiny world: a synthetic multimodal translation task that trains in minutes on a CPU.
@@ -298,213 +283,25 @@ def make_tiny_world(out_dir, n_train: int = 10000, n_val: int = 500, n_test: int
     return out
 
 
+def default_path(cache_dir=None) -> Path:
+    """Where the default world lives: `{cache_dir}/tiny_world`, cache_dir defaulting to $CLIPTRANS_CACHE or
+    ~/.cache/cliptrans."""
+    return Path(cache_dir or os.environ.get("CLIPTRANS_CACHE") or Path.home() / ".cache" / "cliptrans") / "tiny_world"
+
+
 def tiny_world(cache_dir=None, **settings) -> Path:
-    """The tiny world's folder, `{cache_dir}/tiny_world`, generated on first use (cache_dir defaults to
-    $CLIPTRANS_CACHE or ~/.cache/cliptrans). Regenerated when its version or settings differ."""
-    cache = Path(cache_dir or os.environ.get("CLIPTRANS_CACHE") or Path.home() / ".cache" / "cliptrans")
-    final = cache / "tiny_world"
+    """The default world's folder (default_path), generated on first use, and again when its version or
+    settings differ; written aside and renamed into place (folders.written_aside)."""
+    final = default_path(cache_dir)
     wanted = dict(version=TINY_WORLD_VERSION, seed=0, n_train=10000, n_val=500, n_test=500, image_size=64)
     wanted.update(settings)
-
-    def current():
-        with contextlib.suppress(OSError, ValueError):
-            stamp = json.loads((final / "stamp.json").read_text())
-            return all(stamp.get(k) == v for k, v in wanted.items())
-        return False
-    if current():
-        return final
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".tiny_world."))  # same filesystem: rename is atomic
-    try:
+    with contextlib.suppress(OSError, ValueError):
+        stamp = json.loads((final / "stamp.json").read_text())
+        if all(stamp.get(k) == v for k, v in wanted.items()):
+            return final
+    with folders.written_aside(final) as tmp:
         make_tiny_world(tmp, **{k: v for k, v in wanted.items() if k != "version"})
-        if final.exists():  # stale: move it aside, then swap the new one in
-            old = Path(tempfile.mkdtemp(dir=cache, prefix=".tiny_world.old."))
-            os.replace(final, old / "world")
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-    except OSError:
-        if not current():  # another process may have won the race; anything else is a real error
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-# -----------------------------------------------------------------------------
-# Stage 0 (tiny preset only): stand-ins for the pretrained towers and mBART.
-
-
-def infill(ids, mask_id, g, ratio=0.35):
-    """`[lang] w1 .. wn </s>` -> the same with spans of one to three words replaced by one <mask> each: mBART's
-    text infilling in miniature. `ratio` of the words is the budget; spans start at budget // 2 random places and
-    end at the budget, at an earlier span or at the sentence's end, so about 27% of the words end up masked
-    (measured: tests/test_recipe.py; mBART masks 35%)."""
-    body = ids[1:-1]
-    n_mask = max(1, round(len(body) * ratio))
-    out, i = [], 0
-    starts = set(torch.randperm(len(body), generator=g)[:max(1, n_mask // 2)].tolist())
-    while i < len(body):
-        if i in starts and n_mask > 0:
-            span = min(n_mask, 1 + int(torch.randint(3, (1,), generator=g)))
-            out.append(mask_id)
-            i += span
-            n_mask -= span
-        else:
-            out.append(body[i])
-            i += 1
-    return [ids[0]] + out + [ids[-1]]
-
-
-@torch.no_grad()
-def retrieval(model, ttok, split, langs, device, group=64):
-    """How well the towers align: recall@1 and @5 of image -> text and text -> image retrieval on `split`, per
-    language (see `recall`)."""
-    model.eval()
-    size = model.config.vision.image_size
-    chunks = [split.images[i:i + 256] for i in range(0, len(split), 256)]
-    image = torch.cat([model.encode_image(torch.stack([data.load_image(f, size) for f in c]).to(device))
-                       for c in chunks])
-    out = {}
-    for lang in langs:
-        texts = split.sentences[lang]
-        text = torch.cat([model.encode_text(*(t.to(device) for t in ttok.encode(texts[i:i + 256],
-                                                                                 model.text.max_tokens)))
-                          for i in range(0, len(texts), 256)])
-        out[lang] = recall(image, text, texts, group)
-    model.train()
-    return out
-
-
-def recall(image, text, texts, group=64, ks=(1, 5)):
-    """image, text (N, D): the embeddings of N examples and their captions `texts`. Within groups of `group`
-    examples, each image against the captions of its group (and each caption against the images): the share
-    whose right partner is among the k most similar by cosine. A caption that reads exactly like the right one
-    counts as right (one-shape scenes repeat). Whole groups only, so chance is k / group; a split smaller than
-    one group is one group."""
-    image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
-    group = min(group, len(texts))
-    hits = {f"{d}_r{k}": 0 for d in ("image_to_text", "text_to_image") for k in ks}
-    for g in range(0, len(texts) - group + 1, group):
-        sim = image[g:g + group] @ text[g:g + group].T  # (group, group): image i, caption j
-        same = torch.tensor([[a == b for b in texts[g:g + group]] for a in texts[g:g + group]])
-        for k in ks:  # (group, k): the k nearest captions of each image, the k nearest images of each caption
-            top = min(k, group)
-            to_text, to_image = sim.topk(top, dim=1).indices, sim.T.topk(top, dim=1).indices
-            hits[f"image_to_text_r{k}"] += same.gather(1, to_text.cpu()).any(1).sum().item()
-            hits[f"text_to_image_r{k}"] += same.gather(1, to_image.cpu()).any(1).sum().item()
-    n = len(texts) // group * group
-    return {name: round(h / n, 3) for name, h in hits.items()}
-
-
-def stage0(settings: dict, device) -> Path:
-    """The paper starts from M-CLIP (text and image towers aligned contrastively on image-caption pairs)
-    and from mBART-50 (pre-trained as a denoising autoencoder). Stage 0 gives the tiny models both.
-
-    `settings`: train.py's settings as a dict, saved with the checkpoint; stage 0 reads data (a tiny
-    world), images, train_split, val_split, n_pairs, mapping, batch_size, epochs, lr, seed, log_every and out.
-    Writes OUT/last, the folder a converted checkpoint would be, and OUT/summary.json: the final losses and
-    how well the towers retrieve (`retrieval`, on the validation split)."""
-    t_start = time.time()
-    c = SimpleNamespace(**settings)
-    world_dir = Path(c.data)
-    tok_path = world_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise SystemExit(f"error: stage 0 makes the tiny preset's stand-in models on a tiny world (the "
-                         f"default, or a folder written by `python tiny_world.py`, which holds their "
-                         f"tokenizer.json); {world_dir} has no tokenizer.json. Other data needs the "
-                         f"pretrained models: --preset paper --weights (converted with weights.py)")
-    mtok = data.MBartTokenizer(tok_path)
-    ttok = data.TextTowerTokenizer(tok_path)
-    cfg = CLIPTransConfig.preset("tiny")
-    cfg.mbart.vocab_size = cfg.text.vocab_size = mtok.vocab_size
-    cfg.mapping = MappingConfig(kind=c.mapping)
-    torch.manual_seed(c.seed)
-    model = CLIPTrans(cfg).to(device)
-    langs = ["en", "de", "fr"]
-    try:
-        train = data.read_split(world_dir, c.train_split, langs, images=c.images or world_dir / "images",
-                                limit=c.n_pairs)
-        val = data.read_split(world_dir, c.val_split, langs, images=c.images or world_dir / "images")
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}")
-    size = cfg.vision.image_size
-    tqdm.write(f"stage 0: aligning the tiny towers on {len(train)} images x {len(langs)} languages")
-    images = tqdm(train.images, desc="load images", leave=False)
-    pixels = torch.stack([data.load_image(f, size) for f in images])  # (N, 3, size, size)
-
-    # (a) CLIP's contrastive objective: image i and its caption (in any language) are a pair, every other
-    # caption in the batch is a negative. The text tower learns all languages into one space with the images.
-    # Three times the denoiser's steps, from twice its learning rate, warmed up then decayed on a cosine: the
-    # towers then find an image's caption among 64 at recall@1 0.93 (0.79 with the denoiser's recipe:
-    # measured, EXPERIMENTS.md).
-    temp = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
-    towers = list(model.vision.parameters()) + list(model.text.parameters()) + [temp]
-    opt = torch.optim.AdamW(towers, lr=2 * c.lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(c.seed)
-    n, B = len(train), c.batch_size
-    steps, warmup = c.epochs * (n // B), 30
-    bar = tqdm(range(3 * steps), desc="stage 0: contrastive")
-    for step in bar:
-        progress = max(0, step - warmup) / max(1, 3 * steps - warmup)
-        warm = min(1, (step + 1) / warmup)
-        opt.param_groups[0]["lr"] = 2 * c.lr * warm * (1 + math.cos(math.pi * progress)) / 2
-        idx = torch.randint(n, (B,), generator=g)
-        lang = [langs[j] for j in torch.randint(len(langs), (B,), generator=g).tolist()]
-        ids, mask = ttok.encode([train.sentences[lang[j]][i] for j, i in enumerate(idx.tolist())],
-                                model.text.max_tokens)
-        img = F.normalize(model.encode_image(pixels[idx].to(device)), dim=-1)
-        txt = F.normalize(model.encode_text(ids.to(device), mask.to(device)), dim=-1)
-        logits = img @ txt.T * temp.exp().clamp(max=100)
-        target = torch.arange(B, device=device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % c.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    summary = {"stage": 0, "contrastive_loss": round(loss.item(), 4)}
-    # How good a stand-in for M-CLIP the towers are: does an image find its caption among others, and back?
-    summary["retrieval"] = retrieval(model, ttok, val, langs, device)
-    tqdm.write(f"stage 0: {c.val_split} retrieval recall@1 in groups of 64, image -> text / text -> image: "
-               + ", ".join(f"{lang} {r['image_to_text_r1']:.2f} / {r['text_to_image_r1']:.2f}"
-                           for lang, r in summary["retrieval"].items()))
-
-    # (b) mBART's denoising pre-training: reconstruct a sentence from a copy with about 27% of its words
-    # masked in spans ("text infilling"), in every language of the world.
-    mask_id = mtok.tok.token_to_id("<mask>")
-    encoded = [row[row != mtok.pad_id].tolist()
-               for lang in langs for row in mtok.encode(train.sentences[lang], lang)[0]]
-    opt = torch.optim.AdamW(model.mbart.parameters(), lr=c.lr)
-    bar = tqdm(range(steps), desc="stage 0: denoising")
-    for step in bar:
-        picked = torch.randint(len(encoded), (B,), generator=g).tolist()
-        rows = [encoded[i] for i in picked]  # `[lang] x </s>`
-        tgt, _ = data.pad(rows, mtok.pad_id)
-        src_ids, src_mask = data.pad([infill(r, mask_id, g) for r in rows], mtok.pad_id)
-        dec = torch.cat([torch.full_like(tgt[:, :1], mtok.eos_id), tgt[:, :-1]], 1)  # `</s> [lang] x`
-        logits = model.mbart(src_ids.to(device), src_mask.to(device), dec.to(device))
-        labels = tgt.masked_fill(tgt == mtok.pad_id, -100).to(device)
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % c.log_every == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-
-    # The folder a converted checkpoint would be: weights, config, tokenizers.
-    out = Path(c.out) / "last"
-    tmp_tok = Path(c.out) / ".tokenizers"
-    tmp_tok.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tok_path, tmp_tok / weights.MBART_TOKENIZER)
-    shutil.copyfile(tok_path, tmp_tok / weights.TEXT_TOKENIZER)
-    weights.save_checkpoint(out, model, settings, {"stage": 0}, tmp_tok)
-    shutil.rmtree(tmp_tok)
-    summary.update(denoising_loss=round(loss.item(), 4), minutes=round((time.time() - t_start) / 60, 2),
-                   checkpoint=str(out))
-    text = json.dumps(summary, indent=2)
-    data.atomic_write(Path(c.out) / "summary.json", lambda p: Path(p).write_text(text))
-    print(json.dumps(summary))
-    return out
 
 
 # -----------------------------------------------------------------------------
@@ -526,11 +323,11 @@ def main(argv=None):
         p.error(f"{what}: every split needs at least one scene, and an image at least 8 pixels")
     t0 = time.time()
     try:
-        data.check_new_folder(args.out, args.overwrite)
-    except data.DataError as e:
+        folders.check_new_folder(args.out, args.overwrite)
+    except folders.FolderError as e:
         p.exit(1, f"error: {e}\n")
     try:
-        with data.written_aside(args.out) as tmp:  # renamed into place when complete
+        with folders.written_aside(args.out) as tmp:  # renamed into place when complete
             make_tiny_world(tmp, args.n_train, args.n_val, args.n_test, args.seed, args.image_size)
     except OSError as e:  # a full or read-only disk: the half-written world is removed
         p.exit(1, f"error: cannot write {args.out} ({e.strerror or e}): free some space or make its folder "

@@ -3,7 +3,7 @@ Train CLIPTrans in its two stages, as the paper does, and score it.
 
     python train.py --stage 1   # captioning: image embedding -> mapping network -> prefix -> mBART decoder
     python train.py --stage 2   # translation: the same, from the M-CLIP embedding of the source sentence
-    python train.py --stage 0   # tiny preset only: stand-ins for the pretrained models (see tiny_world.py)
+    python train.py --stage 0   # tiny preset only: stand-ins for the pretrained models (see stage0.py)
 
 With no other argument this runs the tiny preset on the built-in tiny world (en -> de) on any CPU, in
 minutes; stage 1 runs stage 0 first when its output is missing, and says so. The paper's setting (after
@@ -15,7 +15,7 @@ minutes; stage 1 runs stage 0 first when its output is missing, and says so. The
 
 Scoring a checkpoint on any split, and resuming after an interruption:
 
-    python train.py --stage 2 --eval_only --split test          # the best stage 2 checkpoint, test split
+    python train.py --stage 2 --eval_only --test_split val      # the best stage 2 checkpoint, on val
     python train.py --stage 2 --eval_only --ablate prefix       # ... with another sentence's prefix
     python train.py --stage 2 --resume                          # continues exactly where `last` left off
 
@@ -34,19 +34,18 @@ One recipe (`main`) serves both stages. They differ in five places, marked (1) t
 
 Every checkpoint folder (`OUT/last`, `OUT/best`) holds the model (`cliptrans.safetensors`, `config.json`,
 the tokenizers: `weights.load` and translate.py read it) and the training state (`state.pt`: optimizer,
-scaler, step, RNG states; loads with `torch.load(weights_only=True)`), written atomically.
+scaler, step, RNG states; loads with `torch.load(weights_only=True)`), written atomically. `--help` says which
+stages each flag applies to: given in another, it is refused, never ignored.
 """
 
 import argparse
 import contextlib
 import dataclasses
-import hashlib
+import enum
 import json
-import os
 import math
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +54,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import decoding
+import folders
+import stage0
 import tiny_world
 import weights
 from cliptrans import Attention, CLIPTransConfig, MappingConfig
@@ -63,11 +65,14 @@ from runs import Env, Run, compile_mode, compiled, log0, plan_disk, setup
 
 # -----------------------------------------------------------------------------
 # Settings. Every field is a command-line flag (`--batch_size 32`); unknown flags are errors. What is left at
-# 0 / empty is filled from the preset and stage by `defaults()`.
+# 0 / empty is filled from the preset and stage by `defaults()`; `check()` refuses what cannot run. Each flag
+# names the stages it means something in: given in another stage, it is refused, never ignored.
+
+ALL, TRAINED = (0, 1, 2), (1, 2)  # every stage; the stages that train CLIPTrans (stage 0 makes its stand-ins)
 
 
-def flag(default, text):  # a setting, with its --help text
-    return dataclasses.field(default=default, metadata={"help": text})
+def flag(default, text, stages=ALL):  # a setting, with its --help text and the stages it applies to
+    return dataclasses.field(default=default, metadata={"help": text, "stages": stages})
 
 
 @dataclass
@@ -75,148 +80,171 @@ class Config:
     stage: int = flag(1, "0: tiny stand-ins for the pretrained models; 1: captioning; 2: translation")
     preset: str = flag("tiny", "the model sizes and the recipe: tiny, or the paper's")
     weights: str = flag("", "starting weights: a folder from weights.py (paper) or stage 0 (tiny; default: "
-                            "runs/tiny/stage0/last)")
-    init: str = flag("", "stage 2: the stage 1 checkpoint to start from (default: stage 1's `last`)")
+                            "runs/tiny/stage0/last); stage 2 starts from them with --from_scratch_stage2 or "
+                            "--prefix_len 0", TRAINED)
+    init: str = flag("", "the stage 1 checkpoint stage 2 starts from (default: stage 1's `last`)", (2,))
     data: str = flag("", "a folder in the Multi30k layout (default: the tiny world)")
     images: str = flag("", "the images folder (default: DATA/images)")
-    features: str = flag("", "where the frozen towers' features are cached (default: DATA/features)")
-    src: str = flag("en", "the source language (stage 2)")
-    tgt: str = flag("de", "the target language (stage 2)")
+    features: str = flag("", "where the frozen towers' features are cached (default: DATA/features)", TRAINED)
+    src: str = flag("en", "the source language (stage 1: of the pair whose captions it learns)", TRAINED)
+    tgt: str = flag("de", "the target language", TRAINED)
     caption_lang: str = flag("", "stage 1's caption language (default, as the official code: English when "
-                                 "--src or --tgt is English; for a pair without English it must be given)")
+                                 "--src or --tgt is English; for a pair without English it must be given)", (1,))
     train_split: str = flag("train", "the split to train on")
-    val_split: str = flag("val", "the split to validate on (stage 2 keeps the checkpoint best on it)")
-    split: str = flag("", "--eval_only: the split to score (default: the test split)")
-    test_split: str = flag("", "scored at the end of training (tiny world: test; Multi30k: test_2016_flickr)")
+    val_split: str = flag("val", "the split to validate on (stage 2 keeps the checkpoint best on it; stage 0 "
+                                 "measures the towers' retrieval on it)")
+    test_split: str = flag("", "the split scored at the end of training, or by --eval_only (tiny world: test; "
+                               "Multi30k: test_2016_flickr)", TRAINED)
     n_pairs: int = flag(0, "use only the first n training examples (0: all); the low-resource experiment")
-    mapping: str = flag("mlp", "the mapping network, for new weights")
+    mapping: str = flag("", "a new mapping network of this kind (mlp, hidden_mlp, transformer) where one "
+                            "starts untrained (default: the starting weights'; stage 0 and weights.py: mlp)")
     prefix_len: int = flag(-1, "a new mapping network with this many prefix vectors (-1: the starting "
-                               "weights'); 0: no prefix, the text-only mBART baseline (stage 2 only)")
+                               "weights'; stage 0: 10); 0: no prefix, the text-only mBART baseline (stage 2 only)")
     batch_size: int = flag(0, "examples per micro-batch, per process (default: the preset's, for the stage)")
     grad_accum: int = flag(0, "micro-batches per optimizer step; the loss is divided accordingly (default: "
-                              "paper 4, tiny 1)")
+                              "paper 4, tiny 1)", TRAINED)
     epochs: int = flag(0, "passes over the training split (default: the preset's, for the stage)")
-    max_steps: int = flag(0, "stop after this many optimizer steps (0: run all epochs)")
+    max_steps: int = flag(0, "stop after this many optimizer steps (0: run all epochs)", TRAINED)
     lr: float = flag(0.0, "AdamW's learning rate (default: the preset's, for the stage)")
-    schedule: str = flag("constant", "constant (the paper), or cosine (linear warmup, cosine decay to 0)")
-    warmup_steps: int = flag(0, "steps of linear warmup (0: none)")
-    weight_decay: float = flag(0.0, "AdamW's weight decay (0: none)")
-    dropout: float = flag(-1.0, "override the model's dropout (-1: keep it)")
-    eval_every: int = flag(0, "evaluate every n steps (0: at the end of each epoch)")
-    save_every: int = flag(100, "write `last` every n steps (and at every evaluation)")
+    schedule: str = flag("constant", "constant (the paper), or cosine (linear warmup, cosine decay to 0)", TRAINED)
+    warmup_steps: int = flag(0, "steps of linear warmup (0: none)", TRAINED)
+    weight_decay: float = flag(0.0, "AdamW's weight decay (0: none)", TRAINED)
+    dropout: float = flag(-1.0, "override the model's dropout (-1: keep it)", TRAINED)
+    eval_every: int = flag(0, "evaluate every n steps (0: at the end of each epoch)", TRAINED)
+    save_every: int = flag(100, "write `last` every n steps (and at every evaluation)", TRAINED)
     log_every: int = flag(10, "log the training loss every n steps")
-    beam: int = flag(5, "beams in evaluation (1: greedy)")
-    max_new_tokens: int = flag(60, "the longest hypothesis, in tokens")
-    eval_batch_size: int = flag(64, "sentences per evaluation batch, per process")
-    max_eval: int = flag(0, "evaluate on the first n examples only (0: all)")
+    beam: int = flag(5, "beams in evaluation (1: greedy)", TRAINED)
+    max_new_tokens: int = flag(60, "the longest hypothesis, in tokens", TRAINED)
+    eval_batch_size: int = flag(64, "sentences per evaluation batch, per process", TRAINED)
+    max_eval: int = flag(0, "evaluate on the first n examples only (0: all)", TRAINED)
     seed: int = flag(29, "seeds the model's initialisation, the data order and dropout")
-    dtype: str = flag("auto", "auto: bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU")
-    compile: str = flag("auto", "torch.compile's mode for the training step: auto (CUDA: reduce-overhead, "
-                                "the fastest bench.py measured; CPU: none), none (eager), default, "
-                                "reduce-overhead (CUDA graphs), max-autotune")
+    dtype: str = flag("auto", "auto: bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU (stage 0: "
+                              "fp32 always)", TRAINED)
+    compile: str = flag("auto", "torch.compile's mode for the training step: auto (one GPU: reduce-overhead, "
+                                "the fastest bench.py measured; several (DDP): default; CPU: none), none "
+                                "(eager), default, reduce-overhead (CUDA graphs), max-autotune", TRAINED)
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
     skip_missing_images: bool = flag(False, "drop the examples whose image file is missing, as the official "
-                                            "WIT loader does (default: a missing image is an error)")
-    ignore_disk_space: bool = flag(False, "start even when --out's disk looks too small for the checkpoints")
+                                            "WIT loader does (default: a missing image is an error)", TRAINED)
+    ignore_disk_space: bool = flag(False, "start even when --out's disk looks too small for the checkpoints",
+                                   TRAINED)
     allow_large_images: bool = flag(False, "lift pillow's limit on image pixels (a decompression-bomb guard)")
     out: str = flag("", "the run's folder (default: runs/PRESET/stageSTAGE)")
-    checkpoint: str = flag("", "--eval_only / --resume: the checkpoint (default: OUT/best or OUT/last)")
-    resume: bool = flag(False, "continue the run in OUT exactly where its `last` checkpoint left off")
-    eval_only: bool = flag(False, "score a checkpoint on --split instead of training")
-    from_scratch_stage2: bool = flag(False, "the ablation: stage 2 without stage 1, from --weights")
-    freeze_decoder: bool = flag(False, "the ablation: stage 1 trains the mapping network alone, mBART frozen")
-    test_with_image: bool = flag(False, "stage 2 evaluation from the image embedding instead of the text's")
-    ablate: str = flag("", "--eval_only, stage 2: prefix (each sentence gets the previous sentence's "
-                           "embedding) or source (the encoder sees only `<src_lang> </s>`)")
+    checkpoint: str = flag("", "--eval_only / --resume: the checkpoint (default: OUT/best or OUT/last)", TRAINED)
+    resume: bool = flag(False, "continue the run in OUT exactly where its `last` checkpoint left off", TRAINED)
+    eval_only: bool = flag(False, "score a checkpoint on --test_split instead of training", TRAINED)
+    from_scratch_stage2: bool = flag(False, "the ablation: stage 2 without stage 1, from --weights", (2,))
+    freeze_decoder: bool = flag(False, "the ablation: stage 1 trains the mapping network alone, mBART frozen",
+                                (1,))
+    test_with_image: bool = flag(False, "stage 2 evaluation from the image embedding instead of the text's",
+                                 (2,))
+    ablate: str = flag("", "--eval_only: prefix (each sentence gets the previous sentence's embedding) or "
+                           "source (the encoder sees only `<src_lang> </s>`)", (2,))
+    given: tuple = dataclasses.field(default=())  # not a flag: the flags on the command line, filled by parse_args
+
+
+FLAGS = [f for f in dataclasses.fields(Config) if "help" in f.metadata]
 
 
 # The flags with a fixed set of values (argparse rejects the others), and the numbers that must be positive or
 # non-negative (checked once the preset's defaults are in).
 CHOICES = {"stage": (0, 1, 2), "preset": ("tiny", "paper"), "mapping": ("mlp", "hidden_mlp", "transformer"),
            "schedule": ("constant", "cosine"), "dtype": ("auto", "bf16", "fp16", "fp32"),
-           "compile": ("auto", "none", "default", "reduce-overhead", "max-autotune")}
+           "compile": ("auto", "none", "default", "reduce-overhead", "max-autotune"), "ablate": ("prefix", "source")}
 POSITIVE = ("batch_size", "grad_accum", "epochs", "lr", "save_every", "log_every", "beam", "max_new_tokens",
             "eval_batch_size")
-NON_NEGATIVE = ("prefix_len", "n_pairs", "max_steps", "max_eval", "warmup_steps", "eval_every",
-                "weight_decay")
+NON_NEGATIVE = ("n_pairs", "max_steps", "max_eval", "warmup_steps", "eval_every", "weight_decay")
+RECIPES = {  # (preset, stage) -> (batch, epochs, lr)
+    ("tiny", 0): (128, 4, 1e-3), ("tiny", 1): (64, 3, 5e-4), ("tiny", 2): (64, 2, 5e-4),
+    # the official recipe: batch 32 x accumulation 4, 15 epochs, constant 1e-5
+    ("paper", 1): (32, 15, 1e-5), ("paper", 2): (32, 15, 1e-5),
+}
 
 
 def defaults(c: Config):
-    """Fill what the command line left at 0 / empty from the preset and stage."""
-    tiny = c.preset == "tiny"
-    table = {  # (batch, epochs, lr)
-        ("tiny", 0): (128, 4, 1e-3), ("tiny", 1): (64, 3, 5e-4), ("tiny", 2): (64, 2, 5e-4),
-        # the official recipe: batch 32 x accumulation 4, 15 epochs, constant 1e-5
-        ("paper", 1): (32, 15, 1e-5), ("paper", 2): (32, 15, 1e-5),
-    }
-    if (c.preset, c.stage) not in table:
-        raise SystemExit(f"error: stage {c.stage} exists for the tiny preset only (the paper's towers and "
-                         f"mBART come pretrained: convert them with weights.py)")
-    if c.ablate and (c.ablate not in ("prefix", "source") or not c.eval_only or c.stage != 2):
-        raise SystemExit(f"error: --ablate {c.ablate}: expected --ablate prefix or --ablate source, with "
-                         f"--stage 2 --eval_only (it scores a trained translation model with one of its "
-                         f"inputs taken away)")
-    if c.freeze_decoder and c.stage != 1:
-        raise SystemExit(f"error: --freeze_decoder with --stage {c.stage}: it is a stage 1 ablation (stage 2 "
-                         f"fine-tunes all of mBART)")
-    if c.prefix_len == 0 and c.stage == 1:
-        raise SystemExit("error: --prefix_len 0 with --stage 1: captioning needs the prefix (it is the "
-                         "image's only way into the decoder). The text-only baseline is a translation "
-                         "model: python train.py --stage 2 --prefix_len 0 (it starts from --weights)")
-    if c.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
-        raise SystemExit(f"error: --prefix_len 0 has no prefix to {'take away' if c.ablate else 'embed'}: "
-                         f"drop {'--ablate prefix' if c.ablate else '--test_with_image'}")
-    if c.prefix_len == 0 and c.stage == 2:  # the baseline fine-tunes the pretrained mBART: no stage 1 for it
-        c.from_scratch_stage2 = True
-    batch, epochs, lr = table[(c.preset, c.stage)]
+    """Fill what the command line left at 0 / empty from the preset and stage. Writes nothing (the default tiny
+    world is made where the run starts)."""
+    batch, epochs, lr = RECIPES.get((c.preset, c.stage), (0, 0, 0.0))
     c.batch_size, c.epochs, c.lr = c.batch_size or batch, c.epochs or epochs, c.lr or lr
     c.grad_accum = c.grad_accum or (4 if c.preset == "paper" else 1)
-    for name in POSITIVE + NON_NEGATIVE:
-        value, positive = getattr(c, name), name in POSITIVE
-        if (value < 0 and not (name == "prefix_len" and value == -1)) or (value == 0 and positive):
-            kind = "positive" if positive else "non-negative"
-            raise SystemExit(f"error: --{name} {value}: expected a {kind} number")
-    if not (c.dropout == -1 or 0 <= c.dropout < 1):
-        raise SystemExit(f"error: --dropout {c.dropout}: expected a rate in [0, 1), or -1 to keep the "
-                         f"model's")
-    if not c.data:
-        if not tiny:
-            raise SystemExit("error: --data is required with --preset paper (a folder in the Multi30k "
-                             "layout: raw/{split}.{lang}[.gz] and image_splits/{split}.txt; `python data.py "
-                             "multi30k`)")
-        c.data = str(tiny_world.tiny_world())
-    if not c.caption_lang:  # the official choice: English when the pair has it
-        has_english = "en" in (c.src.split("_")[0], c.tgt.split("_")[0])
-        if c.stage == 1 and not has_english:
-            found = ", ".join(data.languages(c.data, c.train_split)) or "none found in --data"
-            raise SystemExit(f"error: stage 1 captions in English when the pair has it, and {c.src}-{c.tgt} "
-                             f"has no English (the official code then captions in Spanish): give "
-                             f"--caption_lang, one of the languages of the training split ({found})")
-        c.caption_lang = "en" if has_english else ""
-    c.test_split = c.test_split or ("test" if tiny else "test_2016_flickr")
-    c.split = c.split or c.test_split
+    c.data = c.data or (str(tiny_world.default_path()) if c.preset == "tiny" else "")
+    has_english = "en" in (c.src.split("_")[0], c.tgt.split("_")[0])
+    c.caption_lang = c.caption_lang or ("en" if has_english else "")  # the official choice
+    c.test_split = c.test_split or ("test" if c.preset == "tiny" else "test_2016_flickr")
     c.out = c.out or f"runs/{c.preset}/stage{c.stage}"
-    if not c.weights:
-        if not tiny:
-            raise SystemExit("error: --weights is required with --preset paper (write it with weights.py)")
-        c.weights = "" if c.stage == 0 else str(Path(c.out).parent / "stage0" / "last")
+    if not c.weights and c.preset == "tiny" and c.stage > 0:
+        c.weights = str(Path(c.out).parent / "stage0" / "last")
     if c.stage == 2 and not c.init:
         c.init = str(Path(c.out).parent / "stage1" / "last")
+    c.from_scratch_stage2 = c.from_scratch_stage2 or (c.stage == 2 and c.prefix_len == 0)  # (no stage 1 for it)
+    return c
+
+
+def check(c: Config):
+    """Refuse, with a message, settings that cannot run as asked."""
+    def refuse(text):
+        raise SystemExit(f"error: {text}")
+    given = c.given
+    for f in FLAGS:
+        if f.name in given and c.stage not in f.metadata["stages"]:
+            where = " and ".join(map(str, f.metadata["stages"]))
+            refuse(f"--{f.name} has no effect in stage {c.stage}: it is for stage {where}; leave it out")
+    if (c.preset, c.stage) not in RECIPES:
+        refuse(f"stage {c.stage} exists for the tiny preset only (the paper's towers and mBART come "
+               f"pretrained: convert them with weights.py)")
+    for name in POSITIVE + NON_NEGATIVE:
+        value, positive = getattr(c, name), name in POSITIVE
+        if value < 0 or (value == 0 and positive):
+            refuse(f"--{name} {value}: expected a {'positive' if positive else 'non-negative'} number")
+    if c.prefix_len < -1:
+        refuse(f"--prefix_len {c.prefix_len}: expected 0 or more (-1: the starting weights')")
+    if not (c.dropout == -1 or 0 <= c.dropout < 1):
+        refuse(f"--dropout {c.dropout}: expected a rate in [0, 1), or -1 to keep the model's")
+    if c.preset == "paper" and not c.data:
+        refuse("--data is required with --preset paper (a folder in the Multi30k layout: raw/{split}.{lang}[.gz] "
+               "and image_splits/{split}.txt; `python data.py multi30k`)")
+    if c.ablate and not c.eval_only or c.checkpoint and not (c.eval_only or c.resume) or c.eval_only and c.resume:
+        refuse("--ablate is for --eval_only, --checkpoint for --eval_only or --resume; --eval_only trains nothing "
+               "to --resume")
+    # (1) what a run starts from: --weights, --init, or (--resume, --eval_only) its own checkpoint
+    from_weights = not (c.resume or c.eval_only) and (c.stage == 1 or c.from_scratch_stage2)
+    started = from_weights or c.resume  # --resume: --weights and --init must be those the run started from
+    if "weights" in given and not started or "init" in given and (from_weights or c.eval_only):
+        refuse(f"--{'weights' if 'weights' in given else 'init'} has no effect here: stage 1 starts from --weights; "
+               f"stage 2 from a stage 1 checkpoint (--init), or from --weights with --from_scratch_stage2 or "
+               f"--prefix_len 0; --eval_only from OUT's checkpoint (or --checkpoint)")
+    if from_weights and not c.weights:
+        refuse("--weights is required with --preset paper (the converted weights: python weights.py --help)")
+    if c.prefix_len == 0 and c.stage == 1:
+        refuse("--prefix_len 0 with --stage 1: captioning needs the prefix (it is the image's only way into the "
+               "decoder). The text-only baseline is a translation model: python train.py --stage 2 --prefix_len 0")
+    if c.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
+        refuse(f"--prefix_len 0 has no prefix to {'take away' if c.ablate else 'embed'}: drop "
+               f"{'--ablate prefix' if c.ablate else '--test_with_image'}")
+    if c.stage == 1 and not c.caption_lang:
+        found = ", ".join(data.languages(c.data, c.train_split)) or "none found in --data"
+        refuse(f"stage 1 captions in English when the pair has it, and {c.src}-{c.tgt} has no English (the "
+               f"official code then captions in Spanish): give --caption_lang, one of the languages of the "
+               f"training split ({found})")
     return c
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
+    for f in FLAGS:
         text = f.metadata["help"]
         if "default" not in text and f.default not in ("", 0, False):  # (0, "": the text says what it means)
             text += f" (default: {f.default})"
+        if f.metadata["stages"] != ALL:
+            text += f" [stage {' and '.join(map(str, f.metadata['stages']))}]"
         if f.type is bool or f.type == "bool":
             p.add_argument("--" + f.name, action="store_true", default=f.default, help=text)
         else:
             p.add_argument("--" + f.name, type=type(f.default), default=f.default, help=text,
                            choices=CHOICES.get(f.name))
-    return defaults(Config(**vars(p.parse_args(argv))))
+    args = vars(p.parse_args(argv))
+    given = tuple(f.name for f in FLAGS if args[f.name] != f.default)
+    return check(defaults(Config(**args, given=given)))
 
 
 # -----------------------------------------------------------------------------
@@ -224,71 +252,99 @@ def parse_args(argv=None):
 # run's own (--resume, --eval_only).
 
 
+class Start(enum.Enum):  # what a run starts from, named as messages name it
+    WEIGHTS = "starting weights"
+    STAGE1 = "stage 1 checkpoint"
+    CHECKPOINT = "checkpoint"
+
+
 def starting_point(c: Config):
-    """The folder the model comes from, and its name in messages. Fails before any slow preparation."""
+    """The folder the model comes from, and its kind (Start). Fails before any slow preparation."""
     out = Path(c.out)
-    if not (c.resume or c.eval_only):
-        runs.check_free(out)  # (again once the run holds the folder: see Run)
     if c.resume or c.eval_only:
         kept = "best" if c.eval_only and c.stage == 2 else "last"  # --eval_only: the checkpoint a run keeps
         # a crash between the two renames of a save left only the old copy: --resume puts it back first
-        find = weights.find_checkpoint if c.eval_only else weights.recover_checkpoint
+        find = folders.find_checkpoint if c.eval_only else folders.recover_checkpoint
         start = find(c.checkpoint or out / kept)
         if not start.exists():
             raise SystemExit(f"error: no checkpoint in {start} to {'score' if c.eval_only else 'resume'}: "
                              f"train first (python train.py --stage {c.stage})")
-        return start, "checkpoint"
+        return start, Start.CHECKPOINT
+    runs.check_free(out)  # (again once the run holds the folder: see Run)
     if c.stage == 2 and not c.from_scratch_stage2:
-        if not weights.find_checkpoint(c.init).exists():
+        if not folders.find_checkpoint(c.init).exists():
             raise SystemExit(f"error: stage 2 starts from a stage 1 checkpoint, and {c.init} does not exist. "
                              f"Run `python train.py --stage 1` first (or give --init), or pass "
                              f"--from_scratch_stage2 for the ablation without stage 1")
-        return Path(c.init), "stage 1 checkpoint"
+        return Path(c.init), Start.STAGE1
     start = Path(c.weights)
-    if c.preset == "tiny" and not weights.find_checkpoint(start).exists() and start.name != "last":
+    if c.preset == "tiny" and not folders.find_checkpoint(start).exists() and start.name != "last":
         raise SystemExit(f"error: {start} does not exist: give --weights a stage 0 `last` folder "
                          f"(stage 0 writes OUT/last), or leave it out to use runs/tiny/stage0/last")
-    return start, "starting weights"
+    return start, Start.WEIGHTS
 
 
-def stage0_first(c: Config, start: Path, env: Env):
-    """The tiny preset's stage 1 starts from stage 0's `last`: when that is missing, stage 0 runs first (in
-    one process, the others wait), with its own defaults and this run's data, seed and mapping network."""
-    log0(env.rank, f"stage 0 output {start} is missing: running stage 0 first")
+def run_stage0(c: Config, env: Env):
+    """Stage 0 (stage0.py) with the settings of `c`, a stage 0 Config, into its --out, in one process (the
+    others wait): `python train.py --stage 0`, or the tiny preset's stage 1 when its starting weights are
+    missing. It follows every run's rules: a folder of its own, free of an earlier run's files, held while it
+    runs."""
     if env.rank == 0:
-        c0 = defaults(Config(stage=0, data=c.data, seed=c.seed, mapping=c.mapping, device=c.device))
-        tiny_world.stage0(dataclasses.asdict(dataclasses.replace(c0, out=str(start.parent))), env.device)
+        runs.check_free(c.out)
+        runs.hold(c.out)
+        names = [f.name for f in dataclasses.fields(stage0.Stage0Config)]
+        settings = {**{k: getattr(c, k) for k in names}, "mapping": c.mapping or "mlp",
+                    "prefix_len": 10 if c.prefix_len < 0 else c.prefix_len}
+        stage0.stage0(stage0.Stage0Config(**settings), env.device)
+        runs.release(c.out)
     if dist.is_initialized():
         dist.barrier()
 
 
-def load_model(folder, c: Config, device, what):
-    """The model of a checkpoint or weights folder (`what`, in messages), checked against the preset and,
-    for a stage 1 checkpoint, its state; --dropout applied. Returns it and the folder it was found in."""
-    folder = weights.find_checkpoint(folder)
+def stage0_first(c: Config, start, kind: Start, env: Env):
+    """The tiny preset's stage 1 starts from stage 0's `last`: when that is missing, stage 0 runs first, with
+    its own defaults and this run's data, seed and mapping network."""
+    if kind is Start.WEIGHTS and c.preset == "tiny" and not folders.find_checkpoint(start).exists():
+        log0(env.rank, f"stage 0 output {start} is missing: running stage 0 first")
+        run_stage0(defaults(Config(stage=0, data=c.data, seed=c.seed, mapping=c.mapping, out=str(start.parent))),
+                   env)
+
+
+def load_model(folder, c: Config, device, kind: Start):
+    """The model of a checkpoint or weights folder of `kind`, checked against the preset and, for a stage 1
+    checkpoint, its stage; a new mapping network where --mapping or --prefix_len asks for one; --dropout
+    applied. Returns it and the folder it was found in."""
+    folder = folders.find_checkpoint(folder)
     try:
         model = weights.load(folder, device=device)
+        trained = weights.read_config(folder)[1].get("train", {})  # the settings a checkpoint was trained with
     except weights.ConversionError as e:
-        raise SystemExit(f"error: {what}: {e}")
+        raise SystemExit(f"error: {kind.value}: {e}")
     expected = CLIPTransConfig.preset(c.preset)
     for part in ("vision", "text", "mbart"):  # all from the preset but the vocabulary (the tokenizer's)
         a, b = dataclasses.asdict(getattr(expected, part)), dataclasses.asdict(getattr(model.config, part))
         diff = [k for k in a if k not in ("vocab_size", "dropout") and a[k] != b[k]]
         if diff:
-            raise SystemExit(f"error: {what} {folder} is not a {c.preset} model: its {part} differs in "
+            raise SystemExit(f"error: {kind.value} {folder} is not a {c.preset} model: its {part} differs in "
                              f"{diff} (found {[b[k] for k in diff]}, the {c.preset} preset has "
                              f"{[a[k] for k in diff]}). Use --preset to match it, or another checkpoint")
-    if c.beam > 1 and 2 * c.beam + 1 > model.config.mbart.vocab_size:  # beam search's candidates per step
-        raise SystemExit(f"error: --beam {c.beam} needs a vocabulary of at least {2 * c.beam + 1} tokens; "
-                         f"{folder} has {model.config.mbart.vocab_size}: lower --beam")
-    P = model.config.mapping.prefix_len
-    if c.prefix_len >= 0 and c.prefix_len != P:  # a new mapping network: only where one starts fresh anyway
-        if what != "starting weights":
-            raise SystemExit(f"error: --prefix_len {c.prefix_len}: {what} {folder} has a trained mapping "
-                             f"network of {P} prefix vectors. Leave --prefix_len out, or start from "
-                             f"--weights (stage 1, or stage 2 with --from_scratch_stage2)")
-        model.new_mapping(MappingConfig(model.config.mapping.kind, c.prefix_len))
-    elif model.config.mapping.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
+    if kind is Start.STAGE1 and trained.get("stage") != 1:
+        raise SystemExit(f"error: {folder} is not a stage 1 checkpoint (its config.json says stage "
+                         f"{trained.get('stage')}): give --init a stage 1 `last` folder")
+    has = model.config.mapping
+    wanted = MappingConfig(c.mapping or has.kind, has.prefix_len if c.prefix_len < 0 else c.prefix_len)
+    if wanted != has:  # a new mapping network: only where one starts untrained anyway
+        if kind is not Start.WEIGHTS:
+            raise SystemExit(f"error: --mapping {wanted.kind} --prefix_len {wanted.prefix_len}: {kind.value} "
+                             f"{folder} has a trained mapping network ({has.kind}, {has.prefix_len} prefix "
+                             f"vectors). Leave --mapping and --prefix_len out, or start from --weights (stage 1, "
+                             f"or stage 2 with --from_scratch_stage2)")
+        model.new_mapping(wanted)
+    try:  # the evaluation's search, checked before any step: its prompt is `</s> P1..Pp`
+        decoding.check_search(model.config.mbart, 1 + model.config.mapping.prefix_len, c.beam, c.max_new_tokens)
+    except ValueError as e:
+        raise SystemExit(f"error: --beam {c.beam}, --max_new_tokens {c.max_new_tokens}: {e}")
+    if model.config.mapping.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
         raise SystemExit(f"error: {folder} is the text-only baseline (no prefix): --test_with_image and "
                          f"--ablate prefix need a prefix")
     if c.dropout >= 0:
@@ -297,11 +353,6 @@ def load_model(folder, c: Config, device, what):
                 m.p = c.dropout
             elif isinstance(m, Attention) and m.dropout:  # mBART's attention has none: keep it so
                 m.dropout = c.dropout
-    trained = weights.read_config(folder)[1].get("train", {})  # the settings a checkpoint was trained with
-    stage = trained.get("stage") if what == "stage 1 checkpoint" else 1
-    if stage != 1:
-        raise SystemExit(f"error: {folder} is not a stage 1 checkpoint (its config.json says stage {stage}): "
-                         f"give --init a stage 1 `last` folder")
     return model, folder
 
 
@@ -322,7 +373,7 @@ def features(model, c: Config, split: data.Split, kind, folder, env: Env):
     data, keyed by the tower's weights and the preprocessing; rank 0 computes, the others wait and read."""
     if kind == "image":
         size = model.config.vision.image_size
-        key = data.fingerprint(model.vision, "clip_preprocess", size, *image_digests(split.images))
+        key = data.fingerprint(model.vision, "clip_preprocess", size, *data.image_digests(split.images))
         compute = lambda: data.embed_images(model.encode_image, split.images, size, 64,  # noqa: E731
                                             env.device)
     else:
@@ -343,15 +394,6 @@ def features(model, c: Config, split: data.Split, kind, folder, env: Env):
     return feats
 
 
-def image_digests(files):
-    """A hash of each image file's bytes: the image features are cached under what the images hold, not under
-    their names, so images replaced in place are embedded again. The bytes, not the size and time of a file:
-    a copy that keeps the old time, or an edit of the same size, is still seen. It reads every image once."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib runs outside the GIL
-        digest = lambda f: hashlib.blake2b(Path(f).read_bytes(), digest_size=16).hexdigest()  # noqa: E731
-        return list(pool.map(digest, files))
-
-
 @dataclass
 class Examples:
     """A split, ready for the model."""
@@ -364,6 +406,7 @@ class Examples:
 
 
 def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
+    """A split of --data read, embedded by its frozen tower and tokenised: what training and scoring read."""
     # (2) the tower that embeds: the image (stage 1), the source sentence (stage 2; --test_with_image: image)
     kind = "image" if c.stage == 1 or (c.test_with_image and split != c.train_split) else "text"
     images = (c.images or str(Path(c.data) / "images")) if kind == "image" else None
@@ -381,27 +424,23 @@ def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
         feats = torch.zeros(len(s), 0)
     else:
         feats = features(model, c, s, kind, folder, env)
-    targets = tok.encode(s.sentences[tgt_lang], tgt_lang)[0]
+    # (3) the encoder input: in stage 1 "the encoder input is trivial", `<lang> </s>`; in stage 2 the source
+    src = tok.language_only(tgt_lang, len(s)) if c.stage == 1 else tok.rows(s.sentences[c.src], c.src)
     # mBART's positions: the decoder reads `</s> P1..Pp <lang> y1..yn`, P + L positions for a target of L
     # tokens (`<lang> y1..yn </s>`); the encoder reads the source
     positions, P = model.config.mbart.max_positions, model.config.mapping.prefix_len
-    tgt_ids = fit([row[row != tok.pad_id].tolist() for row in targets], positions - P, "target", split, env)
-    # (3) the encoder input: in stage 1 "the encoder input is trivial", `<lang> </s>`; in stage 2 the source
-    if c.stage == 1:
-        src_ids = [[tok.lang_id(tgt_lang), tok.eos_id]] * len(s)
-    else:
-        src_ids = [row[row != tok.pad_id].tolist() for row in tok.encode(s.sentences[c.src], c.src)[0]]
-        src_ids = fit(src_ids, positions, "source", split, env)
-    return Examples(s.sentences, feats, src_ids, tgt_ids, tgt_lang, s.skipped)
+    tgt = truncate(tok.rows(s.sentences[tgt_lang], tgt_lang), positions - P, "target", split, env.rank)
+    return Examples(s.sentences, feats, truncate(src, positions, "source", split, env.rank), tgt, tgt_lang,
+                    s.skipped)
 
 
-def fit(rows, limit, what, split, env: Env):
+def truncate(rows, limit, what, split, rank=0):
     """Token rows `[lang] x </s>` cut to `limit` tokens (keeping `</s>`), with a count: one over-long sentence
     must not stop a run at the step that meets it, nor its resume at the same step."""
     long = [i for i, row in enumerate(rows) if len(row) > limit]
     if long:
-        log0(env.rank, f"{split}: {len(long)} {what} sentence(s) cut to mBART's {limit} tokens (line "
-                       f"{', '.join(str(i + 1) for i in long[:5])}{' ...' if len(long) > 5 else ''})")
+        log0(rank, f"{split}: {len(long)} {what} sentence(s) cut to mBART's {limit} tokens (line "
+                   f"{', '.join(str(i + 1) for i in long[:5])}{' ...' if len(long) > 5 else ''})")
     return [row if len(row) <= limit else row[:limit - 1] + row[-1:] for row in rows]
 
 
@@ -410,23 +449,24 @@ def fit(rows, limit, what, split, env: Env):
 
 
 @torch.no_grad()
-def evaluate(model, c: Config, split, clip, tok, src_ids, tgt_lang, refs, env: Env, path):
-    """Generate for this rank's share of the split, gather every rank's hypotheses in the split's order,
-    write them to `path` and return the BLEU (rank 0; None elsewhere)."""
+def score(model, c: Config, ex: Examples, tok, env: Env, path):
+    """The BLEU of `model` on a prepared split (rank 0's; None elsewhere), its hypotheses written to `path`:
+    every rank generates for its share of the split, rank 0 gathers them in the split's order. --ablate takes
+    one of the two inputs away."""
     import sacrebleu
+    feats, src_ids = ablated(c.ablate, ex, tok)
     model.eval()
     sampler = data.LengthBucketSampler([len(s) for s in src_ids], c.eval_batch_size, shuffle=False,
                                        rank=env.rank, world_size=env.world)
     mine = {}
-    for batch in tqdm(sampler, desc=f"eval {split}", disable=env.rank != 0, leave=False):
+    for batch in tqdm(sampler, desc=f"eval {path.stem}", disable=env.rank != 0, leave=False):
         if not batch:
             continue
         ids, mask = data.pad([src_ids[i] for i in batch], tok.pad_id)  # (B, S)
         with env.autocast:
-            out = model.generate(clip[batch].to(env.device), ids.to(env.device), mask.to(env.device),
-                                 tok.lang_id(tgt_lang), num_beams=c.beam, max_new_tokens=c.max_new_tokens)
-        for i, text in zip(batch, tok.decode(out.cpu())):
-            mine[i] = text
+            out = model.generate(feats[batch].to(env.device), ids.to(env.device), mask.to(env.device),
+                                 tok.lang_id(ex.tgt_lang), num_beams=c.beam, max_new_tokens=c.max_new_tokens)
+        mine.update(zip(batch, tok.decode(out.cpu())))
     if env.world > 1:
         parts = [None] * env.world
         dist.all_gather_object(parts, mine)
@@ -434,31 +474,22 @@ def evaluate(model, c: Config, split, clip, tok, src_ids, tgt_lang, refs, env: E
     model.train()
     if env.rank != 0:
         return None
+    refs = ex.sentences[ex.tgt_lang]
     hyps = [mine[i] for i in range(len(refs))]  # every example exactly once, in the split's order
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(hyps) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(hyps) + "\n")
     return sacrebleu.corpus_bleu(hyps, [refs]).score
 
 
-def test(c: Config, model, tok, ex: Examples, env: Env, split, path):
-    """The BLEU of `model` on a prepared split; --ablate takes one of its two inputs away."""
-    feats, src_ids = ex.feats, ex.src_ids
-    if c.ablate == "prefix":  # each sentence with the previous one's prefix: what the source alone carries
-        feats = feats.roll(1, dims=0)
-    elif c.ablate == "source":  # no source words for the encoder: what the prefix alone carries
-        src_ids = [[ids[0], tok.eos_id] for ids in src_ids]
-    return evaluate(model, c, split, feats, tok, src_ids, ex.tgt_lang, ex.sentences[ex.tgt_lang], env, path)
-
-
-def score(c: Config, model, tok, start, env: Env):
-    """--eval_only: the BLEU of a checkpoint on --split (--ablate: with one of its two inputs taken away)."""
-    path = Path(c.out) / "hyps" / f"{c.split}.eval{'.ablate_' + c.ablate if c.ablate else ''}.txt"
-    bleu = test(c, model, tok, prepare(c, c.split, model, tok, start, env), env, c.split, path)
-    if env.rank == 0:
-        print(json.dumps({"split": c.split, "bleu": round(bleu, 2), "checkpoint": str(start),
-                          "hypotheses": str(path), **({"ablate": c.ablate} if c.ablate else {})}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def ablated(ablate, ex: Examples, tok):
+    """A prepared split's inputs, the mapping network's (N, D) and the encoder's, with --ablate taking one away:
+    "prefix", each sentence gets the previous sentence's embedding (what the source alone carries); "source",
+    the encoder sees only `<src_lang> </s>` (what the prefix alone carries)."""
+    if ablate == "prefix":
+        return ex.feats.roll(1, dims=0), ex.src_ids
+    if ablate == "source":
+        return ex.feats, [[ids[0], tok.eos_id] for ids in ex.src_ids]
+    return ex.feats, ex.src_ids
 
 
 # -----------------------------------------------------------------------------
@@ -480,8 +511,7 @@ def make_sampler(c: Config, train_set: Examples, env: Env):
     """Batches of examples of similar length, and the optimizer steps of an epoch. With several processes an
     epoch's short last step is dropped, so that no process gets an empty share."""
     sampler = data.LengthBucketSampler([len(t) for t in train_set.tgt_ids], c.batch_size, seed=c.seed,
-                                       rank=env.rank, world_size=env.world,
-                                       bucket_size=100 * c.batch_size * env.world, drop_last=env.world > 1)
+                                       rank=env.rank, world_size=env.world, drop_last=env.world > 1)
     steps_per_epoch = len(sampler) // c.grad_accum
     if steps_per_epoch == 0:
         raise SystemExit(f"error: {len(train_set.tgt_ids)} training examples make no optimizer step of batch "
@@ -502,16 +532,17 @@ def lr_at(step, c: Config, total):
     return c.lr * 0.5 * (1 + math.cos(math.pi * (step - c.warmup_steps) / max(1, total - c.warmup_steps)))
 
 
-# What fixes a run's data order and what it trains: --resume must continue with the same.
-RESUME_SAME = ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs",
-               "skip_missing_images", "freeze_decoder", "batch_size", "grad_accum", "seed")
+def resume_same(c: Config):
+    """The settings --resume must continue with: those that fix the data order and what trains, and the
+    --weights and --init the run started from when they are given (their defaults follow --out)."""
+    return ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs", "skip_missing_images",
+            "freeze_decoder", "batch_size", "grad_accum", "seed", *(k for k in ("weights", "init") if k in c.given))
 
 
 def validate(c: Config, run: Run, val: Examples, tok):
-    """Score the validation split, log it, write `last` and, in stage 2, `best`."""
-    t, path = time.time(), run.out / "hyps" / f"{c.val_split}.step{run.step}.txt"
-    bleu = evaluate(run.model, c, c.val_split, val.feats, tok, val.src_ids, val.tgt_lang,
-                    val.sentences[val.tgt_lang], run.env, path)
+    """Score the validation split (its hypotheses in OUT/hyps), log it, write `last` and, in stage 2, `best`."""
+    t = time.time()
+    bleu = score(run.model, c, val, tok, run.env, run.out / "hyps" / f"{c.val_split}.step{run.step}.txt")
     run.pause_s += time.time() - t
     if run.env.rank == 0:
         run.log(dict(step=run.step, epoch=run.epoch, split=c.val_split, bleu=round(bleu, 2)))
@@ -582,19 +613,25 @@ def train_step(model, opt, scaler, micro, env: Env):
     return loss_sum
 
 
+def step_model(c: Config, run: Run, sampler, ex: Examples):
+    """The model train_step runs (runs.compiled: DDP-wrapped, compiled on CUDA), and the multiple its batches'
+    lengths are padded to: a compiled step pads to multiples of PAD_MULTIPLE, to compile a few shapes; an eager
+    one to the longest row."""
+    mode, shapes = compile_mode(c.compile, run.env), 0
+    multiple = pad_multiple(mode)
+    if mode != "none":
+        sampler.set_epoch(run.epoch)
+        shapes = len(batch_shapes(ex, list(sampler), run.model.config, multiple))
+        log0(run.env.rank, f"an epoch pads its batches to {shapes} shapes (lengths in multiples of {multiple})")
+    return compiled(run.model, mode, run.env, shapes=max(64, 2 * shapes)), multiple
+
+
 def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok):
     """Optimizer steps of grad_accum micro-batches until `total`, validating at the end of each epoch (or
     every --eval_every steps) and at the end. Returns the target tokens trained on (all processes) and the
     time it took."""
     env, model = run.env, run.model
-    # a compiled step pads to multiples of PAD_MULTIPLE, to compile a few shapes; an eager one to the longest row
-    mode, shapes = compile_mode(c.compile, env), 0
-    multiple = pad_multiple(mode)
-    if mode != "none":
-        sampler.set_epoch(run.epoch)
-        shapes = len(batch_shapes(ex, list(sampler), model.config, multiple))
-        log0(env.rank, f"an epoch pads its batches to {shapes} shapes (lengths in multiples of {multiple})")
-    train_model = compiled(model, mode, env, shapes=max(64, 2 * shapes))
+    train_model, multiple = step_model(c, run, sampler, ex)
     t_start, tokens_seen = time.time(), 0
     bar = tqdm(total=total, initial=run.step, desc=f"stage {c.stage}", disable=env.rank != 0)
     model.train()
@@ -655,34 +692,34 @@ def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok)
 
 
 def main(argv=None):
-    # settings, and where this process runs
+    # settings, where this process runs, the data (the default tiny world is made on first use, by rank 0)
     c = parse_args(argv)
     env = setup(c.device, c.dtype)
     if c.allow_large_images:
         data.allow_large_images()
-    if c.stage == 0:  # the tiny preset's stand-ins for the pretrained models: tiny_world.py
-        if env.world > 1:
-            raise SystemExit("error: stage 0 runs in one process (it takes a minute on a CPU)")
-        tiny_world.stage0(dataclasses.asdict(c), env.device)
-        return
+    if Path(c.data) == tiny_world.default_path() and env.rank == 0:
+        tiny_world.tiny_world()
+    if c.stage == 0:  # the tiny preset's stand-ins for the pretrained models: stage0.py (rank 0 alone)
+        run_stage0(c, env)
+        return end(env)
 
     # (1) the starting point. The seed is set after the stage 0 this run may have had to run first: the run is
     # the same whether stage 0 was missing or not
-    start, what = starting_point(c)
-    if what == "starting weights" and c.preset == "tiny" and not weights.find_checkpoint(start).exists():
-        stage0_first(c, start, env)
+    if dist.is_initialized():  # (the other processes wait for rank 0's tiny world)
+        dist.barrier()
+    start, kind = starting_point(c)
+    stage0_first(c, start, kind, env)
     torch.manual_seed(c.seed + env.rank)
     random.seed(c.seed + env.rank)
-    model, start = load_model(start, c, env.device, what)
+    model, start = load_model(start, c, env.device, kind)
     tok = read_tokenizer(data.MBartTokenizer, start / weights.MBART_TOKENIZER)
-    if c.eval_only:
-        return score(c, model, tok, start, env)
 
     # the data, and the frozen towers' features: (2) the image or the source sentence; (3) the encoder input.
     # Every split the run scores is read and checked before the first step, not found broken after the last.
-    train_set = prepare(c, c.train_split, model, tok, start, env)
-    val_set = prepare(c, c.val_split, model, tok, start, env)
-    test_set = prepare(c, c.test_split, model, tok, start, env)
+    if c.eval_only:
+        return score_checkpoint(c, model, tok, start, env)
+    train_set, val_set, test_set = (prepare(c, split, model, tok, start, env)
+                                    for split in (c.train_split, c.val_split, c.test_split))
 
     # (4) what trains, with AdamW and (fp16) a gradient scaler, in batches of examples of similar length
     params = trainable(model, c.stage, c.freeze_decoder)
@@ -694,7 +731,7 @@ def main(argv=None):
     plan_disk(c.out, model, params, c.stage == 2, c.ignore_disk_space, env.rank)
 
     # the loop, from the start or (--resume) exactly where the checkpoint left off
-    run = Run(dataclasses.asdict(c), RESUME_SAME, env, model, opt, scaler, start, resume=c.resume)
+    run = Run(dataclasses.asdict(c), resume_same(c), env, model, opt, scaler, start, resume=c.resume)
     for name, ex in ((c.train_split, train_set), (c.val_split, val_set), (c.test_split, test_set)):
         if ex.skipped and not c.resume:
             run.log(dict(split=name, missing_images=len(ex.skipped), first_missing=ex.skipped[:5]))
@@ -706,15 +743,27 @@ def main(argv=None):
 
     # the final test of (5) the kept checkpoint: `last` in stage 1, `best` in stage 2
     kept = run.out / ("best" if c.stage == 2 else "last")
-    if c.stage == 2:
-        model, _ = load_model(kept, c, env.device, "best checkpoint")
-    path = run.out / "hyps" / f"{c.test_split}.final.txt"
-    test_bleu = test(c, model, tok, test_set, env, c.test_split, path)
+    model = load_model(kept, c, env.device, Start.CHECKPOINT)[0] if c.stage == 2 else model
+    test_bleu = score(model, c, test_set, tok, env, run.out / "hyps" / f"{c.test_split}.final.txt")
     if env.rank == 0:  # (the BLEU is rank 0's)
         run.finish(dict(stage=c.stage, steps=run.step, minutes=round(elapsed / 60, 2),
                         tokens_per_s=round(tokens_seen / max(elapsed - run.pause_s, 1e-9)),
                         best_val_bleu=round(run.best, 2) if c.stage == 2 else None, test_split=c.test_split,
                         test_bleu=round(test_bleu, 2), checkpoint=str(kept)))
+    end(env)
+
+
+def score_checkpoint(c: Config, model, tok, start, env: Env):
+    """--eval_only: the BLEU of a checkpoint on --test_split (--ablate: with one of its two inputs taken away)."""
+    path = Path(c.out) / "hyps" / f"{c.test_split}.eval{'.ablate_' + c.ablate if c.ablate else ''}.txt"
+    bleu = score(model, c, prepare(c, c.test_split, model, tok, start, env), tok, env, path)
+    if env.rank == 0:
+        print(json.dumps({"split": c.test_split, "bleu": round(bleu, 2), "checkpoint": str(start),
+                          "hypotheses": str(path), **({"ablate": c.ablate} if c.ablate else {})}))
+    end(env)
+
+
+def end(env: Env):
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

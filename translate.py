@@ -15,13 +15,13 @@ trained (stage 0, converted weights) is refused.
 
 import argparse
 import codecs
-import contextlib
 import sys
 from pathlib import Path
 
 import torch
 
 import data
+import runs
 import weights
 
 
@@ -66,8 +66,8 @@ def caption(model, mbart_tok, files, lang, beam=5, max_new_tokens=60, batch_size
         except data.DataError as e:
             raise SystemExit(f"error: {e}")
         clip = model.encode_image(pixels.to(device))
-        src = torch.tensor([[mbart_tok.lang_id(lang), mbart_tok.eos_id]] * len(chunk), device=device)
-        tokens = model.generate(clip, src, torch.ones_like(src), mbart_tok.lang_id(lang), num_beams=beam,
+        src, mask = data.pad(mbart_tok.language_only(lang, len(chunk)), mbart_tok.pad_id)  # (B, 2) each
+        tokens = model.generate(clip, src.to(device), mask.to(device), mbart_tok.lang_id(lang), num_beams=beam,
                                 max_new_tokens=max_new_tokens)
         out += mbart_tok.decode(tokens.cpu())
     return out
@@ -144,19 +144,18 @@ def main(argv=None):
     p.add_argument("--beam", type=positive, default=5, help="beams (1: greedy)")
     p.add_argument("--max_new_tokens", type=positive, default=60)
     p.add_argument("--batch_size", type=positive, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: a GPU when there is one)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast's precision, as train.py's (auto: bf16 on GPUs that have it, else fp16; fp32 "
+                        "on a CPU)")
     p.add_argument("--allow_large_images", action="store_true",
                    help="lift pillow's limit on image pixels (a guard against decompression bombs)")
     a = p.parse_args(argv)
     if a.allow_large_images:
         data.allow_large_images()
-    try:
-        if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("PyTorch sees no GPU here")
-    except RuntimeError as e:
-        p.error(f"--device {a.device}: {e}; expected cpu, cuda or cuda:N")
-    model, trained, mbart_tok, text_tok = load(a.checkpoint, a.device)
-    amp = torch.autocast("cuda", torch.bfloat16) if a.device.startswith("cuda") else contextlib.nullcontext()
+    env = runs.setup(a.device, a.dtype)  # the device and autocast, as train.py chooses them
+    model, trained, mbart_tok, text_tok = load(a.checkpoint, env.device)
+    amp = env.autocast
     try:
         if a.image:
             lang = a.tgt or trained.get("caption_lang") or "en"

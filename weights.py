@@ -27,7 +27,6 @@ import pickle
 import re
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import torch
@@ -38,7 +37,8 @@ from tokenizers.models import Unigram
 
 from cliptrans import (CLIPTrans, CLIPTransConfig, MappingConfig, MappingNetwork, MBartConfig, TextConfig,
                        VisionConfig, init_weights)
-from data import MBART50_LANGS, SPECIALS, DataError, atomic_write, check_new_folder, written_aside
+from data import MBART50_LANGS, SPECIALS
+from folders import FolderError, check_new_folder, written_aside
 
 WEIGHTS_FILE, CONFIG_FILE = "cliptrans.safetensors", "config.json"
 # The frozen towers, in a file of their own: a checkpoint shares its starting folder's (a hard link), so the
@@ -467,23 +467,34 @@ def _protobuf_fields(buf):
 # The command, load and save; checkpoint folders (weights, config, tokenizers and a training state).
 
 
-def save(model, folder, extra_config=None, towers_from=None):
-    """Write `model` as OUT/towers.safetensors (the frozen towers) + OUT/cliptrans.safetensors (the rest) +
-    OUT/config.json, each atomically (temp file + rename). towers_from: a folder whose towers file holds these
-    very towers, shared instead of written again: a hard link, or a copy where the filesystem has none.
-    Returns how the towers got there: "written", "linked" or "copied"."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    rest = {k: v for k, v in state.items() if not k.startswith(TOWERS)}
-    atomic_write(folder / WEIGHTS_FILE, lambda p: save_file(rest, p))
+def write_folder(folder, state, config, towers_from=None):
+    """The files of a weights folder, into `folder` (a folder being written aside: see `save`): the frozen towers
+    in TOWERS_FILE, the rest in WEIGHTS_FILE, `config` in CONFIG_FILE. towers_from: a folder whose towers file
+    holds these very towers, shared instead of written again: a hard link, or a copy where the filesystem has
+    none. Returns how the towers got there: "written", "linked" or "copied"."""
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    save_file({k: v for k, v in state.items() if not k.startswith(TOWERS)}, folder / WEIGHTS_FILE)
     how = share_towers(Path(towers_from) / TOWERS_FILE, folder / TOWERS_FILE) if towers_from else None
     if how is None:
-        towers = {k: v for k, v in state.items() if k.startswith(TOWERS)}
-        atomic_write(folder / TOWERS_FILE, lambda p: save_file(towers, p))
-    config = {"cliptrans": model.config.to_dict(), **(extra_config or {})}
-    atomic_write(folder / CONFIG_FILE, lambda p: Path(p).write_text(json.dumps(config, indent=2)))
+        save_file({k: v for k, v in state.items() if k.startswith(TOWERS)}, folder / TOWERS_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return how or "written"
+
+
+def save(model, folder, extra_config=None, towers_from=None, files=None, state=None):
+    """`model` as a weights folder (see write_folder), with `extra_config` merged into config.json, `files`
+    ({name: source path}) copied in and, unless None, `state` (a training state) as state.pt. The folder is
+    written aside and renamed into place (folders.written_aside): an interruption never leaves a half-written
+    folder, and a failed save (a full disk, say) leaves the previous one in place. Returns how the towers got
+    there (see write_folder)."""
+    with written_aside(folder) as tmp:
+        how = write_folder(tmp, model.state_dict(), {"cliptrans": model.config.to_dict(), **(extra_config or {})},
+                           towers_from)
+        for name, source in (files or {}).items():
+            shutil.copyfile(source, tmp / name)
+        if state is not None:
+            torch.save(state, tmp / "state.pt")
+    return how
 
 
 def share_towers(src: Path, dst: Path):
@@ -495,7 +506,7 @@ def share_towers(src: Path, dst: Path):
         os.link(src, dst)
         return "linked"
     except OSError:  # another filesystem, or one without hard links
-        atomic_write(dst, lambda p: shutil.copyfile(src, p))
+        shutil.copyfile(src, dst)
         return "copied"
 
 
@@ -533,55 +544,17 @@ def load(folder, device="cpu", dtype=torch.float32):
 
 
 def save_checkpoint(folder, model, settings: dict, state: dict | None, tokenizers_from, towers_from=None):
-    """A checkpoint folder: the model as `save` writes it (the training settings in config.json; the towers
-    shared with `towers_from`'s), the two tokenizers copied from `tokenizers_from`, and, unless None, `state`
-    (optimizer, step, ...) as state.pt. The folder is written aside and renamed into place
-    (data.written_aside), so an interruption never leaves a half-written checkpoint, and a failed save (a full
-    disk, say) leaves the previous one in place. Returns how the towers got there (see `save`)."""
-    with written_aside(folder) as tmp:
-        how = save(model, tmp, extra_config={"train": settings}, towers_from=towers_from)
-        for name in (MBART_TOKENIZER, TEXT_TOKENIZER):
-            shutil.copyfile(Path(tokenizers_from) / name, tmp / name)
-        if state is not None:
-            torch.save(state, tmp / "state.pt")
-    return how
-
-
-def folder_size(folder, seen=None):
-    """Bytes of the files under `folder`, each file once however many hard links it has there, and none whose
-    inode is already in `seen` (a set of (device, inode), which the files counted then join)."""
-    seen = set() if seen is None else seen
-    total = 0
-    for f in Path(folder).rglob("*"):
-        st = f.stat()
-        if f.is_file() and (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            total += st.st_size
-    return total
-
-
-def find_checkpoint(folder):
-    """`folder`, or the copy a crash between the two renames of save_checkpoint left aside."""
-    folder = Path(folder)
-    old = folder.with_name(f".{folder.name}.old")
-    return folder if folder.exists() or not old.exists() else old
-
-
-def recover_checkpoint(folder):
-    """`folder`, renamed back into place first when a crash between the two renames of save_checkpoint left only
-    its old copy: a run that continues from it can then replace it like any checkpoint (reading the old copy
-    where it lies, the run's first save would delete the folder it reads its tokenizers from)."""
-    folder, found = Path(folder), find_checkpoint(folder)
-    if found != folder:
-        os.replace(found, folder)
-        print(f"{folder}: restored from {found.name}, the copy an interrupted save left aside", file=sys.stderr)
-    return folder
+    """A checkpoint folder (see `save`): the model, the training `settings` in config.json (its "train"
+    section), the two tokenizers copied from `tokenizers_from`, and `state` (optimizer, step, ...: only `last`
+    keeps one) as state.pt. Returns how the towers got there (see write_folder)."""
+    tokenizers = {name: Path(tokenizers_from) / name for name in (MBART_TOKENIZER, TEXT_TOKENIZER)}
+    return save(model, folder, {"train": settings}, towers_from, tokenizers, state)
 
 
 def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0, overwrite=False):
     try:  # a used --out is refused before any weight is read
         check_new_folder(out, overwrite)
-    except DataError as e:
+    except FolderError as e:
         raise ConversionError(str(e)) from None
     mbart_ck, mclip_ck, clip_ck = HFCheckpoint(mbart), HFCheckpoint(mclip), HFCheckpoint(clip)
     xlmr_cfg = read_json(Path(xlmr) / "config.json")
@@ -607,11 +580,8 @@ def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0, 
     with written_aside(out) as tmp:  # all or nothing: a kill leaves --out as it was
         for name, text in tokenizer_files.items():
             (tmp / name).write_bytes(text)
-        save_file({k: v.contiguous() for k, v in state.items() if not k.startswith(TOWERS)}, tmp / WEIGHTS_FILE)
-        save_file({k: v.contiguous() for k, v in state.items() if k.startswith(TOWERS)}, tmp / TOWERS_FILE)
-        meta = {"cliptrans": config.to_dict(), "sources": {"mbart": str(mbart), "mclip": str(mclip),
-                                                          "xlmr": str(xlmr), "clip": str(clip)}}
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+        write_folder(tmp, state, {"cliptrans": config.to_dict(), "sources": {
+            "mbart": str(mbart), "mclip": str(mclip), "xlmr": str(xlmr), "clip": str(clip)}})
     return Path(out)
 
 

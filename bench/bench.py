@@ -215,14 +215,14 @@ def main():
         src[:, 0], src[:, -1] = V - 51, 2
         src, src_mask = src.to(dev), torch.ones(GB, GS, dtype=torch.long, device=dev)
         mbart_hf.eval(), ours.eval()
-        args = dict(num_beams=5, max_new_tokens=GN, min_new_tokens=GN, forced_bos_token_id=lang, length_penalty=1.0,
-                    early_stopping=True)
+        args = dict(num_beams=5, max_new_tokens=GN, min_new_tokens=GN, length_penalty=1.0, early_stopping=True)
         with torch.no_grad(), amp:
-            hf_gen = lambda: mbart_hf.generate(input_ids=src, attention_mask=src_mask, do_sample=False, **args)  # noqa
-            ours_gen = lambda: ours.mbart.generate(src, src_mask, **args)  # noqa: E731
-            a_hf, a_ours = hf_gen(), ours_gen()
+            hf_gen = lambda: mbart_hf.generate(input_ids=src, attention_mask=src_mask, do_sample=False,  # noqa: E731
+                                               forced_bos_token_id=lang, **args)
+            ours_gen = lambda: ours.mbart.generate(src, src_mask, lang, **args)  # noqa: E731
+            a_hf, a_ours = hf_gen()[:, 1:], ours_gen()  # Hugging Face's output starts with the decoder start token
             same = (a_hf == a_ours).float().mean().item() if a_hf.shape == a_ours.shape else 0.0
-            assert a_ours.shape == (GB, GN + 1), a_ours.shape
+            assert a_ours.shape == (GB, GN), a_ours.shape
             row("beam-5 generation (mBART)", timed(hf_gen, dev, iters),
                 timed(ours_gen, dev, iters), GB, "sentences", same_tokens=same)
             clip = torch.randn(GB, cfg.text.embed_dim, generator=g).to(dev)
@@ -257,7 +257,7 @@ def main():
 
             for name, extra in variants.items():
                 def gen(extra=extra):
-                    return ours.mbart.generate(src, src_mask, **{**args, **extra})
+                    return ours.mbart.generate(src, src_mask, lang, **{**args, **extra})
                 try:
                     out = gen()
                     t = timed(gen, dev, iters)
@@ -341,7 +341,7 @@ def main():
         ours.mbart.to(dev), ours.mapping.to(dev)
         params = list(ours.mbart.parameters()) + list(ours.mapping.parameters())
         # Ours: train.py's own step (train_step) as train.py runs it on this device: its --compile default
-        # (train.compiled: CUDA graphs on CUDA, eager on a CPU), its AdamW, GradScaler and autocast.
+        # (runs.compiled: CUDA graphs on one GPU, eager on a CPU), its AdamW, GradScaler and autocast.
         env = runs.setup(dev, "auto")
         micro = [((clip, src, src_mask, tgt), TB * TT)]  # one micro-batch of TB x TT target tokens, no padding
 
@@ -349,7 +349,7 @@ def main():
             opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0,
                                     fused=dev == "cuda")
             scaler = torch.amp.GradScaler("cuda", enabled=env.dtype == "fp16")
-            model = recipe.compiled(ours, mode, env)
+            model = runs.compiled(ours, mode, env)
             ours.train()
             return lambda: recipe.train_step(model, opt, scaler, micro, env)
         torch._dynamo.reset()
@@ -367,7 +367,7 @@ def main():
                                                               list(mapping_hf.parameters()), hf_loss,
                                                               [mbart_hf, mapping_hf])[0])[-1]))
         mfu = (lambda t: None if peak is None else flops / t / peak)
-        auto = "reduce-overhead" if dev == "cuda" else "none"  # what train.py's --compile auto chooses here
+        auto = runs.compile_mode("auto", env)  # what train.py's --compile auto chooses here
         row("stage 2 training step (train.py default)", hf_t, ours_t, TB, "sentences", hf_peak_gib=hf_mem,
             ours_peak_gib=ours_mem, hf_mfu=mfu(hf_t), ours_mfu=mfu(ours_t), model_tflop_per_step=flops / 1e12,
             compile=auto, setup_s=setup_s, **agreement)

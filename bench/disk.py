@@ -26,6 +26,19 @@ import weights  # noqa: E402
 from cliptrans import CLIPTrans, CLIPTransConfig  # noqa: E402
 
 
+def folder_size(folder, seen=None):
+    """Bytes of the files under `folder`, each file once however many hard links it has there, and none whose
+    inode is already in `seen` (a set of (device, inode), which the files counted then join)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for f in Path(folder).rglob("*"):
+        st = f.stat()
+        if f.is_file() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_size
+    return total
+
+
 def adamw_state(params):
     """An AdamW state dict as train.py's optimizer holds it after a step: two fp32 moments per parameter."""
     opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
@@ -73,14 +86,14 @@ def main():
                 save_file(state, conv / weights.WEIGHTS_FILE)
                 (conv / weights.TOWERS_FILE).unlink()
                 del state
-            size = {"converted weights": weights.folder_size(conv, seen)}
+            size = {"converted weights": folder_size(conv, seen)}
             link = conv if layout == "now" else None
             weights.save_checkpoint(root / "stage1" / "last", model, {"stage": 1}, state1, tok, link)
-            size["stage 1 run (last)"] = weights.folder_size(root / "stage1", seen)
+            size["stage 1 run (last)"] = folder_size(root / "stage1", seen)
             weights.save_checkpoint(root / "stage2" / "last", model, {"stage": 2}, state2, tok, link)
             weights.save_checkpoint(root / "stage2" / "best", model, {"stage": 2},
                                     state2 if layout == "before" else None, tok, link)
-            size["stage 2 run (best + last)"] = weights.folder_size(root / "stage2", seen)
+            size["stage 2 run (best + last)"] = folder_size(root / "stage2", seen)
             rows.append(size)
             shutil.rmtree(root)
     finally:

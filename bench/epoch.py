@@ -58,10 +58,9 @@ def main():
     ids = lambda n, lang: [lang] + torch.randint(4, V - 60, (max(0, n - 2),), generator=g).tolist() + [2]  # noqa
     ex = recipe.Examples({}, torch.randn(len(src_len), cfg.text.embed_dim, generator=g),
                          [ids(n, V - 51) for n in src_len], [ids(n, V - 48) for n in tgt_len], "de", [])
-    ex.src_ids = recipe.fit(ex.src_ids, cfg.mbart.max_positions, "source", "train", env)
-    ex.tgt_ids = recipe.fit(ex.tgt_ids, cfg.mbart.max_positions - P, "target", "train", env)
-    sampler = data.LengthBucketSampler([len(t) for t in ex.tgt_ids], a.batch_size, seed=29,
-                                       bucket_size=100 * a.batch_size)  # as train.make_sampler draws them
+    ex.src_ids = recipe.truncate(ex.src_ids, cfg.mbart.max_positions, "source", "train")
+    ex.tgt_ids = recipe.truncate(ex.tgt_ids, cfg.mbart.max_positions - P, "target", "train")
+    sampler, _ = recipe.make_sampler(recipe.Config(batch_size=a.batch_size, grad_accum=a.grad_accum), ex, env)
     sampler.set_epoch(0)
     batches = list(sampler)[:a.steps * a.grad_accum]
     steps = [batches[i:i + a.grad_accum] for i in range(0, len(batches), a.grad_accum)]

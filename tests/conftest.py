@@ -50,6 +50,25 @@ SEED = 0
 
 # ----------------------------------------------------------------------------- pytest setup
 
+# The slow files: training runs (resume after kill -9, DDP, every flag), the command lines, bench.py's smoke run.
+# `python -m pytest` runs the rest, the parity and shape checks, in about two minutes on two cores; `--all` runs
+# everything, as CI does. A file or test named on the command line always runs.
+SLOW = ("test_train.py", "test_translate.py", "test_bench.py")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true",
+                     help=f"also run the slow tests ({', '.join(SLOW)}): training runs, the command lines, bench.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    named = any(arg.split("::")[0].endswith(".py") for arg in config.args)
+    if config.getoption("--all") or named:
+        return
+    slow = [item for item in items if item.path.name in SLOW]
+    config.hook.pytest_deselected(items=slow)
+    items[:] = [item for item in items if item.path.name not in SLOW]
+
 
 def pytest_configure(config):
     # parity tests also run on CUDA: TF32 matmuls differ from fp32 by ~1e-3, far above our tolerances

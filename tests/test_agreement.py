@@ -272,11 +272,9 @@ def test_beam_search_equals_a_direct_beam_search(num_beams, length_penalty, earl
 
 
 def end_steps(out):
-    """(B, 1 + n) generate output `[start] new tokens..` -> (B,) the step (0-based) at which each sentence's </s>
-    was chosen."""
-    new = out[:, 1:]
-    assert (new == EOS).any(1).all(), "every sentence ends with </s>"
-    return (new == EOS).int().argmax(1)
+    """(B, n) new tokens, generate's output -> (B,) the step (0-based) at which each sentence's </s> was chosen."""
+    assert (out == EOS).any(1).all(), "every sentence ends with </s>"
+    return (out == EOS).int().argmax(1)
 
 
 def boosts(model, ids, mask, accept, **args):
@@ -314,7 +312,7 @@ def test_search_edges_equal_hf(peaked_pair, num_beams, edge, device):
     hf_mbart, model = peaked_pair
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8, 6, 7], lang_id=V - 51, seed=51, device=device)
-    args = dict(num_beams=num_beams, forced_bos_token_id=V - 48, early_stopping=True, length_penalty=1.0)
+    args = dict(num_beams=num_beams, tgt_lang_id=V - 48, early_stopping=True, length_penalty=1.0)
 
     def both(boost, **kw):  # Hugging Face's tokens and ours, on the same boost
         ref = hf_generate_with_eos_boost(hf_mbart, boost, input_ids=ids, attention_mask=mask, **args, **kw)

@@ -17,8 +17,7 @@ from torch.nn.attention import SDPBackend
 
 import weights
 from cliptrans import CLIPTrans, CLIPTransConfig, MappingConfig, prefix_mask
-from decoding import (KVCache, beam_candidates, cuda_graph, decode_layers, decode_step, linears_cast,
-                      matmul_attention, topk_by_chunks)
+from decoding import Cache, beam_candidates, cuda_graph, linears_cast, matmul_attention, topk_by_chunks
 from conftest import assert_close, hf_param_counts, mclip_reference
 
 import transformers  # noqa: E402  (a test dependency: requirements.txt)
@@ -85,13 +84,18 @@ def test_encoder_states_and_logits_equal_hf_on_padded_batch(model, hf_mbart, dev
         assert_close(model.mbart(ids, mask, dec), ref, name="mBART logits")
 
 
-def hf_generate_with_eos_boost(hf_mbart, boost, **kw):
+def hf_generate_with_eos_boost(hf_mbart, boost, tgt_lang_id=None, **kw):
+    """Hugging Face's generate in MBart.generate's terms: the target language `tgt_lang_id` (its
+    forced_bos_token_id), and the new tokens returned (B, n): its output less the decoder start token."""
+    lang = {} if tgt_lang_id is None else {"forced_bos_token_id": tgt_lang_id}
     with torch.no_grad():
         hf_mbart.final_logits_bias[0, 2] += boost
         try:
-            return hf_mbart.generate(do_sample=False, **kw)
+            out = hf_mbart.generate(do_sample=False, **lang, **kw)
         finally:
             hf_mbart.final_logits_bias[0, 2] -= boost
+    assert (out[:, 0] == hf_mbart.config.decoder_start_token_id).all()
+    return out[:, 1:]
 
 
 def ours_generate_with_eos_boost(model, boost, *args, **kw):
@@ -127,12 +131,12 @@ def test_generate_equals_hf(peaked_pair, num_beams, vary_lengths, attention, dev
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=3, device=device)
     lang = V - 48
-    args = dict(num_beams=num_beams, max_new_tokens=12, forced_bos_token_id=lang)
+    args = dict(num_beams=num_beams, max_new_tokens=12, tgt_lang_id=lang)
     hf_args = dict(input_ids=ids, attention_mask=mask, early_stopping=True, length_penalty=1.0, **args)
     boost = boost_for_varied_lengths(hf_mbart, **hf_args) if vary_lengths else 0.0
     ref = hf_generate_with_eos_boost(hf_mbart, boost, **hf_args)
     ours = ours_generate_with_eos_boost(model, boost, ids, mask, attention=attention, **args)
-    assert ours[:, 1].eq(lang).all(), "the target language is forced as the first generated token"
+    assert ours[:, 0].eq(lang).all(), "the target language is forced as the first generated token"
     assert torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
 
 
@@ -187,7 +191,7 @@ def test_compiled_scores_give_the_same_beams(peaked_pair, device):
     model = peaked_pair[1]
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=3, device=device)
-    args = dict(num_beams=4, max_new_tokens=10, min_new_tokens=4, forced_bos_token_id=V - 48)
+    args = dict(num_beams=4, max_new_tokens=10, min_new_tokens=4, tgt_lang_id=V - 48)
     with torch.no_grad():
         assert torch.equal(model.mbart.generate(ids, mask, compile_scores=True, **args),
                            model.mbart.generate(ids, mask, compile_scores=False, **args))
@@ -213,8 +217,8 @@ def test_min_new_tokens_equals_hf(peaked_pair, num_beams, device):
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=5, device=device)
     args = dict(input_ids=ids, attention_mask=mask, num_beams=num_beams, max_new_tokens=12,
-                forced_bos_token_id=V - 48, early_stopping=True, length_penalty=1.0)
-    lengths = lambda out: (out != 1).sum(1) - 1  # noqa: E731  new tokens, after the decoder start
+                tgt_lang_id=V - 48, early_stopping=True, length_penalty=1.0)
+    lengths = lambda out: (out != 1).sum(1)  # noqa: E731  new tokens
     boost = next(b for b in torch.arange(0.0, 20.0, 0.5).tolist()
                  if lengths(hf_generate_with_eos_boost(hf_mbart, b, **args)).min() < 6)
     ref = hf_generate_with_eos_boost(hf_mbart, boost, min_new_tokens=6, **args)
@@ -226,8 +230,8 @@ def test_min_new_tokens_equals_hf(peaked_pair, num_beams, device):
 
 def test_beams_attend_one_copy_of_the_source(model, device):
     """Decoding with G beams per sentence, which run the prompt once per sentence and attend one copy of its source
-    and of its prompt, computes what the whole decoder computes on each beam's sequence with every source repeated
-    G times."""
+    and of its prompt (the decoder handed a decoding.Cache), computes what the whole decoder computes on each beam's
+    sequence with every source repeated G times."""
     dec, c = model.mbart.decoder, model.config.mbart
     G, P = 3, 4
     src, src_mask = padded_batch(c.vocab_size, [7, 4], lang_id=c.vocab_size - 51, seed=13, device=device)
@@ -238,24 +242,28 @@ def test_beams_attend_one_copy_of_the_source(model, device):
         memory = model.mbart.encode(src, src_mask)
         full = dec(torch.cat([prompt.repeat_interleave(G, 0), new], 1), memory.repeat_interleave(G, 0),
                    src_mask.repeat_interleave(G, 0))  # (2 G, P + 1, d)
-        cache = KVCache(len(dec.layers), P + 1, beams=G)
-        once = decode_layers(dec, dec.embed(prompt), 0, memory, src_mask, cache, causal=True)
+        cache = Cache(P + 1, beams=G)
+        once = dec(prompt, memory, src_mask, cache=cache)  # causal
         assert_close(once, full[::G, :P], atol=1e-5, name="the prompt, once per sentence")
-        step = decode_step(dec, new, torch.tensor(P, device=device), memory, src_mask, cache)
+        pos = torch.tensor(P, device=device)
+        step = dec(new, memory, src_mask, cache.begin_step(pos), start=pos, cache=cache)[:, -1]
         assert_close(step, full[:, P], atol=1e-5, name="cached step of each beam")
+        assert all(k.shape[0] == 2 for k, _ in cache.cross.values()), "the source's keys: one copy per sentence"
 
 
 def test_beams_attend_their_own_history_without_moving_the_cache():
-    """KVCache, reordered through `owner` (no key or value moves), against each beam's own history moved row by row
-    as transformers does: the same attention for the prompt written once for all beams, then decoding steps whose
-    beams continue random parents of the same sentence."""
+    """decoding.Cache, reordered through `owner` (no key or value moves), against each beam's own history moved row
+    by row as transformers does: the same attention (`Cache.attend`, the beams of a sentence as one row, with SDPA
+    and with the matmul attention) for the prompt written once for all beams, then decoding steps whose beams
+    continue random parents of the same sentence."""
     g = torch.Generator().manual_seed(15)
     B, nb, H, P, Dh, steps = 2, 3, 2, 2, 4, 4
-    cache = KVCache(layers=2, max_len=P + steps, beams=nb)
+    cache = Cache(max_len=P + steps, beams=nb)
+    layers = ("layer 0", "layer 1")  # the keys of the cache's buffers (the model's are its Attention modules)
     randn = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     k, v = randn(B, H, P, Dh), randn(B, H, P, Dh)
-    for layer in range(2):
-        keys, values = cache.write(layer, k, v, 0)
+    for layer in layers:
+        keys, values = cache.update(layer, k, v)
         assert torch.equal(keys, k) and torch.equal(values, v)
     hist_k, hist_v = k.repeat_interleave(nb, 0), v.repeat_interleave(nb, 0)  # (B * nb, H, t, Dh): every beam's own
     rows = torch.arange(B)[:, None] * nb
@@ -264,18 +272,16 @@ def test_beams_attend_their_own_history_without_moving_the_cache():
             parent = torch.randint(nb, (B, nb), generator=g)
             cache.reorder(parent)
             hist_k, hist_v = hist_k[(rows + parent).view(-1)], hist_v[(rows + parent).view(-1)]
-        pos = torch.tensor(P + step)
-        mask = cache.attend(pos)  # (B, 1, nb, nb * max_len)
+        mask = cache.begin_step(torch.tensor(P + step))  # (B, 1, nb, nb * max_len)
         k, v, q = randn(B * nb, H, 1, Dh), randn(B * nb, H, 1, Dh), randn(B * nb, H, 1, Dh)
-        keys, values = cache.write(1, k, v, pos)  # (B, H, nb * max_len, Dh)
+        keys, values = cache.update(layers[1], k, v)  # (B, H, nb * max_len, Dh)
         hist_k, hist_v = torch.cat([hist_k, k], 2), torch.cat([hist_v, v], 2)
         assert mask.sum(-1).eq(P + step + 1).all(), "each beam sees its P + step + 1 positions, once each"
-        grouped = q.view(B, nb, H, Dh).transpose(1, 2)  # the beams of a sentence as one row: (B, H, nb, Dh)
-        ours = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask).transpose(1, 2)
         ref = F.scaled_dot_product_attention(q, hist_k, hist_v)  # (B * nb, H, 1, Dh)
-        assert_close(ours.reshape(B * nb, H, Dh), ref[:, :, 0], atol=1e-6, name=f"step {step}")
-        assert_close(matmul_attention(grouped, keys, values, mask).transpose(1, 2).reshape(B * nb, H, Dh),
-                     ref[:, :, 0], atol=1e-6, name=f"matmul attention, step {step}")
+        q, ref = (t.transpose(1, 2).reshape(B * nb, 1, H * Dh) for t in (q, ref))  # (rows, 1, C), as Attention's
+        for attention in (None, "matmul"):  # SDPA, then the matmul attention
+            cache.attention = attention
+            assert_close(cache.attend(q, keys, values, mask), ref, atol=1e-6, name=f"{attention}, step {step}")
 
 
 # ----------------------------------------------------------------------------- CLIPTrans: prefix, cache, loss
@@ -372,15 +378,15 @@ def test_text_only_generation_equals_hf(peaked_pair, num_beams, device):
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=23, device=device)
     args = dict(num_beams=num_beams, max_new_tokens=12)
-    boost = boost_for_varied_lengths(hf_mbart, input_ids=ids, attention_mask=mask, forced_bos_token_id=V - 48,
+    boost = boost_for_varied_lengths(hf_mbart, input_ids=ids, attention_mask=mask, tgt_lang_id=V - 48,
                                      early_stopping=True, **args)
     ref = hf_generate_with_eos_boost(hf_mbart, boost, input_ids=ids, attention_mask=mask, early_stopping=True,
-                                     forced_bos_token_id=V - 48, **args)
+                                     tgt_lang_id=V - 48, **args)
     with torch.no_grad():
         baseline.mbart.final_logits_bias[2] += boost
         ours = baseline.generate(torch.zeros(6, 0, device=device), ids, mask, tgt_lang_id=V - 48, **args)
     assert len(set((ref != 1).sum(1).tolist())) > 1, "sentences of several lengths"
-    assert torch.equal(ours, ref[:, 1:]), f"\nours:\n{ours}\nhf:\n{ref}"
+    assert torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
 
 
 def test_kv_cache_decoding_equals_full_recomputation(peaked_pair, device):
@@ -410,9 +416,9 @@ def test_kv_cache_decoding_equals_full_recomputation(peaked_pair, device):
         assert torch.equal(out, full[:, :out.shape[1]])
         # And the hidden states of one cached step equal the full computation's last position.
         dec, L = model.mbart.decoder, seq.shape[1]
-        cache = KVCache(len(dec.layers), L)
-        decode_layers(dec, dec.embed(seq[:, :-1]), 0, memory, src_mask, cache, prefix_mask(P, L - 1, device))
-        step = decode_step(dec, seq[:, -1:], torch.tensor(L - 1, device=device), memory, src_mask, cache)
+        cache, pos = Cache(L), torch.tensor(L - 1, device=device)
+        dec(seq[:, :-1], memory, src_mask, prefix_mask(P, L - 1, device), cache=cache)
+        step = dec(seq[:, -1:], memory, src_mask, cache.begin_step(pos), start=pos, cache=cache)[:, -1]
         full_h = dec(seq, memory, src_mask, mask=prefix_mask(P, L, device))
         assert_close(step, full_h[:, -1], atol=1e-5, name="cached step")
 
@@ -448,7 +454,7 @@ def test_cuda_graph_decoding_equals_plain_launches_in_bf16(peaked_pair, num_beam
     model = peaked_pair[1]
     V = model.config.mbart.vocab_size
     ids, mask = padded_batch(V, [9, 6, 4, 7, 5, 8], lang_id=V - 51, seed=3, device="cuda")
-    args = dict(num_beams=num_beams, max_new_tokens=12, forced_bos_token_id=V - 48, attention=attention)
+    args = dict(num_beams=num_beams, max_new_tokens=12, tgt_lang_id=V - 48, attention=attention)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         graph = model.mbart.generate(ids, mask, use_cuda_graph=True, **args)
         plain = model.mbart.generate(ids, mask, use_cuda_graph=False, **args)
@@ -582,11 +588,11 @@ def test_unset_decoder_start_token_starts_from_bos_as_hf(peaked_pair, hf_mbart_d
     try:
         ref = hf_mbart.generate(input_ids=ids, attention_mask=mask, num_beams=1, max_new_tokens=6,
                                 forced_bos_token_id=V - 48, do_sample=False)
-        ours = model.mbart.generate(ids, mask, num_beams=1, max_new_tokens=6, forced_bos_token_id=V - 48)
+        ours = model.mbart.generate(ids, mask, tgt_lang_id=V - 48, num_beams=1, max_new_tokens=6)
     finally:  # the session's shared models, as they were
         (hf_mbart.config.decoder_start_token_id, hf_mbart.generation_config.decoder_start_token_id,
          model.mbart.config.decoder_start_id) = saved
-    assert (ref[:, 0] == start).all() and torch.equal(ours, ref), f"\nours:\n{ours}\nhf:\n{ref}"
+    assert (ref[:, 0] == start).all() and torch.equal(ours, ref[:, 1:]), f"\nours:\n{ours}\nhf:\n{ref}"
 
 
 def test_convert_names_unexpected_keys_of_a_state_dict():

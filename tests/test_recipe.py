@@ -1,6 +1,6 @@
 """The training recipe's parts against references written here or taken from Hugging Face.
 
-- Stage 0's objectives (tiny_world.py): the contrastive loss is CLIP's symmetric InfoNCE on the towers' normalised
+- Stage 0's objectives (stage0.py): the contrastive loss is CLIP's symmetric InfoNCE on the towers' normalised
   embeddings, image i paired with its own caption; text infilling replaces spans of one to three words by one
   <mask> each and keeps the language code and </s>, as a reference written here does (it masks 27% of the words,
   not mBART's 35%: an expected failure records it).
@@ -23,6 +23,7 @@ from PIL import Image
 
 import data
 import runs
+import stage0
 import tiny_world
 import train
 import transformers
@@ -55,7 +56,7 @@ def test_stage0_contrastive_loss_is_symmetric_infonce(tmp_path, monkeypatch):
     world = tiny_world.make_tiny_world(tmp_path / "world", n_train=32, n_val=2, n_test=2, image_size=32)
     seen = {"normalized": [], "pixels": [], "texts": []}
 
-    class SpyF:  # tiny_world's torch.nn.functional, recording what it normalises
+    class SpyF:  # stage0's torch.nn.functional, recording what it normalises
         def __getattr__(self, name):
             return getattr(F, name)
 
@@ -68,15 +69,15 @@ def test_stage0_contrastive_loss_is_symmetric_infonce(tmp_path, monkeypatch):
         raise Stop
 
     encode_image, encode = CLIPTrans.encode_image, data.TextTowerTokenizer.encode
-    monkeypatch.setattr(tiny_world, "F", SpyF())
+    monkeypatch.setattr(stage0, "F", SpyF())
     monkeypatch.setattr(torch.Tensor, "backward", backward)
     monkeypatch.setattr(CLIPTrans, "encode_image", lambda m, x: seen["pixels"].append(x) or encode_image(m, x))
     monkeypatch.setattr(data.TextTowerTokenizer, "encode", lambda t, texts, *a, **k: seen["texts"].append(texts)
                         or encode(t, texts, *a, **k))
-    settings = dict(data=str(world), images="", train_split="train", val_split="val", n_pairs=0, mapping="mlp",
-                    batch_size=8, epochs=1, lr=1e-3, seed=0, log_every=1, out=str(tmp_path / "stage0"))
+    settings = stage0.Stage0Config(data=str(world), out=str(tmp_path / "stage0"), batch_size=8, epochs=1,
+                                   lr=1e-3, seed=0, log_every=1)
     with pytest.raises(Stop):
-        tiny_world.stage0(settings, "cpu")
+        stage0.stage0(settings, "cpu")
     image, text = seen["normalized"][:2]  # (B, D) each, in the order stage 0 embeds them
     assert image.shape == text.shape == (8, 64)
     assert_close(seen["loss"], info_nce(image, text, 1 / 0.07), atol=1e-6, name="contrastive loss")
@@ -97,7 +98,7 @@ def reference_infill(ids, mask_id, g, ratio=0.35):
     of round(ratio * n) (at least 1) is masked, in spans that start at budget // 2 (at least 1) positions drawn
     at random (a permutation of the word positions, its first ones), each span 1 to 3 words (uniform, cut to the
     budget left) replaced by one <mask>; a start inside an earlier span is skipped. The same random draws in the
-    same order as tiny_world.infill, so the same generator state gives the same noise."""
+    same order as stage0.infill, so the same generator state gives the same noise."""
     words = list(ids[1:-1])
     budget = max(1, round(len(words) * ratio))
     starts = torch.randperm(len(words), generator=g)[:max(1, budget // 2)].tolist()
@@ -124,7 +125,7 @@ def reference_infill(ids, mask_id, g, ratio=0.35):
 
 
 def test_infill_equals_a_reference_and_masks_spans():
-    """tiny_world.infill against `reference_infill` on a seeded generator (the same draws in the same order: equal
+    """stage0.infill against `reference_infill` on a seeded generator (the same draws in the same order: equal
     outputs), and its properties on 400 sentences of 3 to 24 distinct word ids: the language code and </s> kept,
     at least one <mask>, the kept words in order, each run of k <mask>s standing for k to 3k consecutive words,
     never more than round(35%) of a sentence's words masked, and 25 to 30% of all words (see the next test)."""
@@ -134,7 +135,7 @@ def test_infill_equals_a_reference_and_masks_spans():
     for _ in range(400):
         n = int(torch.randint(3, 25, (1,), generator=g))
         ids = [LANG] + list(range(10, 10 + n)) + [EOS]  # distinct words: the masked ones are the missing ones
-        out = tiny_world.infill(ids, MASK, g_ours)
+        out = stage0.infill(ids, MASK, g_ours)
         assert out == reference_infill(ids, MASK, g_ref), ids
         assert out[0] == LANG and out[-1] == EOS and MASK in out
         kept = [w for w in out[1:-1] if w != MASK]

@@ -13,6 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import stage0  # noqa: E402
 import tiny_world  # noqa: E402
 from tiny_world import Scene, Thing  # noqa: E402
 
@@ -226,21 +227,21 @@ def test_tiny_cli_never_overwrites_without_being_asked(tmp_path, capsys):
 
 
 def test_retrieval_recall_against_counted_hits():
-    """tiny_world.recall, on made-up embeddings whose ranks are known: within each group of 4, image i is closest
+    """stage0.recall, on made-up embeddings whose ranks are known: within each group of 4, image i is closest
     to caption i except where the test swaps two captions; an identical caption counts as right."""
     text = torch.eye(8)  # caption j: the j-th unit vector, so every similarity below is known
     texts = ["a", "b", "c", "d", "e", "f", "g", "h"]
-    r = tiny_world.recall(text.clone(), text, texts, group=4, ks=(1, 2))
+    r = stage0.recall(text.clone(), text, texts, group=4, ks=(1, 2))
     assert r == {"image_to_text_r1": 1.0, "image_to_text_r2": 1.0, "text_to_image_r1": 1.0, "text_to_image_r2": 1.0}
     image = text.clone()
     image[[0, 1]] = text[[1, 0]] + 0.5 * text[[0, 1]]  # images 0 and 1: each other's caption first, then theirs
     image[5] = text[4] + 0.5 * text[5]  # image 5 looks like caption 4, then like its own: wrong at 1, right at 2
-    r = tiny_world.recall(image, text, texts, group=4, ks=(1, 2))
+    r = stage0.recall(image, text, texts, group=4, ks=(1, 2))
     # captions 0 and 1 find the swapped images; caption 5 still finds image 5 (its only non-zero similarity)
     assert r == {"image_to_text_r1": 5 / 8, "image_to_text_r2": 1.0, "text_to_image_r1": 6 / 8,
                  "text_to_image_r2": 1.0}
     # captions 4 and 5 identical: image 5 finding caption 4 is right
-    r = tiny_world.recall(image, text, ["a", "b", "c", "d", "e", "e", "g", "h"], group=4, ks=(1,))
+    r = stage0.recall(image, text, ["a", "b", "c", "d", "e", "e", "g", "h"], group=4, ks=(1,))
     assert r["image_to_text_r1"] == 6 / 8
     # one group of all 8: the same hits (every wrong partner is within its group of 4)
-    assert tiny_world.recall(image, text, texts, group=8, ks=(1,))["image_to_text_r1"] == 5 / 8
+    assert stage0.recall(image, text, texts, group=8, ks=(1,))["image_to_text_r1"] == 5 / 8

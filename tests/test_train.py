@@ -12,6 +12,7 @@ another job makes two threads spin-wait (measured 20x slower), and the same thre
 the runs we compare bit for bit reproducible.
 """
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -30,6 +31,8 @@ from safetensors.torch import load_file, save_file
 
 import data
 import experiment
+import folders
+from stage0 import Stage0Config
 import tiny_world
 import train
 import translate
@@ -37,6 +40,7 @@ import weights
 from cliptrans import CLIPTrans, CLIPTransConfig, MappingConfig
 from conftest import ROOT
 from runs import read_state
+from bench.disk import folder_size  # bench/disk.py, its only user
 
 # Small evaluation settings for every run that does not test the defaults: greedy, short, 8 sentences.
 FAST = ["--beam", "1", "--max_new_tokens", "20", "--max_eval", "8", "--log_every", "1"]
@@ -271,7 +275,7 @@ def test_freeze_decoder_trains_the_mapping_network_alone(world, stage0, tmp_path
     s0, s1 = tensors(stage0), tensors(out / "last")
     assert changed(s0, s1) == prefixed(s0, "mapping.")
     assert max_diff(s0, s1, prefixed(s0, "mapping.")) > 1e-4
-    with pytest.raises(SystemExit, match="--freeze_decoder with --stage 2: it is a stage 1 ablation"):
+    with pytest.raises(SystemExit, match="--freeze_decoder has no effect in stage 2: it is for stage 1"):
         train.main(args("--stage", 2, "--data", world, "--out", tmp_path / "s2", "--freeze_decoder"))
 
 
@@ -293,7 +297,7 @@ def test_stage2_starts_from_the_stage1_checkpoint(world, stage0, stage1, tmp_pat
     # move at all): its checkpoint is what it loaded, which must be stage 1's `last` (given as --init), not
     # stage 0's weights.
     out = tmp_path / "stage2"
-    train.main(args("--stage", 2, "--data", world, "--init", stage1 / "last", "--weights", stage0, "--out", out,
+    train.main(args("--stage", 2, "--data", world, "--init", stage1 / "last", "--out", out,
                     "--max_steps", 1, "--batch_size", 16, "--lr", 1e-30, *FAST))
     s2 = tensors(out / "last")
     assert max_diff(s1, s2) <= 1e-20
@@ -305,8 +309,7 @@ def test_stage2_starts_from_the_stage1_checkpoint(world, stage0, stage1, tmp_pat
 def test_from_scratch_stage2_starts_from_the_weights(world, stage0, stage1, tmp_path):
     # the ablation: stage 2 from --weights (stage 0), ignoring the stage 1 checkpoint; the lr 1e-30 trick again
     out = tmp_path / "scratch"
-    train.main(args("--stage", 2, "--data", world, "--init", stage1 / "last", "--weights", stage0, "--out", out,
-                    "--from_scratch_stage2", "--max_steps", 1, "--batch_size", 16, "--lr", 1e-30, *FAST))
+    train.main(args("--stage", 2, "--data", world, "--weights", stage0, "--out", out, "--from_scratch_stage2", "--max_steps", 1, "--batch_size", 16, "--lr", 1e-30, *FAST))
     assert max_diff(tensors(stage0), tensors(out / "last")) <= 1e-20  # 1e-30 where a weight was 0
 
 
@@ -661,9 +664,9 @@ def test_checkpoints_share_the_frozen_towers_and_only_last_keeps_the_optimizer(s
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # folder_size counts the towers once: two links in stage2 (best, last), none new after stage 0's
     every, tw = sum(f.stat().st_size for f in stage2.rglob("*") if f.is_file()), towers[0].stat().st_size
-    assert weights.folder_size(stage2) == every - tw
+    assert folder_size(stage2) == every - tw
     seen = set()
-    assert weights.folder_size(stage0, seen) >= tw and weights.folder_size(stage2, seen) == every - 2 * tw
+    assert folder_size(stage0, seen) >= tw and folder_size(stage2, seen) == every - 2 * tw
 
 
 def test_a_folder_of_the_single_file_layout_loads_and_trains(world, stage0, tmp_path, capsys):
@@ -746,11 +749,11 @@ def test_wrong_data_folder(layout, world, stage0, checkpoints, cache, tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_checkpoint_of_another_preset(stage, world, stage0, stage1, checkpoints, cache, tmp_path):
-    # a tiny checkpoint given to --preset paper (which needs --weights and --data): stage 1 loads --weights,
-    # stage 2 loads --init
+    # a tiny checkpoint given to --preset paper: stage 1 loads --weights, stage 2 loads --init
     before = snapshot(*checkpoints)
-    proc = run_train("--stage", stage, "--preset", "paper", "--data", world, "--weights", stage0,
-                     "--init", stage1 / "last", "--out", tmp_path / "out", cache=cache)
+    start = ["--weights", stage0] if stage == 1 else ["--init", stage1 / "last"]
+    proc = run_train("--stage", stage, "--preset", "paper", "--data", world, *start, "--out", tmp_path / "out",
+                     cache=cache)
     what = str(stage0) if stage == 1 else str(stage1 / "last")
     fails_cleanly(proc, f"{what} is not a paper model", "--preset")
     assert snapshot(*checkpoints) == before and not (tmp_path / "out").exists()
@@ -780,12 +783,61 @@ def test_flags_with_fixed_choices(flag, value, capsys):
     assert f"argument --{flag}: invalid choice: " in capsys.readouterr().err
 
 
+def test_every_flag_is_honoured_or_refused_in_every_stage(tmp_path, monkeypatch):
+    """Each flag of train.Config given in each stage: parsed for the run where its row names the stage, refused
+    with a message that names the flag and the stage everywhere else, never dropped. Stage 0 is handed exactly
+    the flags that name it (Stage0Config), and parsing writes nothing (not the default tiny world)."""
+    monkeypatch.setenv("CLIPTRANS_CACHE", str(tmp_path))
+    for f in train.FLAGS:
+        value = train.CHOICES.get(f.name, [{bool: True, int: 3, float: 0.5, str: "x"}[type(f.default)]])[-1]
+        for stage in (0, 1, 2):
+            cli = ["--stage", stage] + ([f"--{f.name}"] if value is True else [f"--{f.name}", value])
+            try:
+                c = train.parse_args(args(*cli))
+            except SystemExit as e:  # refused: for this flag's stages, or for another reason
+                refused = f"--{f.name} has no effect in stage {stage}" in str(e.code)
+                assert refused == (stage not in f.metadata["stages"]), (f.name, stage, e.code)
+                continue
+            assert stage in f.metadata["stages"] and getattr(c, f.name) == value, (f.name, stage)
+    stage0_flags = {f.name for f in train.FLAGS if 0 in f.metadata["stages"]}
+    assert stage0_flags - {"stage", "preset", "device", "allow_large_images"} == \
+        {f.name for f in dataclasses.fields(Stage0Config)}
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stage0_refuses_a_folder_that_holds_a_checkpoint(world, stage0):
+    """`train.py --stage 0` into a folder holding stage 0's output is refused before it trains, the folder left
+    byte for byte as it was, as every run's folder is (see test_second_run_into_a_checkpoint_folder_refuses)."""
+    before = snapshot(stage0.parent)
+    with pytest.raises(SystemExit) as e:
+        train.main(args("--stage", 0, "--data", world, "--out", stage0.parent, "--epochs", 1, "--batch_size", 32))
+    assert "already holds a checkpoint or a run's log (last)" in str(e.value.code)
+    assert snapshot(stage0.parent) == before
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_mapping_flag_gives_a_new_mapping_network_where_one_starts_untrained(stage, world, stage0, tmp_path):
+    """--mapping in stage 1 (from the weights) and in stage 2 from the weights (--from_scratch_stage2): the run
+    trains a new mapping network of that kind, not the weights' (mlp); from a trained one it is refused (see
+    test_more_bad_input_in_process)."""
+    out = tmp_path / "run"
+    start = ["--from_scratch_stage2"] if stage == 2 else []
+    train.main(args("--stage", stage, "--data", world, "--weights", stage0, *start, "--out", out, "--mapping",
+                    "transformer", "--max_steps", 1, "--batch_size", 16, *FAST))
+    saved = json.loads((out / "last" / weights.CONFIG_FILE).read_text())["cliptrans"]["mapping"]
+    assert saved == {"kind": "transformer", "prefix_len": 10}
+    assert any(k.startswith("mapping.block.") for k in tensors(out / "last"))
+
+
 @pytest.mark.parametrize("case", ["stage0_as_init", "resume_nothing", "score_nothing", "stage0_paper",
                                   "paper_no_data", "paper_no_weights", "fp16_on_cpu", "save_every_0", "batch_negative",
                                   "n_pairs_negative", "dropout_1", "bad_device", "stage0_not_a_tiny_world",
                                   "resume_stage0", "resume_other_batch", "resume_stage1_as_stage2",
                                   "features_unwritable", "prefix0_stage1", "prefix0_with_image",
-                                  "prefix_len_of_a_trained_mapping", "pair_without_english"])
+                                  "prefix_len_of_a_trained_mapping", "pair_without_english",
+                                  "mapping_of_a_trained_mapping", "weights_in_stage2", "init_from_scratch",
+                                  "weights_with_eval_only", "resume_from_other_weights", "resume_eval_only",
+                                  "max_new_tokens_too_long"])
 def test_more_bad_input_in_process(case, world, stage0, stage1, tmp_path):
     """Cheap checks of further messages, in this process (SystemExit carries the message)."""
     out = tmp_path / "out"
@@ -793,8 +845,7 @@ def test_more_bad_input_in_process(case, world, stage0, stage1, tmp_path):
     cli, message = {
         "stage0_as_init": (["--stage", 2, "--init", stage0], f"{stage0} is not a stage 1 checkpoint (its config.json "
                                                              f"says stage 0)"),
-        "resume_nothing": (["--stage", 1, "--weights", stage0, "--resume"], f"no checkpoint in {out / 'last'} "
-                                                                            f"to resume"),
+        "resume_nothing": (["--stage", 1, "--resume"], f"no checkpoint in {out / 'last'} to resume"),
         "score_nothing": (["--stage", 2, "--eval_only"], f"no checkpoint in {out / 'best'} to score"),
         "stage0_paper": (["--stage", 0, "--preset", "paper"], "stage 0 exists for the tiny preset only"),
         "paper_no_data": (["--stage", 1, "--preset", "paper", "--data", ""], "--data is required"),
@@ -824,7 +875,20 @@ def test_more_bad_input_in_process(case, world, stage0, stage1, tmp_path):
         "prefix0_with_image": (["--stage", 2, "--prefix_len", 0, "--eval_only", "--test_with_image"],
                                "--prefix_len 0 has no prefix to embed"),
         "prefix_len_of_a_trained_mapping": (["--stage", 2, "--init", stage1 / "last", "--prefix_len", 4],
-                                            "has a trained mapping network of 10 prefix vectors"),
+                                            "has a trained mapping network (mlp, 10 prefix vectors)"),
+        "mapping_of_a_trained_mapping": (["--stage", 2, "--init", stage1 / "last", "--mapping", "transformer"],
+                                         "has a trained mapping network (mlp, 10 prefix vectors)"),
+        "weights_in_stage2": (["--stage", 2, "--weights", stage0], "--weights has no effect here: stage 1 starts"),
+        "init_from_scratch": (["--stage", 2, "--init", stage1 / "last", "--from_scratch_stage2"],
+                              "--init has no effect here"),
+        "weights_with_eval_only": (["--stage", 2, "--weights", stage0, "--eval_only"], "--weights has no effect here"),
+        "resume_from_other_weights": (["--stage", 1, "--resume", "--checkpoint", stage1 / "last", "--batch_size", 16,
+                                       "--weights", tmp_path], f"was trained with --weights {stage0}; this run has "
+                                                               f"--weights {tmp_path}: resume with the same"),
+        "resume_eval_only": (["--stage", 2, "--resume", "--eval_only"], "--eval_only trains nothing to --resume"),
+        "max_new_tokens_too_long": (["--stage", 1, "--weights", stage0, "--max_new_tokens", 200],
+                                    "11 prompt positions + max_new_tokens=200 exceed mBART's 128: max_new_tokens "
+                                    "can be at most 117"),
         "pair_without_english": (["--stage", 1, "--weights", stage0, "--src", "de", "--tgt", "fr"],
                                  "de-fr has no English (the official code then captions in Spanish): give "
                                  "--caption_lang, one of the languages of the training split (de, en, fr)"),
@@ -869,7 +933,7 @@ def test_eval_only_scores_the_best_stage2_checkpoint(world, stage2, scrambled, t
 
 
 def test_eval_only_stage1_any_split(world, stage1, tmp_path, capsys):
-    result = eval_only(capsys, "--stage", 1, "--data", world, "--checkpoint", stage1 / "last", "--split", "val",
+    result = eval_only(capsys, "--stage", 1, "--data", world, "--checkpoint", stage1 / "last", "--test_split", "val",
                        "--out", tmp_path)
     assert result["checkpoint"] == str(stage1 / "last")
     # the training run scored the same checkpoint on val at its last step (4), with the same settings
@@ -903,13 +967,14 @@ def test_eval_only_ablate_takes_away_one_input(world, stage2, tmp_path, capsys, 
     """--ablate prefix: each sentence is scored with the previous sentence's embedding; --ablate source: the
     encoder gets only `<src_lang> </s>`. Everything else is the normal evaluation."""
     seen = {}
-    evaluate = train.evaluate
+    ablated = train.ablated
 
-    def spy(model, c, split, clip, tok, src_ids, *rest):
-        seen[c.ablate] = (clip.clone(), [list(ids) for ids in src_ids], tok)
-        return evaluate(model, c, split, clip, tok, src_ids, *rest)
+    def spy(ablate, ex, tok):  # what train.score generates from
+        clip, src_ids = ablated(ablate, ex, tok)
+        seen[ablate] = (clip.clone(), [list(ids) for ids in src_ids], tok)
+        return clip, src_ids
 
-    monkeypatch.setattr(train, "evaluate", spy)
+    monkeypatch.setattr(train, "ablated", spy)
     results = {ablate: eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", stage2 / "best",
                                  "--out", tmp_path, *(["--ablate", ablate] if ablate else []))
                for ablate in ("", "prefix", "source")}
@@ -923,13 +988,14 @@ def test_eval_only_ablate_takes_away_one_input(world, stage2, tmp_path, capsys, 
     assert results[""]["bleu"] == json.loads((stage2 / "summary.json").read_text())["test_bleu"]
 
 
-@pytest.mark.parametrize("cli", [["--stage", 2, "--ablate", "prefix"],  # not with training
-                                 ["--stage", 1, "--eval_only", "--ablate", "prefix"],  # captioning has no source
-                                 ["--stage", 2, "--eval_only", "--ablate", "image"]])
-def test_ablate_needs_stage2_eval_only_and_a_known_input(cli, world, tmp_path):
+@pytest.mark.parametrize("cli, message", [
+    (["--stage", 2, "--ablate", "prefix"], "--ablate is for --eval_only"),  # not with training
+    (["--stage", 1, "--eval_only", "--ablate", "prefix"], "--ablate has no effect in stage 1"),  # no source
+    (["--stage", 2, "--eval_only", "--ablate", "image"], "argument --ablate: invalid choice: 'image'")])
+def test_ablate_needs_stage2_eval_only_and_a_known_input(cli, message, world, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.main(args(*cli, "--data", world, "--out", tmp_path / "out"))
-    assert "expected --ablate prefix or --ablate source, with --stage 2 --eval_only" in str(e.value.code)
+    assert message in str(e.value.code) + capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- 9. translate.py, experiment.py
@@ -945,7 +1011,7 @@ def translate_lines(capsys, *cli):
 def test_translate_gives_the_hypotheses_of_eval_only(stage, split, inputs, world, scrambled, tmp_path, capsys):
     """translate.py, in batches of 3, from sentences alone (the M-CLIP text embedding as the prefix) or from
     images (captions): the lines `train.py --eval_only` writes for the same checkpoint, split and settings."""
-    result = eval_only(capsys, "--stage", stage, "--data", world, "--checkpoint", scrambled, "--split", split,
+    result = eval_only(capsys, "--stage", stage, "--data", world, "--checkpoint", scrambled, "--test_split", split,
                        "--out", tmp_path)
     want = Path(result["hypotheses"]).read_text().splitlines()
     if inputs == "sentences":
@@ -1007,7 +1073,7 @@ def test_experiment_continues_an_interrupted_experiment(tmp_path, monkeypatch):
     # a crash between the two renames of weights.save_checkpoint leaves only OUT/.last.old: resumed too
     (tmp_path / "crashed" / ".last.old").mkdir(parents=True)
     crashed = tmp_path / "crashed"
-    assert weights.find_checkpoint(crashed / "last") == crashed / ".last.old"
+    assert folders.find_checkpoint(crashed / "last") == crashed / ".last.old"
     assert experiment.train("--stage", 1, "--out", crashed, out=crashed) == {"test_bleu": 12.5}
     assert calls[-1] == ["--stage", "1", "--out", str(crashed), "--resume"]
 
@@ -1054,7 +1120,7 @@ def test_dropout_flag_reaches_every_dropout(tmp_path):
     cfg = CLIPTransConfig.preset("tiny")
     cfg.mapping = MappingConfig(kind="transformer")
     weights.save(CLIPTrans(cfg), tmp_path / "w")
-    model, _ = train.load_model(tmp_path / "w", train.Config(dropout=0.0), "cpu", "weights")
+    model, _ = train.load_model(tmp_path / "w", train.Config(dropout=0.0), "cpu", train.Start.WEIGHTS)
     trained = [(name, m) for name, m in model.named_modules() if name.startswith(("mapping", "mbart"))]
     rates = {name: m.p for name, m in trained if isinstance(m, torch.nn.Dropout)}
     rates.update({name: m.dropout for name, m in trained if hasattr(m, "qkv")})  # cliptrans.Attention
@@ -1278,5 +1344,6 @@ def test_a_damaged_tokenizer_in_the_starting_checkpoint_fails_clearly(world, sta
 
 def test_more_beams_than_the_vocabulary_allows_are_refused_before_training(world, stage1, tmp_path):
     refused(["--stage", 2, "--data", world, "--init", stage1 / "last", "--out", tmp_path / "out", *FAST,
-             "--beam", 500], "--beam 500 needs a vocabulary of at least 1001 tokens", "lower --beam")
+             "--beam", 500], "--beam 500, --max_new_tokens 20: num_beams=500 needs a vocabulary of at least 1001 "
+                             "tokens", "use at most")
     assert not (tmp_path / "out").exists()
