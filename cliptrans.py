@@ -14,9 +14,10 @@ Stage 1 (captioning) trains the mapping network and the mBART decoder to caption
 embedding; stage 2 (translation) swaps the image tower for M-CLIP's text tower, which embeds sentences into
 the same space, so no image is needed at test time.
 
-Reading order, top to bottom: the configs; the blocks all four networks share (attention, MLP, a transformer
-layer); the two frozen towers; mBART-50; then the paper's own part: `MappingNetwork`, `prefix_mask` and
-`CLIPTrans`, whose `forward` goes from one CLIP vector and a sentence to the loss.
+Reading order: the paper's own part first, the last section: `MappingNetwork`, `prefix_mask` and `CLIPTrans`,
+whose `forward` goes from one CLIP vector and a sentence to the loss. Then up the file, what it calls: mBART-50;
+the two frozen towers; the blocks all four networks share (attention, MLP, a transformer layer); the configs.
+(The file is written in dependency order, small parts first, so each class is defined before its users.)
 
 Every network matches its Hugging Face counterpart number for number (tests/test_model.py):
 - image tower:  transformers/models/clip/modeling_clip.py   (CLIPModel.get_image_features)
