@@ -1042,6 +1042,7 @@ def test_translate_a_sentence_longer_than_the_text_tower(world, stage2, capsys):
     (["--beam", 0, "x"], "argument --beam: expected a positive integer, got 0"),
     (["--batch_size", 0, "x"], "argument --batch_size: expected a positive integer, got 0"),
     (["--device", "foo", "x"], "--device foo: "),
+    (["--device", "cpu", "--dtype", "fp16", "x"], "--dtype fp16 needs a GPU"),  # train.py's rule (runs.setup)
     (["--max_new_tokens", 500, "x"], "max_new_tokens can be at most 117"),
     (["--src", "xx", "x"], "unknown language 'xx': expected an mBART-50 code"),
     (["a sentence", " ", "another"], "expected non-empty sentences, as arguments or one per line on stdin; "
