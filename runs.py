@@ -131,10 +131,23 @@ def check_free(out):
         raise SystemExit(f"error: {e}") from None
 
 
-def hold(out):
+def hold(out, new=False):
     """Hold the folder `out` for this process: OUT/.lock holds its process id, and another run into `out` is
     refused while that process lives (two runs would overwrite each other's checkpoints and log). A lock whose
-    process has ended (killed, or the machine restarted) is taken over, with a message. Released at exit."""
+    process has ended (killed, or the machine restarted) is taken over, with a message. Released at exit.
+    new: a new run, which then refuses a folder an earlier run left files in (check_free), letting go of it."""
+    lock = take(out)
+    if new:
+        try:
+            check_free(out)
+        except SystemExit:
+            release(out)
+            raise
+    return lock
+
+
+def take(out):
+    """The lock of `hold`: OUT/.lock with this process's id, taken over from a process that has ended."""
     lock = Path(out) / ".lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(50):
@@ -253,13 +266,7 @@ class Run:
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # optimizer steps; the position in the data
         self.best, self.pause_s = -1.0, 0.0  # best: the best validation score so far
         if env.rank == 0:  # the folder is this run's from now on; checked again: another run may have ended
-            hold(self.out)  # there since this one started
-            if not resume:
-                try:
-                    check_free(self.out)
-                except SystemExit:
-                    release(self.out)
-                    raise
+            hold(self.out, new=not resume)  # there since this one started
         if resume:
             self.resume(start, resume_same)
         self.metrics = self.open_log(self.out / "metrics.jsonl", resume) if env.rank == 0 else None

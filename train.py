@@ -146,6 +146,10 @@ class Config:
 FLAGS = [f for f in dataclasses.fields(Config) if "help" in f.metadata]
 
 
+def stages_of(f):  # "stage 1 and 2": the stages a flag applies to, in messages and --help
+    return "stage " + " and ".join(map(str, f.metadata["stages"]))
+
+
 # The flags with a fixed set of values (argparse rejects the others), and the numbers that must be positive or
 # non-negative (checked once the preset's defaults are in).
 CHOICES = {"stage": (0, 1, 2), "preset": ("tiny", "paper"), "mapping": ("mlp", "hidden_mlp", "transformer"),
@@ -187,8 +191,7 @@ def check(c: Config):
     given = c.given
     for f in FLAGS:
         if f.name in given and c.stage not in f.metadata["stages"]:
-            where = " and ".join(map(str, f.metadata["stages"]))
-            refuse(f"--{f.name} has no effect in stage {c.stage}: it is for stage {where}; leave it out")
+            refuse(f"--{f.name} has no effect in stage {c.stage}: it is for {stages_of(f)}; leave it out")
     if (c.preset, c.stage) not in RECIPES:
         refuse(f"stage {c.stage} exists for the tiny preset only (the paper's towers and mBART come "
                f"pretrained: convert them with weights.py)")
@@ -236,7 +239,7 @@ def parse_args(argv=None):
         if "default" not in text and f.default not in ("", 0, False):  # (0, "": the text says what it means)
             text += f" (default: {f.default})"
         if f.metadata["stages"] != ALL:
-            text += f" [stage {' and '.join(map(str, f.metadata['stages']))}]"
+            text += f" [{stages_of(f)}]"
         if f.type is bool or f.type == "bool":
             p.add_argument("--" + f.name, action="store_true", default=f.default, help=text)
         else:
@@ -290,11 +293,13 @@ def run_stage0(c: Config, env: Env):
     missing. It follows every run's rules: a folder of its own, free of an earlier run's files, held while it
     runs."""
     if env.rank == 0:
-        runs.check_free(c.out)
-        runs.hold(c.out)
+        runs.hold(c.out, new=True)
         names = [f.name for f in dataclasses.fields(stage0.Stage0Config)]
-        settings = {**{k: getattr(c, k) for k in names}, "mapping": c.mapping or "mlp",
-                    "prefix_len": 10 if c.prefix_len < 0 else c.prefix_len}
+        settings = {k: getattr(c, k) for k in names if k not in ("mapping", "prefix_len")}
+        if c.mapping:  # else Stage0Config's own (mlp, 10 prefix vectors), as weights.py writes them
+            settings["mapping"] = c.mapping
+        if c.prefix_len >= 0:
+            settings["prefix_len"] = c.prefix_len
         stage0.stage0(stage0.Stage0Config(**settings), env.device)
         runs.release(c.out)
     if dist.is_initialized():
