@@ -102,6 +102,7 @@ class CLIPTransConfig:
     text: TextConfig = field(default_factory=TextConfig)
     mbart: MBartConfig = field(default_factory=MBartConfig)
     mapping: MappingConfig = field(default_factory=MappingConfig)
+    prompt: str = "train"  # the decoder's prompt in `generate` (PROMPTS): "train", or the official code's "official"
 
     @classmethod
     def preset(cls, name):
@@ -125,7 +126,8 @@ class CLIPTransConfig:
     @classmethod
     def from_dict(cls, d):
         return cls(vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]),
-                   mbart=MBartConfig(**d["mbart"]), mapping=MappingConfig(**d["mapping"]))
+                   mbart=MBartConfig(**d["mbart"]), mapping=MappingConfig(**d["mapping"]),
+                   prompt=d.get("prompt", "train"))  # (folders written before the prompt was a setting: "train")
 
 
 # -----------------------------------------------------------------------------
@@ -451,7 +453,8 @@ class CLIPTrans(nn.Module):
         label:  <lang>    -100 x 10   y1      y2 .. </s>
 
     The official code generates from `P1..P10 </s>` although it trains on the layout above; here one
-    layout serves both, so generation continues exactly the sequences training saw.
+    layout serves both, so generation continues exactly the sequences training saw (`generate`'s
+    prompt="official" decodes as the official code does: PROMPTS).
     The prefix vectors are not scaled by sqrt(d) (token embeddings are); positions are added to all.
     With prefix_len 0 the layout is mBART's own, `</s> <lang> y1..yn`: the text-only baseline."""
 
@@ -460,6 +463,8 @@ class CLIPTrans(nn.Module):
         if config.vision.embed_dim != config.text.embed_dim:
             raise ValueError(f"the towers must share one space: image {config.vision.embed_dim}-d, "
                              f"text {config.text.embed_dim}-d")
+        if config.prompt not in PROMPTS:
+            raise ValueError(f"unknown prompt layout {config.prompt!r}: expected one of {list(PROMPTS)}")
         self.config = config
         self.vision = VisionTower(config.vision)
         self.text = TextTower(config.text)
@@ -509,20 +514,43 @@ class CLIPTrans(nn.Module):
 
     @torch.no_grad()
     def generate(self, clip_embeds, input_ids, attention_mask, tgt_lang_id, num_beams=5, max_new_tokens=60,
-                 **search_args):
+                 prompt=None, **search_args):
         """Translate (stage 2) or caption (stage 1): returns the new tokens (B, n), `<lang> y1 .. </s>`,
-        padded.
-        Generation continues the training layout: it starts from `</s> P1..P10` and forces `<lang>` first.
+        padded. `prompt`: the decoder prompt's layout, a key of PROMPTS (default: the config's, "train":
+        generation continues the training layout, from `</s> P1..P10`); `<lang>` is forced first either way.
         `search_args`: see decoding.generate."""
         c = self.config.mbart
         B, P = clip_embeds.shape[0], self.config.mapping.prefix_len
         memory = self.mbart.encode(input_ids, attention_mask)
-        eos = self.mbart.embed_tokens(torch.full((B, 1), c.eos_id, device=input_ids.device))
-        prompt = torch.cat([eos, self.mapping(clip_embeds).to(eos.dtype)], dim=1)  # (B, 1 + P, d)
-        mask = prefix_mask(P, 1 + P, prompt.device)
-        return decoding.generate(self.mbart, memory, attention_mask, prompt, mask, num_beams=num_beams,
+        eos = self.mbart.embed_tokens(torch.full((B, 1), c.eos_id, device=input_ids.device))  # (B, 1, d)
+        layout, make_mask = PROMPTS[prompt or self.config.prompt]
+        embeds = layout(eos, self.mapping(clip_embeds).to(eos.dtype))  # (B, 1 + P, d)
+        mask = make_mask(P, 1 + P, embeds.device)
+        return decoding.generate(self.mbart, memory, attention_mask, embeds, mask, num_beams=num_beams,
                                  max_new_tokens=max_new_tokens, forced_bos_token_id=tgt_lang_id,
                                  **search_args)
+
+
+# The official code's test-time prompt (src/models/model.py, mode 'test'), which is not its training layout: the
+# prefix first, then `</s>` ("because for decoder, eos is now start_token_id"), under the decoder mask of its
+# patched mBART (modeling_mbart.py): causal, then `combined_attention_mask[:, :, 1:, 1:11] = 0`. Columns 1 to 10
+# are visible to every row after the first, hard-coded for a 10-vector prefix: with P = 10, P1 sees only itself,
+# P2..P10 and `</s>` see all eleven, `</s>` included; with another P the same ten columns, whatever they hold.
+
+
+def official_mask(prefix_len, length, device=None):
+    """The official code's decoder mask for `P1..Pp </s>` (True = may attend), (length, length); prefix_len is
+    not used: its columns are hard-coded."""
+    i = torch.arange(length, device=device)
+    return (i[None, :] <= i[:, None]) | ((i[:, None] >= 1) & (i[None, :] >= 1) & (i[None, :] <= 10))
+
+
+# The decoder prompt's layouts: name -> (the prompt from `</s>`'s embedding (B, 1, d) and the prefix (B, P, d),
+# its (1 + P, 1 + P) mask). Later positions attend every earlier one, causally, in both.
+PROMPTS = {
+    "train": (lambda eos, prefix: torch.cat([eos, prefix], dim=1), prefix_mask),  # `</s> P1..Pp`, as trained
+    "official": (lambda eos, prefix: torch.cat([prefix, eos], dim=1), official_mask),  # `P1..Pp </s>`
+}
 
 
 def init_weights(module):

@@ -157,9 +157,30 @@ class MBartTokenizer(_SentencePieceTokenizer):
 class TextTowerTokenizer(_SentencePieceTokenizer):
     """XLM-R (M-CLIP's text tower): `<s> x </s>`, at most 512 tokens (514 positions minus the 2 skipped)."""
 
+    def rows(self, texts: list[str], max_len: int | None = 512) -> list[list[int]]:
+        """Token ids `<s> x </s>` of each text, cut to max_len as XLM-R's tokenizer cuts them."""
+        return self._rows(texts, self.bos_id, max_len)
+
     def encode(self, texts: list[str], max_len: int | None = 512):
         """(B, T) ids `<s> x </s>` right-padded with pad_id, and the (B, T) attention mask (1 = token)."""
-        return pad(self._rows(texts, self.bos_id, max_len), self.pad_id)
+        return pad(self.rows(texts, max_len), self.pad_id)
+
+
+def drop_tokens(rows, p, seed=0):
+    """The official code's noise (its --mask_prob): each token of `[lang] x </s>` dropped with probability p, the
+    language code and `</s>` always kept. p = 1 leaves `[lang] </s>`, the "trivial" encoder input of stage 1.
+    Seeded: the same rows, p and seed drop the same tokens."""
+    if p <= 0:
+        return rows
+    if p >= 1:
+        return [[row[0], row[-1]] for row in rows]
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for row in rows:
+        keep = torch.rand(len(row), generator=g) > p  # (len(row),) True = kept, as theirs: rand > mask_prob
+        keep[0] = keep[-1] = True
+        out.append([t for t, k in zip(row, keep.tolist()) if k])
+    return out
 
 
 # -----------------------------------------------------------------------------

@@ -5,21 +5,27 @@ The paper's comparisons, in miniature: does the prefix from M-CLIP help translat
     python experiment.py                                  # 5 seeds x 3 data sizes x 4 arms (about an hour)
     python experiment.py --seeds 1 2 3 --pairs 50 200     # a smaller one
 
-Four arms, each trained on the first `--pairs` sentence pairs of the tiny world (en -> de) and scored on the
-same test split (held-out colour-shape pairs) from the source sentence alone, as at the paper's test time:
+Arms, each trained on the first `--pairs` sentence pairs of the tiny world (en -> de) and scored on the
+same test split (held-out colour-shape pairs) from the source sentence alone, as at the paper's test time (the
+table ARMS; the first four run by default):
 
     text-only          mBART fine-tuned on the text alone (`--prefix_len 0`): the paper's baseline
     stage 2 only       CLIPTrans without captioning first (`--from_scratch_stage2`)
     stage 1 (en) + 2   CLIPTrans, captioning in the source language first: the official default
     stage 1 (de) + 2   ... captioning in the target language first
+    text_recon + 2     ... reconstructing the source sentence from its text embedding first (`--task text_recon`)
+    triplet            the prefix from the image in training, from the source at test (`--task triplet`)
+    stage 1 (en) + triplet, stage 1 (en) + 2, unfreeze_clip   captioning first, then those
+    mlp x10, ..., transformer x1   captioning then translation with each mapping network, 10 or 1 prefix vectors
 
-The pretrained models are the same for every run, as M-CLIP and mBART-50 are in the paper: one stage 0
-(OUT/stage0, or `--stage0` an existing one). A seed fixes a run's initialisation of what it adds (the mapping
-network), its data order and its dropout; each seed has its own two stage 1 runs (`--stage1_steps`, on all the
-world's training images). Stage 2 validates `--evals` times and keeps its checkpoint best on val, as the
-paper's recipe does: the test score is not that of a late loss spike. `--jobs` runs train.py that many times
-at once, each on its share of the cores. Ablations: `--arms` picks arms, `--stage1_extra` / `--stage2_extra`
-add train.py flags to a stage's runs.
+The pretrained models are the same for every run, as M-CLIP and mBART-50 are in the paper: one stage 0 (OUT/stage0,
+or `--stage0` an existing one). A seed fixes a run's initialisation of what it adds (the mapping network), its data
+order and its dropout; each seed has its own stage 1 runs, one per kind the arms need (`--stage1_steps`, on all the
+world's training images). Stage 2 validates `--evals` times and keeps its checkpoint best on val, as the paper's
+recipe does: the test score is not that of a late loss spike. `--jobs` runs train.py that many times at once, each
+on its share of the cores. Ablations: `--arms` picks arms, `--stage1_extra` / `--stage2_extra` add train.py flags
+to a stage's runs, `--rescore` scores every stage 2 checkpoint once more with other flags (`--rescore="--prompt
+official"`: decoding as the official code does).
 
 Prints the test BLEU, mean ± standard deviation over seeds, and, for each pair of arms at each size, the mean
 of the paired differences (the same seed, the same data) with a 95% bootstrap interval over seeds and how many
@@ -45,9 +51,33 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import torch
+import torch.nn.functional as F
+
+import data
+import tiny_world
+import weights
 from folders import find_checkpoint
 
-ARMS = ("text-only", "stage 2 only", "stage 1 (en) + 2", "stage 1 (de) + 2")
+# An arm: a stage 1 run (a key of STAGE1, shared by the arms that name it; None: no stage 1) and the flags of its
+# stage 2 runs. A new comparison is a row here.
+STAGE1 = {"en": ["--caption_lang", "en"], "de": ["--caption_lang", "de"],
+          "text_recon": ["--task", "text_recon", "--caption_lang", "en"],
+          **{f"{kind}{P}": ["--caption_lang", "en", "--mapping", kind, "--prefix_len", P]  # the mapping networks
+             for kind in ("mlp", "hidden_mlp", "transformer") for P in (1, 10) if (kind, P) != ("mlp", 10)}}
+ARMS = {
+    "text-only": (None, ["--prefix_len", 0]),
+    "stage 2 only": (None, ["--from_scratch_stage2"]),
+    "stage 1 (en) + 2": ("en", []),
+    "stage 1 (de) + 2": ("de", []),
+    "text_recon + 2": ("text_recon", []),
+    "triplet": (None, ["--task", "triplet", "--from_scratch_stage2"]),
+    "stage 1 (en) + triplet": ("en", ["--task", "triplet"]),
+    "stage 1 (en) + 2, unfreeze_clip": ("en", ["--unfreeze_clip"]),
+    **{f"{kind} x{P}": ("en" if (kind, P) == ("mlp", 10) else f"{kind}{P}", [])  # (mlp x10: stage 1 (en))
+       for kind in ("mlp", "hidden_mlp", "transformer") for P in (1, 10)},
+}
+DEFAULT_ARMS = ("text-only", "stage 2 only", "stage 1 (en) + 2", "stage 1 (de) + 2")
 
 
 def train(*args, out=None, log=None, threads=None):
@@ -83,7 +113,7 @@ def run_all(runs, jobs, desc):
             name = futures[future]
             done[name] = future.result()
             bar.update(1)
-            bar.write(f"{name}: test BLEU {done[name]['test_bleu']}")
+            bar.write(f"{name}: test BLEU {done[name].get('test_bleu', done[name].get('bleu'))}")
     return done
 
 
@@ -91,9 +121,7 @@ def paired(a, b, rounds=10000, seed=0):
     """a - b over seeds (paired): the mean, a 95% percentile bootstrap interval of the mean (seeds resampled
     with replacement), and the number of seeds where a is higher / lower."""
     d = [x - y for x, y in zip(a, b)]
-    rng = random.Random(seed)
-    means = sorted(statistics.mean(rng.choices(d, k=len(d))) for _ in range(rounds))
-    return {"mean": statistics.mean(d), "ci95": [means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]],
+    return {"mean": statistics.mean(d), "ci95": list(interval(d, rounds, seed)),
             "higher": sum(x > 0 for x in d), "lower": sum(x < 0 for x in d), "differences": d}
 
 
@@ -105,11 +133,14 @@ def main(argv=None):
     p.add_argument("--evals", type=int, default=4, help="stage 2's validations, evenly spaced: each run keeps "
                                                         "its checkpoint best on val, as train.py does")
     p.add_argument("--stage1_steps", type=int, default=250, help="stage 1's optimizer steps")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, metavar="ARM",
-                   help=f"the arms to run (default: all four: {', '.join(ARMS)})")
+    p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=ARMS, metavar="ARM",
+                   help=f"the arms to run, of {', '.join(ARMS)} (default: {', '.join(DEFAULT_ARMS)})")
     p.add_argument("--stage1_extra", default="", help='further train.py flags for stage 1, for an ablation '
                                                       '(one string: --stage1_extra="--lr 1e-4")')
     p.add_argument("--stage2_extra", default="", help="further train.py flags for stage 2 (the same way)")
+    p.add_argument("--rescore", default="", help="train.py flags to score every stage 2 run's kept checkpoint "
+                                                 "with once more (--eval_only), an ablation at test time: "
+                                                 '--rescore="--prompt official"')
     p.add_argument("--stage0", default=None, help="an existing stage 0 run folder to start from (default: "
                                                    "OUT/stage0, made first)")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
@@ -133,6 +164,9 @@ def main(argv=None):
     results["minutes"] = round((time.time() - t0) / 60, 1)
     report(a, results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    plot_sizes(results, out / "bleu_by_size.png")
+    plot_world(tiny_world.default_path(), out / "tiny_world.png")  # the world every run here trained on
+    print(f"figures: {out / 'bleu_by_size.png'}, {out / 'tiny_world.png'}")
 
 
 def run_experiment(a, out, settings):
@@ -142,31 +176,44 @@ def run_experiment(a, out, settings):
     stage0 = Path(a.stage0) if a.stage0 else out / "stage0"
     s0 = train("--stage", 0, "--out", stage0, out=stage0)
     weights = stage0 / "last"
-    results = {"settings": settings, "seeds": a.seeds, "pairs": a.pairs, "stage0": s0, "bleu": {}}
+    results = {"settings": settings, "seeds": a.seeds, "pairs": a.pairs, "stage0": s0, "bleu": {}, "rescored": {}}
     for seed in a.seeds:
         (out / f"seed{seed}").mkdir(exist_ok=True)
-    stage1 = {f"seed {seed}, stage 1 ({lang})": (["--stage", 1, "--caption_lang", lang, "--weights", weights,
-                                                   "--seed", seed, "--max_steps", a.stage1_steps,
-                                                   "--out", out / f"seed{seed}" / f"stage1_{lang}",
-                                                   *shlex.split(a.stage1_extra)],
-                                                  out / f"seed{seed}" / f"stage1_{lang}")
-              for seed in a.seeds for lang in ("en", "de") if f"stage 1 ({lang}) + 2" in a.arms}
+    firsts = dict.fromkeys(ARMS[arm][0] for arm in a.arms if ARMS[arm][0])  # the stage 1 runs the arms need
+    stage1 = {f"seed {seed}, stage 1 ({key})": (["--stage", 1, *STAGE1[key], "--weights", weights, "--seed", seed,
+                                                 "--max_steps", a.stage1_steps,
+                                                 "--out", out / f"seed{seed}" / f"stage1_{key}",
+                                                 *shlex.split(a.stage1_extra)],
+                                                out / f"seed{seed}" / f"stage1_{key}")
+              for seed in a.seeds for key in firsts}
     results["stage1"] = {name: r["test_bleu"] for name, r in run_all(stage1, a.jobs, "stage 1 runs").items()}
     stage2 = {}
     for seed, pairs, arm in itertools.product(a.seeds, a.pairs, a.arms):
-        d = out / f"seed{seed}"
-        start = {"text-only": ["--prefix_len", 0, "--weights", weights],
-                 "stage 2 only": ["--from_scratch_stage2", "--weights", weights],
-                 "stage 1 (en) + 2": ["--init", d / "stage1_en" / "last"],
-                 "stage 1 (de) + 2": ["--init", d / "stage1_de" / "last"]}[arm]
-        o = d / f"{pairs}_{arm.replace(' ', '').replace('(', '_').replace(')', '')}"
-        stage2[(arm, pairs, seed)] = (["--stage", 2, *start, "--seed", seed, "--n_pairs", pairs,
+        d, (first, flags) = out / f"seed{seed}", ARMS[arm]
+        start = ["--init", d / f"stage1_{first}" / "last"] if first else ["--weights", weights]
+        o = d / f"{pairs}_{arm.replace(' ', '').replace('(', '_').replace(')', '').replace(',', '_')}"
+        stage2[(arm, pairs, seed)] = (["--stage", 2, *start, *flags, "--seed", seed, "--n_pairs", pairs,
                                        "--max_steps", a.steps, "--eval_every", a.steps // a.evals, "--out", o,
                                        *shlex.split(a.stage2_extra)], o)
     named = {f"seed {seed}, {pairs} pairs, {arm}": run for (arm, pairs, seed), run in stage2.items()}
     done = run_all(named, a.jobs, "stage 2 runs")
     for (arm, pairs, seed), name in zip(stage2, named):
         results["bleu"].setdefault(arm, {}).setdefault(str(pairs), {})[str(seed)] = done[name]["test_bleu"]
+    if a.rescore:  # each kept checkpoint scored again, on the same test split, with the --rescore flags
+        again = {name: (["--stage", 2, "--eval_only", "--checkpoint", o / "best", "--out", o / "rescore",
+                         *shlex.split(a.rescore)], o / "rescore") for name, (_, o) in named.items()}
+        done = run_all(again, a.jobs, "rescoring")
+        for (arm, pairs, seed), name in zip(stage2, named):
+            results["rescored"].setdefault(arm, {}).setdefault(str(pairs), {})[str(seed)] = done[name]["bleu"]
+    if "stage 1 (en) + 2" in a.arms:  # the shared space: stage 0's towers, then each seed's stage 1 and stage 2
+        world, space = tiny_world.default_path(), {}
+        space["stage 0"] = shared_space(stage0 / "last", world)
+        for seed in a.seeds:
+            space[f"stage 1, seed {seed}"] = shared_space(out / f"seed{seed}" / "stage1_en" / "last", world)
+            for pairs in a.pairs:
+                best = find_checkpoint(stage2[("stage 1 (en) + 2", pairs, seed)][1] / "best")
+                space[f"stage 2 ({pairs} pairs), seed {seed}"] = shared_space(best, world)
+        results["shared_space"] = space
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -193,6 +240,109 @@ def report(a, results):
             low, high = r["ci95"]
             row.append(f"{r['mean']:+.1f} [{low:+.1f}, {high:+.1f}] ({r['higher']}/{r['lower']})")
         print(f"{y + ' - ' + x:38s}" + "  ".join(f"{c:>26s}" for c in row))
+    for arm in results["rescored"]:  # --rescore: the same checkpoints, scored the other way
+        row = []
+        for n in a.pairs:
+            r = paired([results["rescored"][arm][str(n)][str(s)] for s in a.seeds], scores(arm, n))
+            results["paired"][f"{arm}, rescored - as trained, {n} pairs"] = r
+            row.append(f"{r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] ({r['higher']}/{r['lower']})")
+        print(f"{arm + ': ' + a.rescore + ' - as trained':38s}" + "  ".join(f"{c:>26s}" for c in row))
+    if results.get("shared_space"):
+        print("\nthe shared space, test split: mean cosine of an image and its caption / of unmatched pairs "
+              "(mean over seeds)")
+        for stage in ["stage 0", "stage 1"] + [f"stage 2 ({n} pairs)" for n in a.pairs]:
+            rows = [v for k, v in results["shared_space"].items() if k == stage or k.startswith(stage + ",")]
+            cells = [f"{part} {statistics.mean(r[part][0] for r in rows):.3f} / "
+                     f"{statistics.mean(r[part][1] for r in rows):.3f}" for part in ("towers", "prefix")
+                     if part in rows[0]]
+            print(f"  {stage:22s}" + "   ".join(cells))
+
+
+# -----------------------------------------------------------------------------
+# Does the shared space stay shared? (The paper assumes it: stage 1 trains on image embeddings, stage 2 and the
+# test read text embeddings in their place.)
+
+
+@torch.no_grad()
+def shared_space(folder, world, split="test", lang="en"):
+    """For the checkpoint `folder`, on a split of the tiny world: the cosine of each image's and its caption's
+    tower embeddings, against that of unmatched pairs (the towers); and the same for the prefixes the mapping
+    network makes of them (flattened, (P d)), when it has one. {"towers": (matched, unmatched), "prefix": ...}"""
+    model = weights.load(folder)
+    s = data.read_split(world, split, [lang], Path(world) / "images")
+    images = data.embed_images(model.encode_image, s.images, model.config.vision.image_size, 64, "cpu")
+    tok = data.TextTowerTokenizer(Path(folder) / weights.TEXT_TOKENIZER)
+    texts = data.embed_texts(model.encode_text, tok, s.sentences[lang], 64, "cpu", model.text.max_tokens)
+    out = {"towers": cosines(images, texts)}
+    if model.config.mapping.prefix_len:
+        out["prefix"] = cosines(model.mapping(images).flatten(1), model.mapping(texts).flatten(1))
+    return out
+
+
+def cosines(a, b):
+    """(mean cosine of the matched rows of a and b, mean over the unmatched pairs): a, b (N, D)."""
+    sim = F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T  # (N, N)
+    n = len(sim)
+    return round(sim.diag().mean().item(), 4), round(((sim.sum() - sim.diag().sum()) / (n * n - n)).item(), 4)
+
+
+# -----------------------------------------------------------------------------
+# Figures (matplotlib, here only: neither the model nor training imports it).
+
+
+def plot_sizes(results, path):
+    """Test BLEU against the number of training pairs, an arm a line: the mean over seeds, and its 95% bootstrap
+    interval over seeds as a band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    pairs = results["pairs"]
+    for arm, by_size in results["bleu"].items():
+        means, low, high = [], [], []
+        for n in pairs:
+            scores = list(by_size[str(n)].values())
+            means.append(statistics.mean(scores))
+            lo, hi = interval(scores)
+            low.append(lo)
+            high.append(hi)
+        line, = ax.plot(pairs, means, marker="o", label=arm)
+        ax.fill_between(pairs, low, high, color=line.get_color(), alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xticks(pairs, [str(n) for n in pairs])
+    ax.set_xlabel("parallel sentence pairs in stage 2")
+    ax.set_ylabel("test BLEU (en -> de)")
+    ax.set_title(f"tiny world, mean of {len(results['seeds'])} seeds, 95% bootstrap band", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def interval(scores, rounds=10000, seed=0):
+    """A 95% percentile bootstrap interval of the mean of `scores` (resampled with replacement)."""
+    rng = random.Random(seed)
+    means = sorted(statistics.mean(rng.choices(scores, k=len(scores))) for _ in range(rounds))
+    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
+
+
+def plot_world(world, path, n=4):
+    """A few scenes of the tiny world's test split, each with its descriptions in English, German and French."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    names = (world / "image_splits" / "test.txt").read_text().splitlines()[:n]
+    text = {lang: (world / "raw" / f"test.{lang}").read_text("utf-8").splitlines()[:n] for lang in ("en", "de", "fr")}
+    fig, axes = plt.subplots(n, 2, figsize=(9, 1.6 * n), gridspec_kw={"width_ratios": [1, 4.5]})
+    for i, name in enumerate(names):
+        axes[i, 0].imshow(Image.open(world / "images" / name), interpolation="nearest")
+        axes[i, 1].text(0, 0.5, "\n".join(f"{lang}: {text[lang][i]}" for lang in text), va="center", fontsize=9)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -101,20 +101,21 @@ def compiled(model, mode, env: Env, shapes=64):
 # -----------------------------------------------------------------------------
 # A run's folder: held by one run at a time, never reused by a new run.
 
-def plan_disk(out, model, params, keeps_best, ignore, rank=0):
+def plan_disk(out, model, params, keeps_best, ignore, rank=0, own_towers=False):
     """What the run writes: the size of a checkpoint and of its folder at the end (`last`, and `best` when
-    `keeps_best`; the frozen towers shared with the starting folder, see weights.TOWERS_FILE), checked against
-    the free space of `out` before the first step: a run that cannot save should not train for hours first
-    (`ignore`: --ignore_disk_space)."""
+    `keeps_best`; the frozen towers shared with the starting folder, see weights.TOWERS_FILE, unless
+    `own_towers`: a tower trains), checked against the free space of `out` before the first step: a run that
+    cannot save should not train for hours first (`ignore`: --ignore_disk_space)."""
     model_bytes = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
-                      if not k.startswith(weights.TOWERS))
+                      if own_towers or not k.startswith(weights.TOWERS))
     state_bytes = 2 * sum(p.numel() * 4 for p in params)  # AdamW's two fp32 moments, in `last` only
     end = model_bytes + state_bytes + (model_bytes if keeps_best else 0)
     peak = end + model_bytes + state_bytes  # a new `last` is written before the old one is removed
     folder = next(p for p in [Path(out), *Path(out).absolute().parents] if p.exists())
     free = shutil.disk_usage(folder).free
     gb = lambda n: f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"  # noqa: E731
-    log0(rank, f"checkpoints: {gb(model_bytes)} of weights each (the towers linked, not copied), "
+    towers = "each with its own towers" if own_towers else "the towers linked, not copied"
+    log0(rank, f"checkpoints: {gb(model_bytes)} of weights each ({towers}), "
                f"{gb(state_bytes)} of optimizer state in `last`; {out} will hold {gb(end)} at the end, "
                f"{gb(peak)} while a checkpoint is replaced; {gb(free)} free")
     if peak > free and not ignore:
@@ -228,7 +229,8 @@ def set_rng_state(state):
 
 def check_resumable(state, settings: dict, same, folder, world):
     """--resume continues a run exactly: its checkpoint must hold a training state, made with the same values
-    of the settings named in `same` (those that fix the data order and what trains) and as many processes."""
+    of the settings named in `same` (those that fix the data order and what trains; {name: the value of a
+    checkpoint that does not record it}) and as many processes."""
     saved = state.get("config")
     if "optimizer" not in state or saved is None:
         what = (f"a stage {state['stage']} checkpoint" if "stage" in state else
@@ -236,9 +238,9 @@ def check_resumable(state, settings: dict, same, folder, world):
         raise SystemExit(f"error: {folder} holds no training state to resume ({what}): --resume continues a "
                          f"stage 1 or 2 run from its `last`; to start stage 2 from a stage 1 checkpoint, "
                          f"give it as --init without --resume")
-    diff = [k for k in same if saved.get(k) != settings[k]]
+    diff = [k for k in same if saved.get(k, same[k]) != settings[k]]
     if diff:
-        was = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
+        was = ", ".join(f"--{k} {saved.get(k, same[k])}" for k in diff)
         raise SystemExit(f"error: {folder} was trained with {was}; this run has "
                          + ", ".join(f"--{k} {settings[k]}" for k in diff) + ": resume with the same "
                          "settings (they fix the data order and what trains), or start a new run")
@@ -256,13 +258,15 @@ class Run:
     """A training run's bookkeeping in its folder `out`: where it is (what every checkpoint's state.pt saves
     and --resume restores exactly), its metrics log (OUT/metrics.jsonl, rank 0) and its checkpoints. The time
     spent evaluating and writing checkpoints adds up in pause_s: tokens/s count the time spent training.
-    settings: the run's settings (saved into every checkpoint); resume_same: those a resume must keep."""
+    settings: the run's settings (saved into every checkpoint); resume_same: those a resume must keep;
+    share_towers: False when a tower trains, and every checkpoint holds its own."""
 
-    def __init__(self, settings: dict, resume_same, env: Env, model, opt, scaler, start, resume=False):
+    def __init__(self, settings: dict, resume_same, env: Env, model, opt, scaler, start, resume=False,
+                 share_towers=True):
         self.settings, self.env, self.out = settings, env, Path(settings["out"])
         self.model, self.opt, self.scaler = model, opt, scaler
         self.tokenizers_from = start  # every checkpoint carries the tokenizers of the one it started from
-        self.towers_from = start  # ... and shares its frozen towers' file (see weights.TOWERS_FILE)
+        self.towers_from = start if share_towers else None  # ... shares its towers' file (weights.TOWERS_FILE)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0  # optimizer steps; the position in the data
         self.best, self.pause_s = -1.0, 0.0  # best: the best validation score so far
         if env.rank == 0:  # the folder is this run's from now on; checked again: another run may have ended
@@ -323,7 +327,7 @@ class Run:
             try:
                 how = weights.save_checkpoint(folder, self.model, self.settings, state, self.tokenizers_from,
                                               self.towers_from)
-                if how != "linked" and self.towers_from != folder:  # a start of the older layout, or afar
+                if self.towers_from not in (None, folder) and how != "linked":  # a start of the older layout, or afar
                     why = "no hard link reaches it" if how == "copied" else f"it has no {weights.TOWERS_FILE}"
                     log0(0, f"{folder}: the frozen towers {how}, not linked to {self.towers_from}'s ({why}); "
                             f"the next checkpoints link to these")

@@ -23,14 +23,19 @@ The paper's baseline, mBART-50 fine-tuned on the text alone (no prefix, no M-CLI
 
     python train.py --stage 2 --prefix_len 0 --out runs/tiny/text_only
 
-One recipe (`main`) serves both stages. They differ in five places, marked (1) to (5) in the code:
+One recipe (`main`) serves every task. The official code's four (its --stage; `--task` here) are the rows of
+the table TASKS, whose columns are the places where they differ, marked (1) to (5) in the code:
 
-                                stage 1 (captioning)                 stage 2 (translation)
-    (1) the starting point      converted weights (tiny: stage 0's)  stage 1's checkpoint (--init)
-    (2) the tower that embeds   the image (CLIP)                     the source sentence (M-CLIP's text tower)
-    (3) the encoder input       `<lang> </s>` only ("trivial")       the source sentence
-    (4) what trains             mBART's decoder + mapping network    all of mBART + mapping network
-    (5) the checkpoint kept     `last`                               `best`: the best validation BLEU
+                (1) starts from   (2) the prefix embeds     (3) the encoder reads    writes      (4) trains   (5) keeps
+    caption     the weights       the image                 `<lang> </s>`            the caption  decoder      last
+    text_recon  the weights       the sentence (M-CLIP)     `<lang> </s>`            the sentence decoder      last
+    translate   a stage 1 ckpt    the source (M-CLIP)       the source               the target   all mBART    best
+    triplet     a stage 1 ckpt    the image; test: source   the source               the target   all mBART    best
+
+Stage 1 is captioning (caption) unless --task says otherwise, stage 2 translation (translate). The switches
+of the official code: --use_all_langs (stage 1 in both languages), --noise_train / --noise_test with
+--mask_prob (source tokens dropped; --noise_test also gives the prefix the image), --unfreeze_clip (the text
+tower trains in stage 2).
 
 Every checkpoint folder (`OUT/last`, `OUT/best`) holds the model (`cliptrans.safetensors`, `config.json`,
 the tokenizers: `weights.load` and translate.py read it) and the training state (`state.pt`: optimizer,
@@ -59,7 +64,7 @@ import folders
 import stage0
 import tiny_world
 import weights
-from cliptrans import Attention, CLIPTransConfig, MappingConfig
+from cliptrans import PROMPTS, Attention, CLIPTransConfig, MappingConfig
 import runs
 from runs import Env, Run, compile_mode, compiled, log0, plan_disk, setup
 
@@ -78,6 +83,9 @@ def flag(default, text, stages=ALL):  # a setting, with its --help text and the 
 @dataclass
 class Config:
     stage: int = flag(1, "0: tiny stand-ins for the pretrained models; 1: captioning; 2: translation")
+    task: str = flag("", "what the stage trains on, a row of TASKS (the official code's --stage): caption or "
+                         "text_recon in stage 1, translate or triplet in stage 2 (default: caption, translate); "
+                         "given alone, it sets --stage", TRAINED)
     preset: str = flag("tiny", "the model sizes and the recipe: tiny, or the paper's")
     weights: str = flag("", "starting weights: a folder from weights.py (paper) or stage 0 (tiny; default: "
                             "runs/tiny/stage0/last); stage 2 starts from them with --from_scratch_stage2 or "
@@ -138,6 +146,27 @@ class Config:
                                 (1,))
     test_with_image: bool = flag(False, "stage 2 evaluation from the image embedding instead of the text's",
                                  (2,))
+    use_all_langs: bool = flag(False, "stage 1 trains on the sentences of both languages of the pair, not of "
+                                      "--caption_lang alone: its training split once per language, as the "
+                                      "official --use_all_langs (validation and test stay in --caption_lang)", (1,))
+    mask_prob: float = flag(1.0, "the share of the encoder input's tokens dropped, its language code and </s> kept "
+                                 "(the official --mask_prob): in stage 1 always (1: `<lang> </s>`, the trivial "
+                                 "input), in stage 2 with --noise_train or --noise_test", TRAINED)
+    noise_train: bool = flag(False, "stage 2 trains on sources with --mask_prob of their tokens dropped, drawn "
+                                    "again every epoch (with the default --mask_prob 1, as the official code's: "
+                                    "none of their words)", (2,))
+    noise_test: bool = flag(False, "stage 2 scores sources with --mask_prob of their tokens dropped, and the prefix "
+                                   "from the image (the official --noise_test; --mask_prob 0: --test_with_image)",
+                            (2,))
+    unfreeze_clip: bool = flag(False, "the translate task fine-tunes M-CLIP's text tower with the rest: the prefix "
+                                      "is embedded in every step, never cached, and every checkpoint holds its "
+                                      "own towers", (2,))
+    prompt: str = flag("", "the decoder's prompt when generating: train (`</s> P1..Pp`, the layout training "
+                           "uses) or official (the official code's at test time: `P1..Pp </s>` under its patched "
+                           "mask, which shows columns 1 to 10 to every row after the first whatever --prefix_len: "
+                           "with other than 10 prefix vectors, their code's behaviour, not a bidirectional prefix). "
+                           "Default: the checkpoint's (official for weights.py --official models); recorded in the "
+                           "checkpoints a run writes", TRAINED)
     ablate: str = flag("", "--eval_only: prefix (each sentence gets the previous sentence's embedding) or "
                            "source (the encoder sees only `<src_lang> </s>`)", (2,))
     given: tuple = dataclasses.field(default=())  # not a flag: the flags on the command line, filled by parse_args
@@ -154,7 +183,8 @@ def stages_of(f):  # "stage 1 and 2": the stages a flag applies to, in messages 
 # non-negative (checked once the preset's defaults are in).
 CHOICES = {"stage": (0, 1, 2), "preset": ("tiny", "paper"), "mapping": ("mlp", "hidden_mlp", "transformer"),
            "schedule": ("constant", "cosine"), "dtype": ("auto", "bf16", "fp16", "fp32"),
-           "compile": ("auto", "none", "default", "reduce-overhead", "max-autotune"), "ablate": ("prefix", "source")}
+           "compile": ("auto", "none", "default", "reduce-overhead", "max-autotune"), "ablate": ("prefix", "source"),
+           "prompt": tuple(PROMPTS), "task": ("caption", "text_recon", "translate", "triplet")}
 POSITIVE = ("batch_size", "grad_accum", "epochs", "lr", "save_every", "log_every", "beam", "max_new_tokens",
             "eval_batch_size")
 NON_NEGATIVE = ("n_pairs", "max_steps", "max_eval", "warmup_steps", "eval_every", "weight_decay")
@@ -165,9 +195,41 @@ RECIPES = {  # (preset, stage) -> (batch, epochs, lr)
 }
 
 
+
+
+# -----------------------------------------------------------------------------
+# The tasks: what stage 1 and stage 2 train on, the official code's --stage. A task is a row; the columns are
+# the places where the tasks differ, (1) to (5), each read at one place in the code below.
+
+
+@dataclass(frozen=True)
+class Task:
+    stage: int  # (1) the starting point: stage 1, the converted weights (tiny: stage 0's); 2, a stage 1 checkpoint
+    prefix: str  # (2) what a frozen tower embeds for the prefix in training: "image", or "text": the input sentence
+    test_prefix: str  # (2) ... when scoring (--test_with_image, --noise_test: the image)
+    pair: bool  # what an example is: a source and its translation, or one sentence (--caption_lang's), both input
+    #             and target
+    noised: bool  # (3) the encoder reads the input sentence with --mask_prob of its tokens dropped: always (1, the
+    #               default: `<lang> </s>`, "the encoder input is trivial"), or with --noise_train / --noise_test only
+    trains: str  # (4) besides the mapping network: "decoder" (mBART's encoder and shared embedding frozen) or "mbart"
+    keeps: str  # (5) the checkpoint kept and tested: "last", or "best" (the best validation BLEU)
+
+
+TASKS = {  # the official README's table, its columns the fields above
+    "caption": Task(1, prefix="image", test_prefix="image", pair=False, noised=True, trains="decoder", keeps="last"),
+    "text_recon": Task(1, prefix="text", test_prefix="text", pair=False, noised=True, trains="decoder", keeps="last"),
+    "translate": Task(2, prefix="text", test_prefix="text", pair=True, noised=False, trains="mbart", keeps="best"),
+    "triplet": Task(2, prefix="image", test_prefix="text", pair=True, noised=False, trains="mbart", keeps="best"),
+}
+DEFAULT_TASKS = {1: "caption", 2: "translate"}
+
+
 def defaults(c: Config):
     """Fill what the command line left at 0 / empty from the preset and stage. Writes nothing (the default tiny
     world is made where the run starts)."""
+    if "task" in c.given and "stage" not in c.given:  # `--task triplet` alone is stage 2
+        c.stage = TASKS[c.task].stage
+    c.task = c.task or DEFAULT_TASKS.get(c.stage, "")
     batch, epochs, lr = RECIPES.get((c.preset, c.stage), (0, 0, 0.0))
     c.batch_size, c.epochs, c.lr = c.batch_size or batch, c.epochs or epochs, c.lr or lr
     c.grad_accum = c.grad_accum or (4 if c.preset == "paper" else 1)
@@ -224,6 +286,24 @@ def check(c: Config):
     if c.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
         refuse(f"--prefix_len 0 has no prefix to {'take away' if c.ablate else 'embed'}: drop "
                f"{'--ablate prefix' if c.ablate else '--test_with_image'}")
+    task = TASKS.get(c.task)
+    if task and task.stage != c.stage:
+        refuse(f"--task {c.task} is a stage {task.stage} task, not a stage {c.stage} one: give --stage {task.stage}, "
+               f"or leave --stage out")
+    if not 0 <= c.mask_prob <= 1:
+        refuse(f"--mask_prob {c.mask_prob}: expected a share of the tokens, from 0 to 1")
+    if c.stage == 2 and "mask_prob" in given and not (c.noise_train or c.noise_test):
+        refuse("--mask_prob has an effect in stage 2 only with --noise_train or --noise_test: add one, or leave "
+               "--mask_prob out")
+    if c.unfreeze_clip and (c.task != "translate" or c.prefix_len == 0):
+        refuse("--unfreeze_clip fine-tunes the text tower that makes the prefix in training: only the translate "
+               "task has one (triplet's prefix comes from the image; --prefix_len 0 has none)")
+    if c.prefix_len == 0 and c.task == "triplet":
+        refuse("--prefix_len 0 with --task triplet: without a prefix the image has no way in (that is the "
+               "text-only baseline: --task translate --prefix_len 0)")
+    trains = [f"--{k}" for k in ("use_all_langs", "noise_train", "unfreeze_clip") if getattr(c, k)]
+    if c.eval_only and trains:
+        refuse(f"{' '.join(trains)} change how a model trains: --eval_only trains nothing; leave them out")
     if c.stage == 1 and not c.caption_lang:
         found = ", ".join(data.languages(c.data, c.train_split)) or "none found in --data"
         refuse(f"stage 1 captions in English when the pair has it, and {c.src}-{c.tgt} has no English (the "
@@ -265,7 +345,7 @@ def starting_point(c: Config):
     """The folder the model comes from, and its kind (Start). Fails before any slow preparation."""
     out = Path(c.out)
     if c.resume or c.eval_only:
-        kept = "best" if c.eval_only and c.stage == 2 else "last"  # --eval_only: the checkpoint a run keeps
+        kept = TASKS[c.task].keeps if c.eval_only else "last"  # --eval_only: (5) the checkpoint a run keeps
         # a crash between the two renames of a save left only the old copy: --resume puts it back first
         find = folders.find_checkpoint if c.eval_only else folders.recover_checkpoint
         start = find(c.checkpoint or out / kept)
@@ -352,6 +432,7 @@ def load_model(folder, c: Config, device, kind: Start):
     if model.config.mapping.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
         raise SystemExit(f"error: {folder} is the text-only baseline (no prefix): --test_with_image and "
                          f"--ablate prefix need a prefix")
+    model.config.prompt = c.prompt or model.config.prompt  # how `score` generates; the checkpoints record it
     if c.dropout >= 0:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
@@ -373,8 +454,8 @@ def read_tokenizer(kind, path):
         raise SystemExit(f"error: {e}")
 
 
-def features(model, c: Config, split: data.Split, kind, folder, env: Env):
-    """(N, D) frozen-tower embeddings of a split: its images, or its source sentences. Cached next to the
+def features(model, c: Config, split: data.Split, kind, lang, folder, env: Env):
+    """(N, D) frozen-tower embeddings of a split: its images, or its sentences in `lang`. Cached next to the
     data, keyed by the tower's weights and the preprocessing; rank 0 computes, the others wait and read."""
     if kind == "image":
         size = model.config.vision.image_size
@@ -383,7 +464,7 @@ def features(model, c: Config, split: data.Split, kind, folder, env: Env):
                                             env.device)
     else:
         tok = read_tokenizer(data.TextTowerTokenizer, Path(folder) / weights.TEXT_TOKENIZER)
-        sentences = split.sentences[c.src]
+        sentences = split.sentences[lang]
         key = data.fingerprint(model.text, "text", *sentences)
         compute = lambda: data.embed_texts(model.encode_text, tok, sentences, 64, env.device,  # noqa: E731
                                            max_len=model.text.max_tokens)
@@ -391,7 +472,8 @@ def features(model, c: Config, split: data.Split, kind, folder, env: Env):
         dist.barrier()
     try:
         cache_dir = c.features or Path(c.data) / "features"
-        feats = data.cached_embeddings(cache_dir, f"{split.name}.{kind}", key, compute)
+        name = f"{split.name}.{kind}" if kind == "image" or lang == c.src else f"{split.name}.{kind}.{lang}"
+        feats = data.cached_embeddings(cache_dir, name, key, compute)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     if env.rank == 0 and dist.is_initialized():
@@ -408,35 +490,68 @@ class Examples:
     tgt_ids: list  # the target of each example, `[lang] x </s>` (token ids)
     tgt_lang: str
     skipped: list  # the missing images whose examples were dropped (--skip_missing_images)
+    text_rows: list = None  # --unfreeze_clip: the text tower's input `<s> x </s>` of each example, instead of feats
+    noise: float = 0.0  # the training split's --mask_prob, drawn again every epoch (noised_for)
 
 
 def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
-    """A split of --data read, embedded by its frozen tower and tokenised: what training and scoring read."""
-    # (2) the tower that embeds: the image (stage 1), the source sentence (stage 2; --test_with_image: image)
-    kind = "image" if c.stage == 1 or (c.test_with_image and split != c.train_split) else "text"
-    images = (c.images or str(Path(c.data) / "images")) if kind == "image" else None
-    langs, tgt_lang = ([c.caption_lang], c.caption_lang) if c.stage == 1 else ([c.src, c.tgt], c.tgt)
+    """A split of --data read, embedded by its frozen tower and tokenised: what training and scoring read, as the
+    task's row says: (2) the prefix's input, (3) the encoder's; the target."""
+    task, scored = TASKS[c.task], split != c.train_split
+    # (2) the prefix: the image, or the input sentence's text embedding (scored: the task's test prefix, or the
+    # image with --test_with_image and --noise_test)
+    image = (task.test_prefix if scored else task.prefix) == "image" or scored and (c.test_with_image or c.noise_test)
+    # what an example is: a source and its translation, or one sentence, both input and target (--use_all_langs:
+    # the training split once per language of the pair)
+    pairs = ([(c.src, c.tgt)] if task.pair else [(c.src, c.src), (c.tgt, c.tgt)] if c.use_all_langs and not scored
+             else [(c.caption_lang, c.caption_lang)])
+    images = (c.images or str(Path(c.data) / "images")) if image else None
     try:  # --n_pairs cuts the training split, --max_eval the others
         limit = c.n_pairs if split == c.train_split else c.max_eval
-        s = data.read_split(c.data, split, langs, images, limit=limit,
+        s = data.read_split(c.data, split, list(dict.fromkeys(x for p in pairs for x in p)), images, limit=limit,
                             skip_missing_images=c.skip_missing_images)
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     if s.skipped:
         log0(env.rank, f"{split}: {len(s.skipped)} example(s) dropped, their image missing "
                        f"(--skip_missing_images): {', '.join(s.skipped[:5])}{' ...' * (len(s.skipped) > 5)}")
-    if model.config.mapping.prefix_len == 0:  # the text-only baseline: no prefix, so no M-CLIP embedding
-        feats = torch.zeros(len(s), 0)
-    else:
-        feats = features(model, c, s, kind, folder, env)
-    # (3) the encoder input: in stage 1 "the encoder input is trivial", `<lang> </s>`; in stage 2 the source
-    src = tok.language_only(tgt_lang, len(s)) if c.stage == 1 else tok.rows(s.sentences[c.src], c.src)
+    # (3) the encoder input: the input sentence, --mask_prob of its tokens dropped always (stage 1: "the encoder
+    # input is trivial", `<lang> </s>`) or with --noise_train / --noise_test; drawn once for a scored split
+    noise = c.mask_prob if task.noised or (c.noise_test if scored else c.noise_train) else 0.0
     # mBART's positions: the decoder reads `</s> P1..Pp <lang> y1..yn`, P + L positions for a target of L
     # tokens (`<lang> y1..yn </s>`); the encoder reads the source
     positions, P = model.config.mbart.max_positions, model.config.mapping.prefix_len
-    tgt = truncate(tok.rows(s.sentences[tgt_lang], tgt_lang), positions - P, "target", split, env.rank)
-    return Examples(s.sentences, feats, truncate(src, positions, "source", split, env.rank), tgt, tgt_lang,
-                    s.skipped)
+    parts = []
+    for src_lang, tgt_lang in pairs:
+        if P == 0:  # the text-only baseline: no prefix, so no M-CLIP embedding
+            feats, text_rows = torch.zeros(len(s), 0), None
+        elif c.unfreeze_clip and not image:  # the text tower trains: it embeds in every step
+            feats = None
+            text_rows = read_tokenizer(data.TextTowerTokenizer, Path(folder) / weights.TEXT_TOKENIZER).rows(
+                s.sentences[src_lang], model.text.max_tokens)
+        else:
+            feats, text_rows = features(model, c, s, "image" if image else "text", src_lang, folder, env), None
+        src = truncate(tok.rows(s.sentences[src_lang], src_lang), positions, "source", split, env.rank)
+        tgt = truncate(tok.rows(s.sentences[tgt_lang], tgt_lang), positions - P, "target", split, env.rank)
+        parts.append(Examples(s.sentences, feats, data.drop_tokens(src, noise, c.seed) if scored else src, tgt,
+                              tgt_lang, s.skipped, text_rows, 0.0 if scored else noise))
+    return parts[0] if len(parts) == 1 else joined(parts)
+
+
+def joined(parts):
+    """Examples one after the other (--use_all_langs: the training split in each language)."""
+    first = parts[0]
+    return dataclasses.replace(
+        first, feats=None if first.feats is None else torch.cat([p.feats for p in parts]),
+        src_ids=[r for p in parts for r in p.src_ids], tgt_ids=[r for p in parts for r in p.tgt_ids],
+        text_rows=None if first.text_rows is None else [r for p in parts for r in p.text_rows])
+
+
+def noised_for(ex: Examples, seed, epoch):
+    """The training split as an epoch reads it: with --mask_prob of its encoder input's tokens dropped anew each
+    epoch (the official code draws at every step), or as it is."""
+    return dataclasses.replace(ex, src_ids=data.drop_tokens(ex.src_ids, ex.noise, seed * 1000 + epoch)) \
+        if ex.noise else ex
 
 
 def truncate(rows, limit, what, split, rank=0):
@@ -469,8 +584,9 @@ def score(model, c: Config, ex: Examples, tok, env: Env, path):
             continue
         ids, mask = data.pad([src_ids[i] for i in batch], tok.pad_id)  # (B, S)
         with env.autocast:
-            out = model.generate(feats[batch].to(env.device), ids.to(env.device), mask.to(env.device),
-                                 tok.lang_id(ex.tgt_lang), num_beams=c.beam, max_new_tokens=c.max_new_tokens)
+            clip = prefix_input(model, feats, ex.text_rows, batch, env.device)  # (B, D)
+            out = model.generate(clip, ids.to(env.device), mask.to(env.device), tok.lang_id(ex.tgt_lang),
+                                 num_beams=c.beam, max_new_tokens=c.max_new_tokens)
         mine.update(zip(batch, tok.decode(out.cpu())))
     if env.world > 1:
         parts = [None] * env.world
@@ -486,6 +602,15 @@ def score(model, c: Config, ex: Examples, tok, env: Env, path):
     return sacrebleu.corpus_bleu(hyps, [refs]).score
 
 
+def prefix_input(model, feats, text_rows, batch, device):
+    """The mapping network's input (B, D) for the examples `batch`: their cached features, or (--unfreeze_clip)
+    the text tower run on their sentences."""
+    if text_rows is None:
+        return feats[batch].to(device)
+    ids, mask = data.pad([text_rows[i] for i in batch], model.config.text.pad_id)
+    return model.encode_text(ids.to(device), mask.to(device))
+
+
 def ablated(ablate, ex: Examples, tok):
     """A prepared split's inputs, the mapping network's (N, D) and the encoder's, with --ablate taking one away:
     "prefix", each sentence gets the previous sentence's embedding (what the source alone carries); "source",
@@ -493,7 +618,7 @@ def ablated(ablate, ex: Examples, tok):
     if ablate == "prefix":
         return ex.feats.roll(1, dims=0), ex.src_ids
     if ablate == "source":
-        return ex.feats, [[ids[0], tok.eos_id] for ids in ex.src_ids]
+        return ex.feats, data.drop_tokens(ex.src_ids, 1.0)  # `[src_lang] </s>`: every word dropped
     return ex.feats, ex.src_ids
 
 
@@ -501,15 +626,28 @@ def ablated(ablate, ex: Examples, tok):
 # Training: what trains, the schedule, the run's bookkeeping (checkpoints, metrics log, --resume), the loop.
 
 
-def trainable(model, stage, freeze_decoder=False):
-    """(4) What trains: the mapping network in both stages; in stage 1 the mBART decoder (the towers and the
+def trainable(model, task: Task, freeze_decoder=False, unfreeze_clip=False):
+    """(4) What trains: the mapping network in every task; in stage 1's the mBART decoder (the towers and the
     mBART encoder, with the shared embedding and the tied output layer, stay frozen; --freeze_decoder: the
-    decoder too, as ClipCap's frozen-GPT-2 variant); in stage 2 all of mBART."""
+    decoder too, as ClipCap's frozen-GPT-2 variant); in stage 2's all of mBART (--unfreeze_clip: and the text
+    tower)."""
     model.requires_grad_(False)
     model.mapping.requires_grad_(True)
     if not freeze_decoder:
-        (model.mbart.decoder if stage == 1 else model.mbart).requires_grad_(True)
+        (model.mbart.decoder if task.trains == "decoder" else model.mbart).requires_grad_(True)
+    model.text.requires_grad_(unfreeze_clip)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+class EndToEnd(torch.nn.Module):
+    """--unfreeze_clip: CLIPTrans with its text tower run inside the training step, from the source's tokens."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, text_ids, text_mask, *inputs):  # (B, T) each, then CLIPTrans.forward's inputs
+        return self.model(self.model.encode_text(text_ids, text_mask), *inputs)
 
 
 def make_sampler(c: Config, train_set: Examples, env: Env):
@@ -539,9 +677,14 @@ def lr_at(step, c: Config, total):
 
 def resume_same(c: Config):
     """The settings --resume must continue with: those that fix the data order and what trains, and the
-    --weights and --init the run started from when they are given (their defaults follow --out)."""
-    return ("stage", "preset", "train_split", "src", "tgt", "caption_lang", "n_pairs", "skip_missing_images",
-            "freeze_decoder", "batch_size", "grad_accum", "seed", *(k for k in ("weights", "init") if k in c.given))
+    --weights and --init the run started from when they are given (their defaults follow --out). {name: the
+    value a checkpoint that does not record it was trained with (one older than the setting)}."""
+    older = {"task": DEFAULT_TASKS.get(c.stage), "use_all_langs": False, "mask_prob": 1.0, "noise_train": False,
+             "unfreeze_clip": False}
+    names = ("stage", "task", "preset", "train_split", "src", "tgt", "caption_lang", "use_all_langs", "n_pairs",
+             "skip_missing_images", "mask_prob", "noise_train", "unfreeze_clip", "freeze_decoder", "batch_size",
+             "grad_accum", "seed", *(k for k in ("weights", "init") if k in c.given))
+    return {k: older.get(k) for k in names}
 
 
 def validate(c: Config, run: Run, val: Examples, tok):
@@ -556,7 +699,7 @@ def validate(c: Config, run: Run, val: Examples, tok):
         box = [bleu]
         dist.broadcast_object_list(box, src=0)
         bleu = box[0]
-    if c.stage == 2 and bleu > run.best:  # (5) stage 2 keeps the best validation BLEU; stage 1 the last
+    if TASKS[c.task].keeps == "best" and bleu > run.best:  # (5) the best validation BLEU, or the last
         run.best = bleu
         run.save("best")
     run.save("last")
@@ -576,15 +719,17 @@ def pad_multiple(mode):
 
 
 def micro_batch(ex: Examples, batch, pad_id, config, device, multiple=1):
-    """Examples `batch` (indices) as the model's inputs on `device`: the mapping network's input (B, D), the
-    encoder input and its mask (B, S), the targets (B, T). S and T are the longest row, rounded up to
-    `multiple` for a compiled step (padding changes no loss: the pads are masked and labelled -100). Returns
-    them and the batch's target tokens."""
+    """Examples `batch` (indices) as the model's inputs on `device`: the mapping network's input (B, D)
+    (--unfreeze_clip: the text tower's, (B, T) ids and mask), the encoder input and its mask (B, S), the targets
+    (B, T). S and T are the longest row, rounded up to `multiple` for a compiled step (padding changes no loss:
+    the pads are masked and labelled -100). Returns them and the batch's target tokens."""
     positions, P = config.mbart.max_positions, config.mapping.prefix_len
     ids, mask = data.pad([ex.src_ids[i] for i in batch], pad_id, multiple, limit=positions)
     tgt, _ = data.pad([ex.tgt_ids[i] for i in batch], pad_id, multiple, limit=positions - P)
     n_tok = sum(len(ex.tgt_ids[i]) for i in batch)
-    return [t.to(device, non_blocking=True) for t in (ex.feats[batch], ids, mask, tgt)], n_tok
+    prefix = (ex.feats[batch],) if ex.text_rows is None else data.pad([ex.text_rows[i] for i in batch],
+                                                                       config.text.pad_id, multiple)
+    return [t.to(device, non_blocking=True) for t in (*prefix, ids, mask, tgt)], n_tok
 
 
 def batch_shapes(ex: Examples, batches, config, multiple=PAD_MULTIPLE):
@@ -628,7 +773,8 @@ def step_model(c: Config, run: Run, sampler, ex: Examples):
         sampler.set_epoch(run.epoch)
         shapes = len(batch_shapes(ex, list(sampler), run.model.config, multiple))
         log0(run.env.rank, f"an epoch pads its batches to {shapes} shapes (lengths in multiples of {multiple})")
-    return compiled(run.model, mode, run.env, shapes=max(64, 2 * shapes)), multiple
+    model = EndToEnd(run.model) if c.unfreeze_clip else run.model
+    return compiled(model, mode, run.env, shapes=max(64, 2 * shapes)), multiple
 
 
 def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok):
@@ -642,14 +788,14 @@ def train(c: Config, run: Run, sampler, total, ex: Examples, val: Examples, tok)
     model.train()
     while run.step < total:
         sampler.set_epoch(run.epoch)  # an epoch: the sampler's batches, grad_accum of them per optimizer step
-        batches = list(sampler)
+        batches, epoch_ex = list(sampler), noised_for(ex, c.seed, run.epoch)
         usable = len(batches) - len(batches) % c.grad_accum
         t0, pause_t0, tok_window = time.time(), run.pause_s, 0
         while run.batch_in_epoch < usable and run.step < total:
             # forward backward update, over grad_accum micro-batches (see train_step)
             for g in run.opt.param_groups:
                 g["lr"] = lr_at(run.step, c, total)
-            micro = [micro_batch(ex, b, tok.pad_id, model.config, env.device, multiple)
+            micro = [micro_batch(epoch_ex, b, tok.pad_id, model.config, env.device, multiple)
                      for b in batches[run.batch_in_epoch:run.batch_in_epoch + c.grad_accum]]
             loss_sum = train_step(train_model, run.opt, run.scaler, micro, env)
             run.step += 1
@@ -727,33 +873,35 @@ def main(argv=None):
                                     for split in (c.train_split, c.val_split, c.test_split))
 
     # (4) what trains, with AdamW and (fp16) a gradient scaler, in batches of examples of similar length
-    params = trainable(model, c.stage, c.freeze_decoder)
+    task = TASKS[c.task]
+    params = trainable(model, task, c.freeze_decoder, c.unfreeze_clip)
     opt = torch.optim.AdamW(params, lr=c.lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=c.weight_decay,
                             fused=env.device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda", enabled=env.dtype == "fp16")
     sampler, steps_per_epoch = make_sampler(c, train_set, env)
     total = c.max_steps or steps_per_epoch * c.epochs
-    plan_disk(c.out, model, params, c.stage == 2, c.ignore_disk_space, env.rank)
+    plan_disk(c.out, model, params, task.keeps == "best", c.ignore_disk_space, env.rank, c.unfreeze_clip)
 
     # the loop, from the start or (--resume) exactly where the checkpoint left off
-    run = Run(dataclasses.asdict(c), resume_same(c), env, model, opt, scaler, start, resume=c.resume)
+    run = Run(dataclasses.asdict(c), resume_same(c), env, model, opt, scaler, start, resume=c.resume,
+              share_towers=not c.unfreeze_clip)
     for name, ex in ((c.train_split, train_set), (c.val_split, val_set), (c.test_split, test_set)):
         if ex.skipped and not c.resume:
             run.log(dict(split=name, missing_images=len(ex.skipped), first_missing=ex.skipped[:5]))
-    log0(env.rank, f"stage {c.stage} ({'captioning' if c.stage == 1 else 'translation'}): "
+    log0(env.rank, f"stage {c.stage} ({c.task}): "
                    f"{len(train_set.tgt_ids)} examples, {steps_per_epoch} steps per epoch, {total} steps, "
                    f"{env.world} process(es) on {env.device}, {env.dtype}; training "
                    f"{sum(p.numel() for p in params):,} parameters")
     tokens_seen, elapsed = train(c, run, sampler, total, train_set, val_set, tok)
 
     # the final test of (5) the kept checkpoint: `last` in stage 1, `best` in stage 2
-    kept = run.out / ("best" if c.stage == 2 else "last")
-    model = load_model(kept, c, env.device, Start.CHECKPOINT)[0] if c.stage == 2 else model
+    kept = run.out / task.keeps
+    model = load_model(kept, c, env.device, Start.CHECKPOINT)[0] if task.keeps == "best" else model
     test_bleu = score(model, c, test_set, tok, env, run.out / "hyps" / f"{c.test_split}.final.txt")
     if env.rank == 0:  # (the BLEU is rank 0's)
-        run.finish(dict(stage=c.stage, steps=run.step, minutes=round(elapsed / 60, 2),
+        run.finish(dict(stage=c.stage, task=c.task, steps=run.step, minutes=round(elapsed / 60, 2),
                         tokens_per_s=round(tokens_seen / max(elapsed - run.pause_s, 1e-9)),
-                        best_val_bleu=round(run.best, 2) if c.stage == 2 else None, test_split=c.test_split,
+                        best_val_bleu=round(run.best, 2) if task.keeps == "best" else None, test_split=c.test_split,
                         test_bleu=round(test_bleu, 2), checkpoint=str(kept)))
     end(env)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import cliptrans
 import data
 import runs
 import weights
@@ -143,6 +144,9 @@ def main(argv=None):
     p.add_argument("--tgt", default=None, help="target / caption language (default: the checkpoint's)")
     p.add_argument("--beam", type=positive, default=5, help="beams (1: greedy)")
     p.add_argument("--max_new_tokens", type=positive, default=60)
+    p.add_argument("--prompt", default=None, choices=tuple(cliptrans.PROMPTS),
+                   help="the decoder's prompt: train (`</s> P1..Pp`, as training) or official (the official "
+                        "code's `P1..Pp </s>` and its mask: see train.py --help) (default: the checkpoint's)")
     p.add_argument("--batch_size", type=positive, default=32)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: a GPU when there is one)")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
@@ -155,6 +159,7 @@ def main(argv=None):
         data.allow_large_images()
     env = runs.setup(a.device, a.dtype)  # the device and autocast, as train.py chooses them
     model, trained, mbart_tok, text_tok = load(a.checkpoint, env.device)
+    model.config.prompt = a.prompt or model.config.prompt
     amp = env.autocast
     try:
         if a.image:

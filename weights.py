@@ -18,6 +18,12 @@ from here shares this file), `OUT/cliptrans.safetensors` (mBART, tied weights st
 network freshly initialised), `OUT/config.json` (sizes read from the Hugging Face configs), `OUT/tokenizer_mbart.json`,
 `OUT/tokenizer_text.json` (each folder's tokenizer.json, or its sentencepiece.bpe.model converted; both checked
 against the model's vocab_size). Then `model = weights.load("weights/paper")`.
+
+The authors' trained models (the official code's .pth files, e.g. a released stage 2 model in two shards) become
+a checkpoint folder that translate.py and `train.py --eval_only` read, with the towers of a converted folder:
+
+    python weights.py --official models/multi30k-en-de/model_best_test.pth --towers weights/paper \\
+                      --src en --tgt de --out weights/official-en-de
 """
 
 import argparse
@@ -37,7 +43,7 @@ from tokenizers.models import Unigram
 
 from cliptrans import (CLIPTrans, CLIPTransConfig, MappingConfig, MappingNetwork, MBartConfig, TextConfig,
                        VisionConfig, init_weights)
-from data import MBART50_LANGS, SPECIALS
+from data import MBART50_LANGS, SPECIALS, lang_code
 from folders import FolderError, check_new_folder, written_aside
 
 WEIGHTS_FILE, CONFIG_FILE = "cliptrans.safetensors", "config.json"
@@ -246,9 +252,10 @@ MCLIP_RULES = [
 QKV_ORDER = {"q": 0, "k": 1, "v": 2, "query": 0, "key": 1, "value": 2}
 
 
-def convert(ckpt, rules, expected, where=None):
+def convert(ckpt, rules, expected, where=None, hint=""):
     """Rename (and fuse) every tensor of `ckpt` (an HFCheckpoint or a state dict) by `rules`. Strict: a key no
-    rule knows is an error; the result is checked against `expected` ({name: shape}) for missing keys and shapes."""
+    rule knows is an error; the result is checked against `expected` ({name: shape}) for missing keys and shapes
+    (`hint`: what a message on missing keys adds)."""
     where = where or str(ckpt.folder)
     files = getattr(ckpt, "files", {})  # {key: file} of an HFCheckpoint; a plain state dict has none
     out, parts = {}, {}
@@ -261,7 +268,7 @@ def convert(ckpt, rules, expected, where=None):
             unknown = [k for k in ckpt.keys() if not any(re.fullmatch(p, k) for p, _ in rules)]
             source = f" (in {files[unknown[0]].name})" if unknown[0] in files else ""
             raise ConversionError(f"{where}: {len(unknown)} unexpected keys, first: {unknown[:5]}{source}. Is this "
-                                  f"the right kind of model folder?")
+                                  f"the right kind of model?")
         if target is DROP:
             continue
         name = m.expand(target)
@@ -282,17 +289,17 @@ def convert(ckpt, rules, expected, where=None):
         out["mbart.final_logits_bias"] = out["mbart.final_logits_bias"].reshape(-1)  # stored as (1, V)
     elif "mbart.final_logits_bias" in expected:
         out["mbart.final_logits_bias"] = torch.zeros(expected["mbart.final_logits_bias"])  # absent = zeros
-    check_keys(out, expected, where)
+    check_keys(out, expected, where, hint)
     return out
 
 
-def check_keys(tensors, expected, where):
+def check_keys(tensors, expected, where, hint=""):
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     wrong = [f"{k}: {tuple(tensors[k].shape)} in the file, {tuple(expected[k])} expected"
              for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k])]
     if missing:
-        raise ConversionError(f"{where}: {len(missing)} missing keys, first: {missing[:5]}")
+        raise ConversionError(f"{where}: {len(missing)} missing keys, first: {missing[:5]}" + (hint and f"; {hint}"))
     if unexpected:
         raise ConversionError(f"{where}: {len(unexpected)} unexpected keys, first: {unexpected[:5]}")
     if wrong:
@@ -585,20 +592,189 @@ def convert_all(mbart, mclip, xlmr, clip, out, mapping=MappingConfig(), seed=0, 
     return Path(out)
 
 
+# -----------------------------------------------------------------------------
+# The authors' trained models (devaansh100/CLIPTrans), as their code saves them, into a checkpoint folder here.
+#
+# Their `CLIPTrans` module holds `adapter.*` (the mapping network), `mbart.*` (a stock
+# MBartForConditionalGeneration, every tied copy of the embedding present) and, for a model trained with
+# --unfreeze_clip only, `clip.text_encoder.*` (M-CLIP) and `clip.image_encoder.*` (a CLIPModel): otherwise the
+# frozen M-CLIP is deleted before training, and the towers come from a folder of weights.py (`--towers`). A file
+# is a training dict (`save_model`: {'model', 'optimizer', 'scaler', 'epoch', 'best_bleu_test'}) or a flat shard
+# of a released model (X_1.pth, X_2.pth, ... merged in order, as their runner merges them); under DDP every key
+# starts with `module.`. The languages and the stage are not in the files: the command line gives them.
+
+OFFICIAL_ADAPTERS = {  # kind -> (the key of the Linear that makes the P prefix vectors, their names -> ours)
+    "mlp": ("adapter.hidden.0.weight", [  # MLPAdapter: Linear(D, P d), PReLU
+        (r"adapter\.hidden\.([01])\.(weight|bias)", r"mapping.net.\1.\2")]),
+    "hidden_mlp": ("adapter.hidden.2.weight", [  # HiddenMLPAdapter: Linear(D, d), ReLU, Linear(d, P d), PReLU
+        (r"adapter\.hidden\.([023])\.(weight|bias)", r"mapping.net.\1.\2")]),
+    "transformer": ("adapter.projector.weight", [  # TransformerAdapter: Linear(D, P d), nn.TransformerEncoderLayer
+        (r"adapter\.projector\.(weight|bias)", r"mapping.net.\1"),
+        (r"adapter\.transformer\.layers\.0\.self_attn\.in_proj_(weight|bias)", r"mapping.block.attn.qkv.\1"),
+        (r"adapter\.transformer\.layers\.0\.self_attn\.out_proj\.(weight|bias)", r"mapping.block.attn.out.\1"),
+        (r"adapter\.transformer\.layers\.0\.linear([12])\.(weight|bias)", r"mapping.block.mlp.fc\1.\2"),
+        (r"adapter\.transformer\.layers\.0\.norm1\.(weight|bias)", r"mapping.block.ln_attn.\1"),
+        (r"adapter\.transformer\.layers\.0\.norm2\.(weight|bias)", r"mapping.block.ln_mlp.\1")]),
+}
+
+
+def under(module, rules):  # rules for the same keys inside a module: "mbart." + "model.shared.weight"
+    return [(re.escape(module) + f"(?:{pattern})", target) for pattern, target in rules]
+
+
+OFFICIAL_TOWERS = under("clip.text_encoder.", MCLIP_RULES) + under("clip.image_encoder.", CLIP_RULES)  # --unfreeze_clip
+# the rest of a training dict: used by their training alone
+OFFICIAL_DROPPED = ("optimizer", "scaler", "epoch", "best_bleu_test")
+SHARDS_HINT = "their released models come as shards X_1.pth, X_2.pth: give every shard, or the name X.pth"
+
+
+def official_files(paths):
+    """The files of one official model, in their runner's order: a .pth, or the shards X_1.pth, X_2.pth, ... of
+    X.pth, found from the name X.pth (as their runner does when X.pth itself is missing) or given one by one.
+    A shard missing from a set is an error."""
+    files = []
+    for path in map(Path, paths):
+        numbered = re.fullmatch(r"(.+)_\d+\.pth", path.name)
+        if path.is_file() and not numbered:
+            files.append(path)
+            continue
+        stem = numbered.group(1) if numbered else path.name.removesuffix(".pth")
+        found = (re.fullmatch(re.escape(stem) + r"_(\d+)\.pth", p.name) for p in path.parent.glob(stem + "_*.pth"))
+        shards = {int(m.group(1)): path.parent / m.group(0) for m in found if m}
+        if not shards:
+            raise ConversionError(f"{path} not found, nor shards {stem}_1.pth, {stem}_2.pth, ... beside it: expected "
+                                  f"a model file of the official CLIPTrans code; {SHARDS_HINT}")
+        missing = [f"{stem}_{n}.pth" for n in range(1, max(shards) + 1) if n not in shards]
+        if missing:
+            raise ConversionError(f"{path.parent} holds shards {sorted(shards)} of {stem}, but not {missing}: "
+                                  f"download every shard of the model")
+        files += [shards[n] for n in sorted(shards) if shards[n] not in files]
+    return files
+
+
+def read_official(files):
+    """One flat state dict from the official files: each read with torch.load(weights_only=True), a training
+    dict's model taken (the rest dropped by name), the shards merged, `module.` (DDP) taken out of every key."""
+    state = {}
+    for path in files:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # (never weights_only=False for a downloaded file)
+            raise ConversionError(f"cannot read {path}: it holds more than tensors, and loading it would run code "
+                                  f"({str(e).splitlines()[0][:200]}). A file of the official code loads with "
+                                  f"weights_only=True: this one is not such a file, or was altered") from None
+        except (RuntimeError, OSError, EOFError) as e:
+            raise ConversionError(f"cannot read {path}: {e}. The file is damaged or incomplete: download it again")
+        if isinstance(obj, dict) and "model" in obj:  # a training dict (their runner's save_model)
+            unknown = [k for k in obj if k != "model" and k not in OFFICIAL_DROPPED]
+            if unknown:
+                raise ConversionError(f"{path}: a training dict with unexpected entries {unknown}: expected 'model' "
+                                      f"and {', '.join(OFFICIAL_DROPPED)}")
+            obj = obj["model"]
+        if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise ConversionError(f"{path} holds a {type(obj).__name__} that is not a state dict of tensors: expected "
+                                  f"a model file of the official CLIPTrans code (a state dict, or a training dict "
+                                  f"with one under 'model')")
+        for key, tensor in obj.items():
+            key = re.sub(r"(^|\.)module\.", r"\1", key)  # DDP's wrapper, wherever it stands
+            if key in state and not torch.equal(state[key], tensor):
+                raise ConversionError(f"{path}: {key} is in an earlier file too, with other values: these files "
+                                      f"are not the shards of one model")
+            state[key] = tensor
+    return state
+
+
+def official_mapping(state, config: CLIPTransConfig, where):
+    """The mapping network's kind and prefix length, from their adapter's keys and shapes."""
+    keys = [k for k in state if k.startswith("adapter.")]
+    kinds = [kind for kind, (_, rules) in OFFICIAL_ADAPTERS.items()
+             if all(any(re.fullmatch(p, k) for p, _ in rules) for k in keys)]
+    if not keys:
+        raise ConversionError(f"{where}: no mapping network (adapter.* keys): a model trained with --prefix_length "
+                              f"0, or a shard missing ({SHARDS_HINT})")
+    if len(kinds) != 1 or OFFICIAL_ADAPTERS[kinds[0]][0] not in state:
+        raise ConversionError(f"{where}: the adapter's keys {keys[:6]} are not those of one of the official adapters "
+                              f"(MLPAdapter, HiddenMLPAdapter, TransformerAdapter): keys are missing or unknown")
+    out, d = state[OFFICIAL_ADAPTERS[kinds[0]][0]].shape[0], config.mbart.d_model
+    if out % d:
+        raise ConversionError(f"{where}: the adapter makes {out} numbers, not a whole number of {d}-d prefix vectors "
+                              f"(mBART's width in the towers' folder): it belongs to an mBART of another size")
+    return MappingConfig(kinds[0], out // d)
+
+
+def convert_official(files, towers, src, tgt, out, stage=2, overwrite=False):
+    """An official model (`files`: see official_files) as a checkpoint folder `out`, with the frozen towers and the
+    tokenizers of `towers` (a folder written by weights.py), decoding as the official code does (prompt
+    "official"). Strict, as convert: every key used or dropped by name, every shape checked."""
+    try:
+        check_new_folder(out, overwrite)
+        langs = [lang_code(x) for x in (src, tgt)]
+    except (FolderError, ValueError) as e:
+        raise ConversionError(str(e)) from None
+    config, _ = read_config(towers)
+    lost = [name for name in (MBART_TOKENIZER, TEXT_TOKENIZER) if not (Path(towers) / name).is_file()]
+    if lost:
+        raise ConversionError(f"{towers} has no {' or '.join(lost)}: expected a folder written by weights.py")
+    paths = official_files(files)
+    state, where = read_official(paths), ", ".join(map(str, paths))
+    config.mapping, config.prompt = official_mapping(state, config, where), "official"
+    shared, c = state.get("mbart.model.shared.weight"), config.mbart
+    if shared is not None and tuple(shared.shape) != (c.vocab_size, c.d_model):
+        raise ConversionError(f"{where}: its mBART has {shared.shape[0]} ids of width {shared.shape[1]}, the one of "
+                              f"{towers} {c.vocab_size} of width {c.d_model}: convert --towers from the mBART their "
+                              f"model was fine-tuned from (facebook/mbart-large-50)")
+    unfrozen = any(k.startswith("clip.") for k in state)  # --unfreeze_clip: the towers are in the file
+    rules = (OFFICIAL_ADAPTERS[config.mapping.kind][1] + under("mbart.", MBART_RULES)
+             + (OFFICIAL_TOWERS if unfrozen else []))
+    expected = {k: v for k, v in expected_shapes(config, "").items() if unfrozen or not k.startswith(TOWERS)}
+    converted = convert(state, rules, expected, where, hint=SHARDS_HINT)
+    if not unfrozen and not (Path(towers) / TOWERS_FILE).exists():  # a folder of the older single-file layout
+        converted.update({k: v for k, v in load_file(Path(towers) / WEIGHTS_FILE).items() if k.startswith(TOWERS)})
+    train = {"stage": stage, "src": src, "tgt": tgt}
+    if stage == 1:  # their captions: English when the pair has it, else Spanish
+        train["caption_lang"] = "en" if "en_XX" in langs else "es"
+    with written_aside(out) as tmp:
+        for name in (MBART_TOKENIZER, TEXT_TOKENIZER):
+            shutil.copyfile(Path(towers) / name, tmp / name)
+        write_folder(tmp, converted, {"cliptrans": config.to_dict(), "train": train, "official": {
+            "files": [str(p) for p in paths], "towers": str(towers), "unfreeze_clip": unfrozen}},
+            towers_from=None if unfrozen else towers)
+    return Path(out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mbart", required=True, help="facebook/mbart-large-50 folder")
-    p.add_argument("--mclip", required=True, help="M-CLIP/XLM-Roberta-Large-Vit-B-32 folder")
-    p.add_argument("--xlmr", required=True, help="xlm-roberta-large folder (M-CLIP's modelBase: sizes + tokenizer)")
-    p.add_argument("--clip", required=True, help="openai/clip-vit-base-patch32 folder (full or vision-only)")
+    p.add_argument("--mbart", help="facebook/mbart-large-50 folder")
+    p.add_argument("--mclip", help="M-CLIP/XLM-Roberta-Large-Vit-B-32 folder")
+    p.add_argument("--xlmr", help="xlm-roberta-large folder (M-CLIP's modelBase: sizes + tokenizer)")
+    p.add_argument("--clip", help="openai/clip-vit-base-patch32 folder (full or vision-only)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mapping", default="mlp", choices=["mlp", "hidden_mlp", "transformer"])
     p.add_argument("--prefix_len", type=int, default=10)
+    p.add_argument("--official", nargs="+", metavar="FILE",
+                   help="instead: a model of the official CLIPTrans code (its .pth, its shards X_1.pth X_2.pth "
+                        "..., or the name X.pth of a set of shards) into a checkpoint folder, which decodes as "
+                        "their code does (--prompt official)")
+    p.add_argument("--towers", help="--official: a folder written by weights.py, whose frozen towers and "
+                                    "tokenizers the model uses")
+    p.add_argument("--src", help="--official: the model's source language (e.g. en)")
+    p.add_argument("--tgt", help="--official: its target language (e.g. de)")
+    p.add_argument("--stage", type=int, default=2, choices=[1, 2],
+                   help="--official: 2, a translation model (model_best_test.pth); 1, a captioning one "
+                        "(model_pretrained.pth), from which train.py's stage 2 can start (--init)")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     a = p.parse_args(argv)
+    need = ("towers", "src", "tgt") if a.official else ("mbart", "mclip", "xlmr", "clip")
+    missing = [f"--{n}" for n in need if getattr(a, n) is None]
+    if missing:
+        p.error(f"{' '.join(missing)} {'is' if len(missing) == 1 else 'are'} required"
+                + (" with --official" if a.official else " (or --official FILE ...)"))
     try:
-        out = convert_all(a.mbart, a.mclip, a.xlmr, a.clip, a.out, MappingConfig(a.mapping, a.prefix_len),
-                          overwrite=a.overwrite)
+        if a.official:
+            out = convert_official(a.official, a.towers, a.src, a.tgt, a.out, a.stage, overwrite=a.overwrite)
+        else:
+            out = convert_all(a.mbart, a.mclip, a.xlmr, a.clip, a.out, MappingConfig(a.mapping, a.prefix_len),
+                              overwrite=a.overwrite)
     except ConversionError as e:
         raise SystemExit(f"error: {e}")
     except OSError as e:  # a full or read-only disk: nothing of the new folder is left, --out is as it was

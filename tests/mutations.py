@@ -37,6 +37,7 @@ class Mutation:
 
 AGREEMENT = "tests/test_agreement.py"
 RECIPE = "tests/test_recipe.py"
+OFFICIAL = "tests/test_official.py"
 
 MUTATIONS = [
     Mutation("prefix_scaled_in_training_only", "cliptrans.py",
@@ -50,7 +51,7 @@ MUTATIONS = [
              [f"{AGREEMENT}::test_training_forward_equals_cached_decoding"],
              "CLIPTrans.forward with a causal mask instead of the prefix mask (forward alone)"),
     Mutation("generate_prompt_without_prefix_mask", "cliptrans.py",
-             "        mask = prefix_mask(P, 1 + P, prompt.device)\n",
+             "        mask = make_mask(P, 1 + P, embeds.device)\n",
              "        mask = None\n",
              [f"{AGREEMENT}::test_training_forward_equals_cached_decoding"],
              "generation reads its prompt causally (training: the prefix bidirectional)"),
@@ -109,6 +110,22 @@ MUTATIONS = [
              'self.block = Block(d_model, 2, d_model // 3, "relu", pre_norm=True,',
              [f"{AGREEMENT}::test_mapping_network_equals_the_official_modules"],
              "the transformer mapping network pre-LN instead of post-LN"),
+    Mutation("official_columns_follow_the_prefix", "cliptrans.py",
+             "(i[None, :] >= 1) & (i[None, :] <= 10))",
+             "(i[None, :] >= 1) & (i[None, :] <= prefix_len))",
+             [f"{OFFICIAL}::test_official_prompt_logits_equal_theirs",
+              f"{OFFICIAL}::test_official_decoding_equals_theirs"],
+             "the official mask's columns 1..P instead of their hard-coded 1..10"),
+    Mutation("official_prompt_in_training_order", "cliptrans.py",
+             '"official": (lambda eos, prefix: torch.cat([prefix, eos], dim=1)',
+             '"official": (lambda eos, prefix: torch.cat([eos, prefix], dim=1)',
+             [f"{OFFICIAL}::test_official_decoding_equals_theirs"],
+             "the official prompt as `</s> P1..Pp`, the training order"),
+    Mutation("official_ddp_prefix_kept", "weights.py",
+             'key = re.sub(r"(^|\\.)module\\.", r"\\1", key)',
+             "key = key",
+             [f"{OFFICIAL}::test_every_layout_of_their_files_converts_to_the_same_model"],
+             "the official files' `module.` (DDP) left in the keys"),
     Mutation("bench_hf_causal_mask", "bench/bench.py",
              'def first_loss_agreement(ours, mbart_hf, mapping_hf, clip, src, src_mask, tgt, hf_mask="prefix"):',
              'def first_loss_agreement(ours, mbart_hf, mapping_hf, clip, src, src_mask, tgt, hf_mask="causal"):',

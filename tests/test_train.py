@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 import data
 import experiment
 import folders
+import official  # tests/official.py: the official code's files, re-typed
 from stage0 import Stage0Config
 import tiny_world
 import train
@@ -866,8 +867,8 @@ def test_more_bad_input_in_process(case, world, stage0, stage1, tmp_path):
         "resume_other_batch": (["--stage", 1, "--resume", "--checkpoint", stage1 / "last", "--batch_size", 8],
                                "was trained with --batch_size 16; this run has --batch_size 8: resume with the same"),
         "resume_stage1_as_stage2": (["--stage", 2, "--resume", "--checkpoint", stage1 / "last"],
-                                    "was trained with --stage 1, --batch_size 16; this run has --stage 2, "
-                                    "--batch_size 64"),
+                                    "was trained with --stage 1, --task caption, --batch_size 16; this run has "
+                                    "--stage 2, --task translate, --batch_size 64"),
         "features_unwritable": (["--stage", 1, "--weights", stage0, "--features", tmp_path / "a_file" / "cache"],
                                 "cannot write the feature cache"),
         "prefix0_stage1": (["--stage", 1, "--weights", stage0, "--prefix_len", 0],
@@ -930,6 +931,42 @@ def test_eval_only_scores_the_best_stage2_checkpoint(world, stage2, scrambled, t
     shutil.copytree(scrambled, out / "best")
     result = eval_only(capsys, "--stage", 2, "--data", world, "--out", out)
     assert len(set(Path(result["hypotheses"]).read_text().splitlines())) == 8
+
+
+def test_eval_only_and_translate_read_an_authors_model(world, scrambled, tmp_path, capsys):
+    """`scrambled` as the official code would have saved it (tests/official.py: DDP shards), converted with
+    weights.py --official and its towers: train.py --eval_only and translate.py read it, and decode as the
+    official code does (--prompt official, the converted folder's default); with --prompt train, exactly as
+    `scrambled` itself (the conversion loses nothing). A converted stage 1 model starts a stage 2 run, whose
+    checkpoints record the prompt they were scored with."""
+    official.save_shards(official.from_ours(weights.load(scrambled), "mlp"), tmp_path)
+    converted = {}
+    for stage in (1, 2):
+        converted[stage] = tmp_path / f"official{stage}"
+        weights.main(args("--official", tmp_path / "model_best_test.pth", "--towers", scrambled, "--src", "en",
+                          "--tgt", "de", "--out", converted[stage], "--stage", stage))
+
+    def hyps(checkpoint, *more):
+        result = eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", checkpoint, "--out",
+                           tmp_path / "eval", *more)
+        return Path(result["hypotheses"]).read_text().splitlines()
+
+    theirs = hyps(converted[2])
+    assert theirs == hyps(scrambled, "--prompt", "official")
+    assert hyps(converted[2], "--prompt", "train") == hyps(scrambled) != theirs
+    sentences = (world / "raw" / "test.en").read_text().splitlines()[:3]
+    capsys.readouterr()
+    for checkpoint, more in ((converted[2], []), (scrambled, ["--prompt", "official"])):
+        translate.main(args("--checkpoint", checkpoint, "--beam", 1, "--max_new_tokens", 20, *more, *sentences))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == lines[3:] == theirs[:3]
+
+    for prompt in ("official", "train"):
+        out = tmp_path / f"stage2 {prompt}"
+        more = ["--prompt", "train"] if prompt == "train" else []
+        train.main(args("--stage", 2, "--data", world, "--init", converted[1], "--out", out, "--max_steps", 1,
+                        "--batch_size", 16, *more, *FAST))
+        assert json.loads((out / "last" / weights.CONFIG_FILE).read_text())["cliptrans"]["prompt"] == prompt
 
 
 def test_eval_only_stage1_any_split(world, stage1, tmp_path, capsys):
@@ -1092,7 +1129,13 @@ def test_experiment_pairs_arms_by_seed(tmp_path, monkeypatch, capsys):
         arm = next((k for k in bleu if any(k in x for x in cli)), None)
         return {"test_bleu": (bleu[arm] + seed) if "--n_pairs" in cli else 20.0}
     monkeypatch.setattr(experiment, "train", train_stub)
+    monkeypatch.setenv("CLIPTRANS_CACHE", str(tmp_path / "cache"))  # the world the figure shows
+    tiny_world.make_tiny_world(tmp_path / "cache" / "tiny_world", n_train=4, n_val=4, n_test=4, image_size=32)
+    space = []
+    monkeypatch.setattr(experiment, "shared_space", lambda folder, world: space.append(folder) or
+                        {"towers": (0.5, 0.1), "prefix": (0.8, 0.2)})
     experiment.main(["--seeds", "1", "2", "3", "--pairs", "50", "200", "--jobs", "2", "--out", str(tmp_path)])
+    assert space[:2] == [tmp_path / "stage0" / "last", tmp_path / "seed1" / "stage1_en" / "last"] and len(space) == 10
     stages = [c[c.index("--stage") + 1] for c in calls]
     assert stages.count("0") == 1 and stages.count("1") == 3 * 2 and stages.count("2") == 3 * 2 * 4
     # stage 2: 200 steps, validated 4 times, the best checkpoint kept
@@ -1103,6 +1146,54 @@ def test_experiment_pairs_arms_by_seed(tmp_path, monkeypatch, capsys):
     assert r["differences"] == [20.0] * 3 and r["ci95"] == [20.0, 20.0] and (r["higher"], r["lower"]) == (3, 0)
     assert results["stage1"]["seed 2, stage 1 (de)"] == 20.0
     assert "stage 1 (de) + 2 - stage 2 only" in capsys.readouterr().out
+    for figure in ("bleu_by_size.png", "tiny_world.png"):  # written by matplotlib: PNG files
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_experiment_arms_are_rows_and_rescore_scores_again(tmp_path, monkeypatch, capsys):
+    """Arms of other tasks run with their rows' flags, each stage 1 kind once a seed; --rescore scores every
+    stage 2 checkpoint once more with its flags and pairs the two scores seed by seed."""
+    calls = []
+
+    def train_stub(*cli, out=None, log=None, threads=None):
+        cli = [str(x) for x in cli]
+        calls.append(cli)
+        if "--eval_only" in cli:
+            return {"bleu": 30.0 + int(Path(cli[cli.index("--checkpoint") + 1]).parent.parent.name[-1])}
+        return {"test_bleu": 25.0}
+    monkeypatch.setattr(experiment, "train", train_stub)
+    monkeypatch.setattr(experiment, "plot_world", lambda world, path: None)
+    experiment.main(["--seeds", "1", "2", "--pairs", "50", "--arms", "text_recon + 2", "triplet",
+                     "stage 1 (en) + triplet", "--rescore=--prompt official", "--out", str(tmp_path)])
+    stage1 = [c for c in calls if c[1] == "1"]
+    assert sorted(c[2:4] for c in stage1) == [["--caption_lang", "en"]] * 2 + [["--task", "text_recon"]] * 2
+    stage2 = {tuple(c[2:c.index("--seed")]) for c in calls if c[1] == "2" and "--eval_only" not in c}
+    assert ("--weights", str(tmp_path / "stage0" / "last"), "--task", "triplet", "--from_scratch_stage2") in stage2
+    assert ("--init", str(tmp_path / "seed1" / "stage1_text_recon" / "last")) in stage2
+    assert ("--init", str(tmp_path / "seed2" / "stage1_en" / "last"), "--task", "triplet") in stage2
+    again = [c for c in calls if "--eval_only" in c]
+    assert len(again) == 2 * 3 and all(c[-2:] == ["--prompt", "official"] for c in again)
+    results = json.loads((tmp_path / "results.json").read_text())
+    r = results["paired"]["triplet, rescored - as trained, 50 pairs"]
+    assert r["differences"] == [6.0, 7.0]
+
+
+def test_shared_space_cosines(world, stage1):
+    """The cosines of matched and unmatched rows, on vectors whose answer is known; and on a checkpoint, the
+    image-caption cosines of its towers and of its prefixes, from the same embeddings as train.py's."""
+    a = torch.eye(4) * 3
+    assert experiment.cosines(a, a) == (1.0, 0.0) and experiment.cosines(a, -a) == (-1.0, 0.0)
+    space = experiment.shared_space(stage1 / "last", world)
+    model = weights.load(stage1 / "last")
+    s = data.read_split(world, "test", ["en"], world / "images")
+    tok = data.TextTowerTokenizer(stage1 / "last" / weights.TEXT_TOKENIZER)
+    ids, mask = tok.encode(s.sentences["en"])
+    with torch.no_grad():
+        texts = model.encode_text(ids, mask)
+        images = torch.stack([model.encode_image(data.load_image(f, 32)[None])[0] for f in s.images])
+        prefixes = model.mapping(images).flatten(1), model.mapping(texts).flatten(1)
+    assert space["towers"] == pytest.approx(experiment.cosines(images, texts), abs=2e-4)
+    assert space["prefix"] == pytest.approx(experiment.cosines(*prefixes), abs=2e-4)
 
 
 def test_paired_bootstrap_interval():
@@ -1270,11 +1361,11 @@ def test_the_image_features_follow_the_images_not_their_names(world, stage0, tmp
     env = train.setup("cpu", "fp32")
     model = weights.load(stage0)
     split = data.read_split(data_dir, "val", ["en"], images=data_dir / "images")
-    first = train.features(model, c, split, "image", stage0, env)
+    first = train.features(model, c, split, "image", "en", stage0, env)
     a, b = split.images[0], split.images[1]
     a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
     a.write_bytes(b_bytes), b.write_bytes(a_bytes)  # the two images swapped, the names kept
-    second = train.features(model, c, split, "image", stage0, env)
+    second = train.features(model, c, split, "image", "en", stage0, env)
     assert torch.equal(second[0], first[1]) and torch.equal(second[1], first[0])
     assert torch.equal(second[2:], first[2:])
 
@@ -1348,3 +1439,159 @@ def test_more_beams_than_the_vocabulary_allows_are_refused_before_training(world
              "--beam", 500], "--beam 500, --max_new_tokens 20: num_beams=500 needs a vocabulary of at least 1001 "
                              "tokens", "use at most")
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- 9. the tasks and the switches
+
+
+def prepared(world, stage0, *cli):
+    """train.prepare for the training and test splits under the flags `cli`, and what each asked the frozen
+    towers: {split: (Examples, [(kind, language)])}. Trains nothing."""
+    c = train.parse_args(args("--data", world, "--out", "unused", *cli))
+    model, tok = weights.load(stage0), data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
+    env, out = train.setup("cpu", "fp32"), {}
+    for split in (c.train_split, c.test_split):
+        asked = []
+
+        def spy(model, c, split_, kind, lang, *rest):
+            asked.append((kind, lang))
+            return features(model, c, split_, kind, lang, *rest)
+        features = train.features
+        train.features = spy
+        try:
+            out[split] = (train.prepare(c, split, model, tok, stage0, env), asked)
+        finally:
+            train.features = features
+    return out
+
+
+def rows(world, tok, split, lang, n=None):
+    lines = (world / "raw" / f"{split}.{lang}").read_text().splitlines()
+    return tok.rows(lines[:n] if n else lines, lang)
+
+
+@pytest.mark.parametrize("task, prefix, test_prefix, trivial, target", [
+    ("caption", "image", "image", True, "en"),  # the caption, from the image, the encoder given `<en> </s>`
+    ("text_recon", "text", "text", True, "en"),  # the sentence itself, from its own text embedding
+    ("translate", "text", "text", False, "de"),  # the target, from the source's embedding and the source
+    ("triplet", "image", "text", False, "de"),  # ... from the image in training, from the source at test
+])
+def test_each_task_reads_what_its_row_says(task, prefix, test_prefix, trivial, target, world, stage0):
+    """The official README's table, column by column: what the tower embeds (training and test), what mBART's
+    encoder reads, what the decoder writes; and the stage each task belongs to."""
+    (train_set, train_asked), (test_set, test_asked) = prepared(world, stage0, "--task", task).values()
+    tok = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
+    assert train_asked == [(prefix, "en")] and test_asked == [(test_prefix, "en")]
+    for split, ex in (("train", train_set), ("test", test_set)):
+        source, seen = rows(world, tok, split, "en"), train.noised_for(ex, 29, 0).src_ids  # (epoch 0's)
+        assert seen == ([[r[0], r[-1]] for r in source] if trivial else source), (task, split)
+        assert ex.tgt_ids == rows(world, tok, split, target) and ex.tgt_lang == target
+        assert ex.noise == (1.0 if trivial and split == "train" else 0.0)
+    c = train.parse_args(args("--task", task, "--data", world))
+    assert c.stage == train.TASKS[task].stage and c.task == task
+
+
+def test_use_all_langs_trains_on_each_language_of_the_pair(world, stage0):
+    """--use_all_langs: the training split once in English and once in German (its captions from the same
+    images; text_recon: each sentence from its own embedding); validation and test stay in --caption_lang."""
+    tok = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
+    for task, asked in (("caption", [("image", "en"), ("image", "de")]), ("text_recon", [("text", "en"),
+                                                                                          ("text", "de")])):
+        (ex, train_asked), (test, _) = prepared(world, stage0, "--task", task, "--use_all_langs").values()
+        assert train_asked == asked
+        assert ex.tgt_ids == rows(world, tok, "train", "en") + rows(world, tok, "train", "de")
+        assert [r[0] for r in ex.src_ids] == [tok.lang_id("en")] * 256 + [tok.lang_id("de")] * 256
+        assert len(ex.feats) == 512 and test.tgt_lang == "en" and len(test.tgt_ids) == 24
+        if task == "caption":
+            assert torch.equal(ex.feats[:256], ex.feats[256:])  # the same image under both captions
+
+
+def test_the_noise_drops_source_tokens_but_never_the_language_code_or_the_end():
+    rows_ = [[250004] + list(range(10, 40)) + [2] for _ in range(200)]
+    half = data.drop_tokens(rows_, 0.5, seed=3)
+    assert all(r[0] == 250004 and r[-1] == 2 for r in half)
+    assert all(r == sorted(r, key=rows_[0].index) for r in half)  # tokens dropped, none added, the order kept
+    kept = sum(len(r) - 2 for r in half) / (30 * 200)
+    assert 0.45 < kept < 0.55
+    assert half == data.drop_tokens(rows_, 0.5, seed=3) != data.drop_tokens(rows_, 0.5, seed=4)
+    assert data.drop_tokens(rows_, 1.0) == [[250004, 2]] * 200 and data.drop_tokens(rows_, 0.0) is rows_
+
+
+def test_noise_train_and_noise_test_mask_the_source(world, stage0):
+    """--noise_train: the training source drawn anew each epoch at --mask_prob; --noise_test: the test source
+    masked once (seeded) and the prefix from the image (the official --noise_test). --mask_prob in stage 1 lets
+    the encoder see part of the caption (the official default, 1, leaves `<lang> </s>`)."""
+    tok = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
+    (ex, _), (test, test_asked) = prepared(world, stage0, "--stage", 2, "--noise_train", "--noise_test",
+                                           "--mask_prob", 0.5).values()
+    source = rows(world, tok, "train", "en")
+    assert ex.src_ids == source and ex.noise == 0.5
+    epochs = [train.noised_for(ex, 29, e).src_ids for e in (0, 1)]
+    assert epochs[0] != epochs[1] and all(len(a) < len(b) for a, b in zip(epochs[0][:50], source) if len(b) > 8)
+    assert test_asked == [("image", "en")]
+    assert test.src_ids == data.drop_tokens(rows(world, tok, "test", "en"), 0.5, 29)
+    (stage1_ex, _), _ = prepared(world, stage0, "--stage", 1, "--mask_prob", 0.5).values()
+    seen = train.noised_for(stage1_ex, 29, 0).src_ids
+    assert seen == data.drop_tokens(rows(world, tok, "train", "en"), 0.5, 29 * 1000)
+    assert any(len(r) > 2 for r in seen)
+
+
+@pytest.mark.parametrize("cli, message", [
+    (["--stage", 2, "--task", "caption"], "--task caption is a stage 1 task, not a stage 2 one"),
+    (["--stage", 2, "--mask_prob", 0.3], "--mask_prob has an effect in stage 2 only with --noise_train"),
+    (["--stage", 2, "--noise_train", "--mask_prob", 1.5], "--mask_prob 1.5: expected a share"),
+    (["--task", "triplet", "--unfreeze_clip"], "--unfreeze_clip fine-tunes the text tower"),
+    (["--stage", 2, "--prefix_len", 0, "--unfreeze_clip"], "--unfreeze_clip fine-tunes the text tower"),
+    (["--task", "triplet", "--prefix_len", 0], "--prefix_len 0 with --task triplet"),
+    (["--stage", 2, "--eval_only", "--noise_train"], "--noise_train change how a model trains"),
+    (["--stage", 1, "--noise_test"], "--noise_test has no effect in stage 1"),
+    (["--stage", 2, "--use_all_langs"], "--use_all_langs has no effect in stage 2"),
+])
+def test_task_flags_refused_where_they_mean_nothing(cli, message, world):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(args("--data", world, *cli))
+    assert message in str(e.value.code), e.value.code
+
+
+@pytest.mark.parametrize("task", ["text_recon", "triplet"])
+def test_the_other_tasks_train_and_keep_their_checkpoint(task, world, stage0, stage1, tmp_path):
+    """text_recon trains what caption trains (the decoder and the mapping network), keeps `last`, and starts a
+    translate run; triplet trains what translate trains and keeps `best`."""
+    out = tmp_path / task
+    start = ["--weights", stage0] if task == "text_recon" else ["--init", stage1 / "last"]
+    train.main(args("--task", task, "--data", world, *start, "--out", out, "--max_steps", 2, "--batch_size", 16,
+                    *FAST))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["task"] == task and summary["checkpoint"] == str(out / train.TASKS[task].keeps)
+    before = tensors(stage0 if task == "text_recon" else stage1 / "last")
+    moved = changed(before, tensors(out / "last"))
+    trains = ("mbart.decoder.", "mapping.") if task == "text_recon" else ("mbart.encoder.", "mbart.decoder.",
+                                                                           "mbart.shared.", "mapping.")
+    assert moved == prefixed(before, *trains)
+    if task == "text_recon":
+        train.main(args("--stage", 2, "--data", world, "--init", out / "last", "--out", tmp_path / "then",
+                        "--max_steps", 1, "--batch_size", 16, *FAST))
+
+
+UNFROZEN = ["--stage", 2, "--unfreeze_clip", "--batch_size", 8, "--save_every", 2, "--eval_every", 1000, *FAST]
+
+
+def test_unfreeze_clip_trains_the_text_tower_and_resumes_exactly(world, stage1, tmp_path, capsys):
+    """--unfreeze_clip: after a step the text tower has moved and the image tower has not; every checkpoint
+    holds its own towers (not linked to stage 1's); a run stopped at step 2 and resumed to 4 equals 4 steps in
+    one go; translate.py and --eval_only read its checkpoints, with their own towers."""
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train.main(args(*UNFROZEN, "--data", world, "--init", stage1 / "last", "--out", whole, "--max_steps", 4))
+    before, after = tensors(stage1 / "last"), tensors(whole / "last")
+    moved = changed(before, after)
+    assert prefixed(before, "text.") <= moved and not prefixed(moved, "vision.")
+    assert max_diff(before, after, prefixed(before, "text.")) > 1e-4
+    assert not os.path.samefile(whole / "last" / weights.TOWERS_FILE, stage1 / "last" / weights.TOWERS_FILE)
+    train.main(args(*UNFROZEN, "--data", world, "--init", stage1 / "last", "--out", parts, "--max_steps", 2))
+    train.main(args(*UNFROZEN, "--data", world, "--init", stage1 / "last", "--out", parts, "--max_steps", 4,
+                    "--resume"))
+    want, got = step_losses(records(whole)), step_losses(records(parts))
+    assert sorted(got) == [1, 2, 3, 4] and all(got[s] == pytest.approx(want[s], abs=1e-6, rel=0) for s in got)
+    assert max_diff(tensors(whole / "last"), tensors(parts / "last")) <= 1e-6
+    hyps = eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", whole / "best", "--out", tmp_path / "e")
+    assert Path(hyps["hypotheses"]).read_text() == (whole / "hyps" / "test.final.txt").read_text()
