@@ -24,8 +24,9 @@ order and its dropout; each seed has its own stage 1 runs, one per kind the arms
 world's training images). Stage 2 validates `--evals` times and keeps its checkpoint best on val, as the paper's
 recipe does: the test score is not that of a late loss spike. `--jobs` runs train.py that many times at once, each
 on its share of the cores. Ablations: `--arms` picks arms, `--stage1_extra` / `--stage2_extra` add train.py flags
-to a stage's runs, `--rescore` scores every stage 2 checkpoint once more with other flags (`--rescore="--prompt
-official"`: decoding as the official code does).
+to a stage's runs, `--rescore` scores every stage 2 checkpoint once more with other flags, for each set given
+(`--rescore="--prompt official"`: decoding as the official code does; a text-only arm, which has no prefix, is
+not given a set that names --test_prefix).
 
 Prints the test BLEU, mean ± standard deviation over seeds, and, for each pair of arms at each size, the mean
 of the paired differences (the same seed, the same data) with a 95% bootstrap interval over seeds and how many
@@ -74,6 +75,8 @@ ARMS = {
     "triplet": (None, ["--task", "triplet", "--from_scratch_stage2"]),
     "stage 1 (en) + triplet": ("en", ["--task", "triplet"]),
     "stage 1 (en) + 2, unfreeze_clip": ("en", ["--unfreeze_clip"]),
+    "stage 1 (en) + 2, noise_train": ("en", ["--noise_train", "--mask_prob", 0.5]),  # half the source dropped
+    "text-only, noise_train": (None, ["--prefix_len", 0, "--noise_train", "--mask_prob", 0.5]),
     **{f"{kind} x{P}": ("en" if (kind, P) == ("mlp", 10) else f"{kind}{P}", [])  # (mlp x10: stage 1 (en))
        for kind in ("mlp", "hidden_mlp", "transformer") for P in (1, 10)},
 }
@@ -138,9 +141,9 @@ def main(argv=None):
     p.add_argument("--stage1_extra", default="", help='further train.py flags for stage 1, for an ablation '
                                                       '(one string: --stage1_extra="--lr 1e-4")')
     p.add_argument("--stage2_extra", default="", help="further train.py flags for stage 2 (the same way)")
-    p.add_argument("--rescore", default="", help="train.py flags to score every stage 2 run's kept checkpoint "
-                                                 "with once more (--eval_only), an ablation at test time: "
-                                                 '--rescore="--prompt official"')
+    p.add_argument("--rescore", nargs="+", default=[], metavar="FLAGS",
+                   help="sets of train.py flags (one string each) to score every stage 2 run's kept checkpoint "
+                        "with once more (--eval_only), ablations at test time: --rescore=\"--prompt official\"")
     p.add_argument("--stage0", default=None, help="an existing stage 0 run folder to start from (default: "
                                                    "OUT/stage0, made first)")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
@@ -165,8 +168,9 @@ def main(argv=None):
     report(a, results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     plot_sizes(results, out / "bleu_by_size.png")
+    plot_noise(results, out / "bleu_by_noise.png")
     plot_world(tiny_world.default_path(), out / "tiny_world.png")  # the world every run here trained on
-    print(f"figures: {out / 'bleu_by_size.png'}, {out / 'tiny_world.png'}")
+    print(f"figures: {', '.join(str(p) for p in sorted(out.glob('*.png')))}")
 
 
 def run_experiment(a, out, settings):
@@ -199,12 +203,15 @@ def run_experiment(a, out, settings):
     done = run_all(named, a.jobs, "stage 2 runs")
     for (arm, pairs, seed), name in zip(stage2, named):
         results["bleu"].setdefault(arm, {}).setdefault(str(pairs), {})[str(seed)] = done[name]["test_bleu"]
-    if a.rescore:  # each kept checkpoint scored again, on the same test split, with the --rescore flags
-        again = {name: (["--stage", 2, "--eval_only", "--checkpoint", o / "best", "--out", o / "rescore",
-                         *shlex.split(a.rescore)], o / "rescore") for name, (_, o) in named.items()}
-        done = run_all(again, a.jobs, "rescoring")
-        for (arm, pairs, seed), name in zip(stage2, named):
-            results["rescored"].setdefault(arm, {}).setdefault(str(pairs), {})[str(seed)] = done[name]["bleu"]
+    for i, flags in enumerate(a.rescore):  # each kept checkpoint scored again, on the same test split
+        runs = {key: (["--stage", 2, "--eval_only", "--checkpoint", o / "best", "--out", o / f"rescore{i}",
+                       *shlex.split(flags)], o / f"rescore{i}") for key, (cli, o) in stage2.items()
+                if not ("--test_prefix" in flags and "--prefix_len" in cli)}  # (text-only: no prefix)
+        names = {key: f"seed {key[2]}, {key[1]} pairs, {key[0]}, {flags}" for key in runs}
+        done = run_all({names[key]: run for key, run in runs.items()}, a.jobs, f"rescoring with {flags}")
+        for (arm, pairs, seed), name in names.items():
+            results["rescored"].setdefault(flags, {}).setdefault(arm, {}).setdefault(str(pairs), {})[str(seed)] = \
+                done[name]["bleu"]
     if "stage 1 (en) + 2" in a.arms:  # the shared space: stage 0's towers, then each seed's stage 1 and stage 2
         world, space = tiny_world.default_path(), {}
         space["stage 0"] = shared_space(stage0 / "last", world)
@@ -240,13 +247,17 @@ def report(a, results):
             low, high = r["ci95"]
             row.append(f"{r['mean']:+.1f} [{low:+.1f}, {high:+.1f}] ({r['higher']}/{r['lower']})")
         print(f"{y + ' - ' + x:38s}" + "  ".join(f"{c:>26s}" for c in row))
-    for arm in results["rescored"]:  # --rescore: the same checkpoints, scored the other way
-        row = []
-        for n in a.pairs:
-            r = paired([results["rescored"][arm][str(n)][str(s)] for s in a.seeds], scores(arm, n))
-            results["paired"][f"{arm}, rescored - as trained, {n} pairs"] = r
-            row.append(f"{r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] ({r['higher']}/{r['lower']})")
-        print(f"{arm + ': ' + a.rescore + ' - as trained':38s}" + "  ".join(f"{c:>26s}" for c in row))
+    for flags, arms in results["rescored"].items():  # --rescore: the same checkpoints, scored another way
+        print(f"\nrescored with {flags}: test BLEU, and minus as trained (paired)")
+        for arm, by_size in arms.items():
+            row = []
+            for n in a.pairs:
+                again = [by_size[str(n)][str(s)] for s in a.seeds]
+                r = paired(again, scores(arm, n))
+                results["paired"][f"{arm}, {flags} - as trained, {n} pairs"] = r
+                row.append(f"{statistics.mean(again):.1f}, {r['mean']:+.1f} [{r['ci95'][0]:+.1f}, "
+                           f"{r['ci95'][1]:+.1f}] ({r['higher']}/{r['lower']})")
+            print(f"{arm:38s}" + "  ".join(f"{c:>32s}" for c in row))
     if results.get("shared_space"):
         print("\nthe shared space, test split: mean cosine of an image and its caption / of unmatched pairs "
               "(mean over seeds)")
@@ -291,29 +302,51 @@ def cosines(a, b):
 
 
 def plot_sizes(results, path):
-    """Test BLEU against the number of training pairs, an arm a line: the mean over seeds, and its 95% bootstrap
-    interval over seeds as a band."""
+    """Test BLEU against the number of training pairs, an arm a line."""
+    lines = {arm: {n: list(by_size[str(n)].values()) for n in results["pairs"]}
+             for arm, by_size in results["bleu"].items()}
+    line_plot(lines, path, "parallel sentence pairs in stage 2", f"tiny world, {len(results['seeds'])} seeds",
+              log_x=True)
+
+
+def plot_noise(results, path):
+    """Test BLEU against the share of source tokens dropped at test time (the --rescore sets
+    "--noise_test --mask_prob p [--test_prefix text]"), a line for each arm and what its prefix is made from:
+    the image (--noise_test's), the source as the encoder reads it (text), or nothing (text-only); at the
+    largest data size. Drawn when the rescores include such sets."""
+    lines, n = {}, str(max(results["pairs"]))
+    for flags, arms in results.get("rescored", {}).items():
+        words = flags.split()
+        if "--noise_test" not in words or "--mask_prob" not in words:
+            continue
+        p = float(words[words.index("--mask_prob") + 1])
+        prefix = words[words.index("--test_prefix") + 1] if "--test_prefix" in words else "image"
+        for arm, by_size in arms.items():
+            source = "none" if arm.startswith("text-only") else prefix
+            lines.setdefault(f"{arm}; prefix: {source}", {})[p] = list(by_size[n].values())
+    if lines:
+        line_plot(lines, path, "share of the source's tokens dropped at test time (--mask_prob)",
+                  f"tiny world, {n} pairs, {len(results['seeds'])} seeds")
+
+
+def line_plot(lines, path, x_label, title, log_x=False):
+    """{label: {x: [scores over seeds]}} as lines of the mean test BLEU, each with its 95% bootstrap band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    pairs = results["pairs"]
-    for arm, by_size in results["bleu"].items():
-        means, low, high = [], [], []
-        for n in pairs:
-            scores = list(by_size[str(n)].values())
-            means.append(statistics.mean(scores))
-            lo, hi = interval(scores)
-            low.append(lo)
-            high.append(hi)
-        line, = ax.plot(pairs, means, marker="o", label=arm)
-        ax.fill_between(pairs, low, high, color=line.get_color(), alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xticks(pairs, [str(n) for n in pairs])
-    ax.set_xlabel("parallel sentence pairs in stage 2")
+    for label, by_x in lines.items():
+        xs = sorted(by_x)
+        band = [interval(by_x[x]) for x in xs]
+        line, = ax.plot(xs, [statistics.mean(by_x[x]) for x in xs], marker="o", label=label)
+        ax.fill_between(xs, [b[0] for b in band], [b[1] for b in band], color=line.get_color(), alpha=0.15)
+    if log_x:
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xlabel(x_label)
     ax.set_ylabel("test BLEU (en -> de)")
-    ax.set_title(f"tiny world, mean of {len(results['seeds'])} seeds, 95% bootstrap band", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_title(f"{title}: the mean, and its 95% bootstrap band", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

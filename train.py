@@ -144,8 +144,9 @@ class Config:
     from_scratch_stage2: bool = flag(False, "the ablation: stage 2 without stage 1, from --weights", (2,))
     freeze_decoder: bool = flag(False, "the ablation: stage 1 trains the mapping network alone, mBART frozen",
                                 (1,))
-    test_with_image: bool = flag(False, "stage 2 evaluation from the image embedding instead of the text's",
-                                 (2,))
+    test_prefix: str = flag("", "what the prefix is made from when stage 2 scores: image, or text, the source as "
+                                "the encoder reads it (with --noise_test, its tokens dropped) (default: the "
+                                "task's, the source; with --noise_test, the image, as the official code)", (2,))
     use_all_langs: bool = flag(False, "stage 1 trains on the sentences of both languages of the pair, not of "
                                       "--caption_lang alone: its training split once per language, as the "
                                       "official --use_all_langs (validation and test stay in --caption_lang)", (1,))
@@ -156,7 +157,7 @@ class Config:
                                     "again every epoch (with the default --mask_prob 1, as the official code's: "
                                     "none of their words)", (2,))
     noise_test: bool = flag(False, "stage 2 scores sources with --mask_prob of their tokens dropped, and the prefix "
-                                   "from the image (the official --noise_test; --mask_prob 0: --test_with_image)",
+                                   "from the image (the official --noise_test; --mask_prob 0: --test_prefix image)",
                             (2,))
     unfreeze_clip: bool = flag(False, "the translate task fine-tunes M-CLIP's text tower with the rest: the prefix "
                                       "is embedded in every step, never cached, and every checkpoint holds its "
@@ -184,7 +185,8 @@ def stages_of(f):  # "stage 1 and 2": the stages a flag applies to, in messages 
 CHOICES = {"stage": (0, 1, 2), "preset": ("tiny", "paper"), "mapping": ("mlp", "hidden_mlp", "transformer"),
            "schedule": ("constant", "cosine"), "dtype": ("auto", "bf16", "fp16", "fp32"),
            "compile": ("auto", "none", "default", "reduce-overhead", "max-autotune"), "ablate": ("prefix", "source"),
-           "prompt": tuple(PROMPTS), "task": ("caption", "text_recon", "translate", "triplet")}
+           "prompt": tuple(PROMPTS), "task": ("caption", "text_recon", "translate", "triplet"),
+           "test_prefix": ("image", "text")}
 POSITIVE = ("batch_size", "grad_accum", "epochs", "lr", "save_every", "log_every", "beam", "max_new_tokens",
             "eval_batch_size")
 NON_NEGATIVE = ("n_pairs", "max_steps", "max_eval", "warmup_steps", "eval_every", "weight_decay")
@@ -206,7 +208,7 @@ RECIPES = {  # (preset, stage) -> (batch, epochs, lr)
 class Task:
     stage: int  # (1) the starting point: stage 1, the converted weights (tiny: stage 0's); 2, a stage 1 checkpoint
     prefix: str  # (2) what a frozen tower embeds for the prefix in training: "image", or "text": the input sentence
-    test_prefix: str  # (2) ... when scoring (--test_with_image, --noise_test: the image)
+    test_prefix: str  # (2) ... when scoring (--test_prefix, or the image with --noise_test)
     pair: bool  # what an example is: a source and its translation, or one sentence (--caption_lang's), both input
     #             and target
     noised: bool  # (3) the encoder reads the input sentence with --mask_prob of its tokens dropped: always (1, the
@@ -283,10 +285,22 @@ def check(c: Config):
     if c.prefix_len == 0 and c.stage == 1:
         refuse("--prefix_len 0 with --stage 1: captioning needs the prefix (it is the image's only way into the "
                "decoder). The text-only baseline is a translation model: python train.py --stage 2 --prefix_len 0")
-    if c.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
+    if c.prefix_len == 0 and (c.test_prefix or c.ablate == "prefix"):
         refuse(f"--prefix_len 0 has no prefix to {'take away' if c.ablate else 'embed'}: drop "
-               f"{'--ablate prefix' if c.ablate else '--test_with_image'}")
-    task = TASKS.get(c.task)
+               f"{'--ablate prefix' if c.ablate else '--test_prefix'}")
+    check_task(c, refuse)
+    if c.stage == 1 and not c.caption_lang:
+        found = ", ".join(data.languages(c.data, c.train_split)) or "none found in --data"
+        refuse(f"stage 1 captions in English when the pair has it, and {c.src}-{c.tgt} has no English (the "
+               f"official code then captions in Spanish): give --caption_lang, one of the languages of the "
+               f"training split ({found})")
+    return c
+
+
+def check_task(c: Config, refuse):
+    """Refuse the task's flags where they mean nothing: a task of another stage, the noise without its switch,
+    --unfreeze_clip without a text prefix to train, training switches in --eval_only."""
+    task, given = TASKS.get(c.task), c.given
     if task and task.stage != c.stage:
         refuse(f"--task {c.task} is a stage {task.stage} task, not a stage {c.stage} one: give --stage {task.stage}, "
                f"or leave --stage out")
@@ -304,12 +318,6 @@ def check(c: Config):
     trains = [f"--{k}" for k in ("use_all_langs", "noise_train", "unfreeze_clip") if getattr(c, k)]
     if c.eval_only and trains:
         refuse(f"{' '.join(trains)} change how a model trains: --eval_only trains nothing; leave them out")
-    if c.stage == 1 and not c.caption_lang:
-        found = ", ".join(data.languages(c.data, c.train_split)) or "none found in --data"
-        refuse(f"stage 1 captions in English when the pair has it, and {c.src}-{c.tgt} has no English (the "
-               f"official code then captions in Spanish): give --caption_lang, one of the languages of the "
-               f"training split ({found})")
-    return c
 
 
 def parse_args(argv=None):
@@ -429,8 +437,8 @@ def load_model(folder, c: Config, device, kind: Start):
         decoding.check_search(model.config.mbart, 1 + model.config.mapping.prefix_len, c.beam, c.max_new_tokens)
     except ValueError as e:
         raise SystemExit(f"error: --beam {c.beam}, --max_new_tokens {c.max_new_tokens}: {e}")
-    if model.config.mapping.prefix_len == 0 and (c.test_with_image or c.ablate == "prefix"):
-        raise SystemExit(f"error: {folder} is the text-only baseline (no prefix): --test_with_image and "
+    if model.config.mapping.prefix_len == 0 and (c.test_prefix or c.ablate == "prefix"):
+        raise SystemExit(f"error: {folder} is the text-only baseline (no prefix): --test_prefix and "
                          f"--ablate prefix need a prefix")
     model.config.prompt = c.prompt or model.config.prompt  # how `score` generates; the checkpoints record it
     if c.dropout >= 0:
@@ -498,9 +506,10 @@ def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
     """A split of --data read, embedded by its frozen tower and tokenised: what training and scoring read, as the
     task's row says: (2) the prefix's input, (3) the encoder's; the target."""
     task, scored = TASKS[c.task], split != c.train_split
-    # (2) the prefix: the image, or the input sentence's text embedding (scored: the task's test prefix, or the
-    # image with --test_with_image and --noise_test)
-    image = (task.test_prefix if scored else task.prefix) == "image" or scored and (c.test_with_image or c.noise_test)
+    # (2) the prefix: the image, or the input sentence's text embedding (scored: --test_prefix, else the image
+    # with --noise_test, else the task's test prefix)
+    prefix = (c.test_prefix or ("image" if c.noise_test else task.test_prefix)) if scored else task.prefix
+    image = prefix == "image"
     # what an example is: a source and its translation, or one sentence, both input and target (--use_all_langs:
     # the training split once per language of the pair)
     pairs = ([(c.src, c.tgt)] if task.pair else [(c.src, c.src), (c.tgt, c.tgt)] if c.use_all_langs and not scored
@@ -523,18 +532,23 @@ def prepare(c: Config, split, model, tok, folder, env: Env) -> Examples:
     positions, P = model.config.mbart.max_positions, model.config.mapping.prefix_len
     parts = []
     for src_lang, tgt_lang in pairs:
+        src = truncate(tok.rows(s.sentences[src_lang], src_lang), positions, "source", split, env.rank)
+        tgt = truncate(tok.rows(s.sentences[tgt_lang], tgt_lang), positions - P, "target", split, env.rank)
+        read = s  # what the text tower embeds: the input sentence; with --noise_test, as the encoder reads it
+        if scored and noise:  # drawn once
+            src = data.drop_tokens(src, noise, c.seed)
+            if c.noise_test and not image:
+                read = dataclasses.replace(s, name=f"{s.name}.mask{noise}", sentences={src_lang: tok.decode(src)})
         if P == 0:  # the text-only baseline: no prefix, so no M-CLIP embedding
             feats, text_rows = torch.zeros(len(s), 0), None
         elif c.unfreeze_clip and not image:  # the text tower trains: it embeds in every step
             feats = None
             text_rows = read_tokenizer(data.TextTowerTokenizer, Path(folder) / weights.TEXT_TOKENIZER).rows(
-                s.sentences[src_lang], model.text.max_tokens)
+                read.sentences[src_lang], model.text.max_tokens)
         else:
-            feats, text_rows = features(model, c, s, "image" if image else "text", src_lang, folder, env), None
-        src = truncate(tok.rows(s.sentences[src_lang], src_lang), positions, "source", split, env.rank)
-        tgt = truncate(tok.rows(s.sentences[tgt_lang], tgt_lang), positions - P, "target", split, env.rank)
-        parts.append(Examples(s.sentences, feats, data.drop_tokens(src, noise, c.seed) if scored else src, tgt,
-                              tgt_lang, s.skipped, text_rows, 0.0 if scored else noise))
+            feats, text_rows = features(model, c, read, "image" if image else "text", src_lang, folder, env), None
+        parts.append(Examples(s.sentences, feats, src, tgt, tgt_lang, s.skipped, text_rows,
+                              0.0 if scored else noise))
     return parts[0] if len(parts) == 1 else joined(parts)
 
 

@@ -92,7 +92,7 @@ def replay(start_decoding, mbart, rec, tokens):
 
 
 def clip_embedding(model, source, src_ids, device, seed):
-    """A CLIP-space vector per sentence: an image's (stage 1, and --test_with_image) or the source text's
+    """A CLIP-space vector per sentence: an image's (stage 1, and --test_prefix image) or the source text's
     (stage 2), through the towers."""
     g = torch.Generator().manual_seed(seed)
     if source == "image":

@@ -873,7 +873,7 @@ def test_more_bad_input_in_process(case, world, stage0, stage1, tmp_path):
                                 "cannot write the feature cache"),
         "prefix0_stage1": (["--stage", 1, "--weights", stage0, "--prefix_len", 0],
                            "--prefix_len 0 with --stage 1: captioning needs the prefix"),
-        "prefix0_with_image": (["--stage", 2, "--prefix_len", 0, "--eval_only", "--test_with_image"],
+        "prefix0_with_image": (["--stage", 2, "--prefix_len", 0, "--eval_only", "--test_prefix", "image"],
                                "--prefix_len 0 has no prefix to embed"),
         "prefix_len_of_a_trained_mapping": (["--stage", 2, "--init", stage1 / "last", "--prefix_len", 4],
                                             "has a trained mapping network (mlp, 10 prefix vectors)"),
@@ -979,7 +979,7 @@ def test_eval_only_stage1_any_split(world, stage1, tmp_path, capsys):
     assert result["bleu"] == val[-1]["bleu"]
 
 
-def test_eval_only_test_with_image(world, stage2, tmp_path, capsys, monkeypatch):
+def test_eval_only_test_prefix_image(world, stage2, tmp_path, capsys, monkeypatch):
     kinds = []
     features = train.features
 
@@ -989,7 +989,7 @@ def test_eval_only_test_with_image(world, stage2, tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(train, "features", spy)
     result = eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", stage2 / "best", "--out", tmp_path,
-                       "--test_with_image")
+                       "--test_prefix", "image")
     assert kinds == [("test", "image")]  # the image embedding, not the source sentence's
     import sacrebleu
     hyps = Path(result["hypotheses"]).read_text().splitlines()
@@ -1174,8 +1174,36 @@ def test_experiment_arms_are_rows_and_rescore_scores_again(tmp_path, monkeypatch
     again = [c for c in calls if "--eval_only" in c]
     assert len(again) == 2 * 3 and all(c[-2:] == ["--prompt", "official"] for c in again)
     results = json.loads((tmp_path / "results.json").read_text())
-    r = results["paired"]["triplet, rescored - as trained, 50 pairs"]
+    r = results["paired"]["triplet, --prompt official - as trained, 50 pairs"]
     assert r["differences"] == [6.0, 7.0]
+
+
+def test_experiment_rescores_at_each_noise_and_draws_it(tmp_path, monkeypatch):
+    """Several --rescore sets: each is its own scoring of every checkpoint; a text-only arm (no prefix) is not
+    given a set naming --test_prefix; the figure of BLEU against the share of tokens dropped is drawn."""
+    calls = []
+
+    def train_stub(*cli, out=None, log=None, threads=None):
+        cli = [str(x) for x in cli]
+        calls.append(cli)
+        return {"bleu": 50.0 - 20 * float(cli[cli.index("--mask_prob") + 1])} if "--eval_only" in cli else \
+            {"test_bleu": 50.0}
+    monkeypatch.setattr(experiment, "train", train_stub)
+    monkeypatch.setattr(experiment, "plot_world", lambda world, path: None)
+    monkeypatch.setattr(experiment, "shared_space", lambda folder, world: {"towers": (0.5, 0.1)})
+    sets = ["--noise_test --mask_prob 0", "--noise_test --mask_prob 0.5",
+            "--noise_test --mask_prob 0.5 --test_prefix text"]
+    experiment.main(["--seeds", "1", "2", "--pairs", "50", "--arms", "text-only", "stage 1 (en) + 2, noise_train",
+                     "--rescore", *sets, "--out", str(tmp_path)])
+    again = [c for c in calls if "--eval_only" in c]
+    assert len(again) == 2 * 2 + 2 * 2 + 2  # the last set: not for text-only
+    assert all("--prefix_len" not in c for c in again)
+    trained = [c for c in calls if c[1] == "2" and "--eval_only" not in c and "--prefix_len" not in c]
+    assert all(c[c.index("--mask_prob") + 1] == "0.5" and "--noise_train" in c for c in trained)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["rescored"][sets[2]]) == {"stage 1 (en) + 2, noise_train"}
+    assert results["rescored"][sets[1]]["text-only"]["50"] == {"1": 40.0, "2": 40.0}
+    assert (tmp_path / "bleu_by_noise.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_shared_space_cosines(world, stage1):
@@ -1446,20 +1474,21 @@ def test_more_beams_than_the_vocabulary_allows_are_refused_before_training(world
 
 def prepared(world, stage0, *cli):
     """train.prepare for the training and test splits under the flags `cli`, and what each asked the frozen
-    towers: {split: (Examples, [(kind, language)])}. Trains nothing."""
+    towers: {split: (Examples, [(kind, language)], [the sentences embedded])}. Trains nothing."""
     c = train.parse_args(args("--data", world, "--out", "unused", *cli))
     model, tok = weights.load(stage0), data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
     env, out = train.setup("cpu", "fp32"), {}
     for split in (c.train_split, c.test_split):
-        asked = []
+        asked, texts = [], []
 
         def spy(model, c, split_, kind, lang, *rest):
             asked.append((kind, lang))
+            texts.append(split_.sentences[lang])
             return features(model, c, split_, kind, lang, *rest)
         features = train.features
         train.features = spy
         try:
-            out[split] = (train.prepare(c, split, model, tok, stage0, env), asked)
+            out[split] = (train.prepare(c, split, model, tok, stage0, env), asked, texts)
         finally:
             train.features = features
     return out
@@ -1479,7 +1508,7 @@ def rows(world, tok, split, lang, n=None):
 def test_each_task_reads_what_its_row_says(task, prefix, test_prefix, trivial, target, world, stage0):
     """The official README's table, column by column: what the tower embeds (training and test), what mBART's
     encoder reads, what the decoder writes; and the stage each task belongs to."""
-    (train_set, train_asked), (test_set, test_asked) = prepared(world, stage0, "--task", task).values()
+    (train_set, train_asked, _), (test_set, test_asked, _) = prepared(world, stage0, "--task", task).values()
     tok = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
     assert train_asked == [(prefix, "en")] and test_asked == [(test_prefix, "en")]
     for split, ex in (("train", train_set), ("test", test_set)):
@@ -1497,7 +1526,7 @@ def test_use_all_langs_trains_on_each_language_of_the_pair(world, stage0):
     tok = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
     for task, asked in (("caption", [("image", "en"), ("image", "de")]), ("text_recon", [("text", "en"),
                                                                                           ("text", "de")])):
-        (ex, train_asked), (test, _) = prepared(world, stage0, "--task", task, "--use_all_langs").values()
+        (ex, train_asked, _), (test, _, _) = prepared(world, stage0, "--task", task, "--use_all_langs").values()
         assert train_asked == asked
         assert ex.tgt_ids == rows(world, tok, "train", "en") + rows(world, tok, "train", "de")
         assert [r[0] for r in ex.src_ids] == [tok.lang_id("en")] * 256 + [tok.lang_id("de")] * 256
@@ -1522,18 +1551,23 @@ def test_noise_train_and_noise_test_mask_the_source(world, stage0):
     masked once (seeded) and the prefix from the image (the official --noise_test). --mask_prob in stage 1 lets
     the encoder see part of the caption (the official default, 1, leaves `<lang> </s>`)."""
     tok = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
-    (ex, _), (test, test_asked) = prepared(world, stage0, "--stage", 2, "--noise_train", "--noise_test",
-                                           "--mask_prob", 0.5).values()
+    (ex, _, _), (test, test_asked, _) = prepared(world, stage0, "--stage", 2, "--noise_train", "--noise_test",
+                                                 "--mask_prob", 0.5).values()
     source = rows(world, tok, "train", "en")
     assert ex.src_ids == source and ex.noise == 0.5
     epochs = [train.noised_for(ex, 29, e).src_ids for e in (0, 1)]
     assert epochs[0] != epochs[1] and all(len(a) < len(b) for a, b in zip(epochs[0][:50], source) if len(b) > 8)
     assert test_asked == [("image", "en")]
     assert test.src_ids == data.drop_tokens(rows(world, tok, "test", "en"), 0.5, 29)
-    (stage1_ex, _), _ = prepared(world, stage0, "--stage", 1, "--mask_prob", 0.5).values()
+    (stage1_ex, _, _), _ = prepared(world, stage0, "--stage", 1, "--mask_prob", 0.5).values()
     seen = train.noised_for(stage1_ex, 29, 0).src_ids
     assert seen == data.drop_tokens(rows(world, tok, "train", "en"), 0.5, 29 * 1000)
     assert any(len(r) > 2 for r in seen)
+    # --test_prefix text: the prefix from the source as the encoder reads it, its dropped tokens dropped there too
+    _, (test, asked, texts) = prepared(world, stage0, "--stage", 2, "--noise_test", "--mask_prob", 0.5,
+                                       "--test_prefix", "text").values()
+    assert asked == [("text", "en")] and texts == [tok.decode(test.src_ids)]
+    assert texts[0] != (world / "raw" / "test.en").read_text().splitlines() and all(texts[0])
 
 
 @pytest.mark.parametrize("cli, message", [
