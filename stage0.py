@@ -48,6 +48,7 @@ class Stage0Config:
     lr: float = 1e-3  # the denoiser's; the towers start from twice it
     seed: int = 29
     log_every: int = 10
+    langs: str = "en de fr"  # the languages the stand-ins learn: leave one out for a language they never saw
 
 
 def stage0(c: Stage0Config, device) -> Path:
@@ -60,6 +61,9 @@ def stage0(c: Stage0Config, device) -> Path:
                          f"default, or a folder written by `python tiny_world.py`, which holds their "
                          f"tokenizer.json); {c.data} has no tokenizer.json. Other data needs the "
                          f"pretrained models: --preset paper --weights (converted with weights.py)")
+    unknown = [x for x in c.langs.split() if x not in LANGS]
+    if unknown or not c.langs.split():
+        raise SystemExit(f"error: --langs {c.langs!r}: expected some of the tiny world's languages {' '.join(LANGS)}")
     mtok, ttok = data.MBartTokenizer(tok_path), data.TextTowerTokenizer(tok_path)
     cfg = CLIPTransConfig.preset("tiny")
     cfg.mbart.vocab_size = cfg.text.vocab_size = mtok.vocab_size
@@ -98,7 +102,8 @@ def align_towers(model, ttok, train: data.Split, c: Stage0Config, g, device):
     then find an image's caption among 64 at recall@1 0.93 (0.79 with the denoiser's recipe: EXPERIMENTS.md).
     Returns the last loss."""
     size = model.config.vision.image_size
-    tqdm.write(f"stage 0: aligning the tiny towers on {len(train)} images x {len(LANGS)} languages")
+    langs = c.langs.split()
+    tqdm.write(f"stage 0: aligning the tiny towers on {len(train)} images x {len(langs)} languages")
     pixels = torch.stack([data.load_image(f, size) for f in tqdm(train.images, desc="load images",
                                                                   leave=False)])  # (N, 3, size, size)
     temp = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=device))
@@ -112,7 +117,7 @@ def align_towers(model, ttok, train: data.Split, c: Stage0Config, g, device):
         progress = max(0, step - warmup) / max(1, steps - warmup)
         opt.param_groups[0]["lr"] = 2 * c.lr * min(1, (step + 1) / warmup) * (1 + math.cos(math.pi * progress)) / 2
         idx = torch.randint(n, (B,), generator=g)
-        lang = [LANGS[j] for j in torch.randint(len(LANGS), (B,), generator=g).tolist()]
+        lang = [langs[j] for j in torch.randint(len(langs), (B,), generator=g).tolist()]
         ids, mask = ttok.encode([train.sentences[lang[j]][i] for j, i in enumerate(idx.tolist())],
                                 model.text.max_tokens)
         img = F.normalize(model.encode_image(pixels[idx].to(device)), dim=-1)  # (B, D)
@@ -128,7 +133,7 @@ def denoise(model, mtok, train: data.Split, c: Stage0Config, g, device):
     """mBART's denoising pre-training: reconstruct a sentence from a copy with about 27% of its words masked in
     spans ("text infilling"), in every language of the world. Returns the last loss."""
     mask_id = mtok.tok.token_to_id("<mask>")
-    encoded = [row for lang in LANGS for row in mtok.rows(train.sentences[lang], lang)]  # `[lang] x </s>`
+    encoded = [row for lang in c.langs.split() for row in mtok.rows(train.sentences[lang], lang)]  # `[lang] x </s>`
     opt = torch.optim.AdamW(model.mbart.parameters(), lr=c.lr)
     bar = tqdm(range(c.epochs * (len(train) // c.batch_size)), desc="stage 0: denoising")
     for step in bar:

@@ -137,6 +137,8 @@ class Config:
     ignore_disk_space: bool = flag(False, "start even when --out's disk looks too small for the checkpoints",
                                    TRAINED)
     allow_large_images: bool = flag(False, "lift pillow's limit on image pixels (a decompression-bomb guard)")
+    langs: str = flag("en de fr", "the languages stage 0's stand-ins learn (leave one out: a language the towers "
+                                  "and mBART never saw)", (0,))
     out: str = flag("", "the run's folder (default: runs/PRESET/stageSTAGE)")
     checkpoint: str = flag("", "--eval_only / --resume: the checkpoint (default: OUT/best or OUT/last)", TRAINED)
     resume: bool = flag(False, "continue the run in OUT exactly where its `last` checkpoint left off", TRAINED)

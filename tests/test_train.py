@@ -33,6 +33,7 @@ import data
 import experiment
 import folders
 import official  # tests/official.py: the official code's files, re-typed
+import stage0 as stage0_module
 from stage0 import Stage0Config
 import tiny_world
 import train
@@ -1629,3 +1630,23 @@ def test_unfreeze_clip_trains_the_text_tower_and_resumes_exactly(world, stage1, 
     assert max_diff(tensors(whole / "last"), tensors(parts / "last")) <= 1e-6
     hyps = eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", whole / "best", "--out", tmp_path / "e")
     assert Path(hyps["hypotheses"]).read_text() == (whole / "hyps" / "test.final.txt").read_text()
+
+
+def test_stage0_learns_only_the_languages_it_is_given(world, tmp_path, monkeypatch):
+    """--langs "en de": the towers align and the denoiser reconstructs English and German only, never French
+    (the French sentences are never encoded for training; only the retrieval report reads them); an unknown
+    language is refused."""
+    french = set((world / "raw" / "train.fr").read_text().splitlines())
+    trained_on = []
+    encode, rows = data.TextTowerTokenizer.encode, data.MBartTokenizer.rows
+    monkeypatch.setattr(data.TextTowerTokenizer, "encode", lambda self, texts, *a: trained_on.extend(texts) or
+                        encode(self, texts, *a))
+    monkeypatch.setattr(data.MBartTokenizer, "rows", lambda self, texts, lang: trained_on.extend(texts) or
+                        rows(self, texts, lang))
+    monkeypatch.setattr(stage0_module, "retrieval", lambda *a, **k: {})
+    train.main(args("--stage", 0, "--data", world, "--out", tmp_path / "s0", "--epochs", 1, "--batch_size", 32,
+                    "--langs", "en de"))
+    assert trained_on and not french & set(trained_on)
+    assert set((world / "raw" / "train.de").read_text().splitlines()) & set(trained_on)
+    with pytest.raises(SystemExit, match="--langs 'en xx': expected some of the tiny world's languages"):
+        train.main(args("--stage", 0, "--data", world, "--out", tmp_path / "s0b", "--langs", "en xx"))
