@@ -16,7 +16,9 @@ table ARMS; the first four run by default):
     text_recon + 2     ... reconstructing the source sentence from its text embedding first (`--task text_recon`)
     triplet            the prefix from the image in training, from the source at test (`--task triplet`)
     stage 1 (en) + triplet, stage 1 (en) + 2, unfreeze_clip   captioning first, then those
-    mlp x10, ..., transformer x1   captioning then translation with each mapping network, 10 or 1 prefix vectors
+    mlp x1, hidden_mlp x10, ..., transformer x1   captioning then translation with another mapping network or
+                       prefix length (mlp x10 is stage 1 (en) + 2)
+    stage 1 (en) + 2, noise_train; text-only, noise_train   trained on sources with half their tokens dropped
 
 The pretrained models are the same for every run, as M-CLIP and mBART-50 are in the paper: one stage 0 (OUT/stage0,
 or `--stage0` an existing one). A seed fixes a run's initialisation of what it adds (the mapping network), its data
@@ -77,8 +79,8 @@ ARMS = {
     "stage 1 (en) + 2, unfreeze_clip": ("en", ["--unfreeze_clip"]),
     "stage 1 (en) + 2, noise_train": ("en", ["--noise_train", "--mask_prob", 0.5]),  # half the source dropped
     "text-only, noise_train": (None, ["--prefix_len", 0, "--noise_train", "--mask_prob", 0.5]),
-    **{f"{kind} x{P}": ("en" if (kind, P) == ("mlp", 10) else f"{kind}{P}", [])  # (mlp x10: stage 1 (en))
-       for kind in ("mlp", "hidden_mlp", "transformer") for P in (1, 10)},
+    **{f"{kind} x{P}": (f"{kind}{P}", [])  # (mlp x10 is stage 1 (en) + 2)
+       for kind in ("mlp", "hidden_mlp", "transformer") for P in (1, 10) if (kind, P) != ("mlp", 10)},
 }
 DEFAULT_ARMS = ("text-only", "stage 2 only", "stage 1 (en) + 2", "stage 1 (de) + 2")
 
