@@ -572,13 +572,17 @@ def embed_texts(encode_text, tokenizer, sentences, batch_size: int, device, max_
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     multi30k = sub.add_parser("multi30k", help="download Multi30k task-1 text and image lists")
     multi30k.add_argument("--out", required=True, help="a new or empty folder")
     multi30k.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (all of it)")
-    args = p.parse_args(argv)
+    return p, p.parse_args(argv)
+
+
+def main(argv=None):
+    p, args = parse_args(argv)
     try:
         print(f"Multi30k text in {download_multi30k(args.out, overwrite=args.overwrite)}")
     except (DataError, folders.FolderError) as e:

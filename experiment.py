@@ -130,7 +130,7 @@ def paired(a, b, rounds=10000, seed=0):
             "higher": sum(x > 0 for x in d), "lower": sum(x < 0 for x in d), "differences": d}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--pairs", type=int, nargs="+", default=[50, 200, 1000], help="stage 2's parallel pairs")
@@ -153,9 +153,14 @@ def main(argv=None):
                         "at most 8)")
     p.add_argument("--out", default="runs/experiment")
     a = p.parse_args(argv)
-    out = Path(a.out)
     if not 1 <= a.evals <= a.steps:
         raise SystemExit(f"error: --evals {a.evals}: expected 1 to --steps ({a.steps}) validations")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    out = Path(a.out)
     settings = {"steps": a.steps, "evals": a.evals, "stage1_steps": a.stage1_steps,
                 "stage1_extra": a.stage1_extra, "stage2_extra": a.stage2_extra}
     saved = out / "settings.json"  # continuing in OUT: only with the settings its runs were made with

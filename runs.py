@@ -229,8 +229,7 @@ def set_rng_state(state):
 
 def check_resumable(state, settings: dict, same, folder, world):
     """--resume continues a run exactly: its checkpoint must hold a training state, made with the same values
-    of the settings named in `same` (those that fix the data order and what trains; {name: the value of a
-    checkpoint that does not record it}) and as many processes."""
+    of the settings named in `same` (those that change what the run learns) and as many processes."""
     saved = state.get("config")
     if "optimizer" not in state or saved is None:
         what = (f"a stage {state['stage']} checkpoint" if "stage" in state else
@@ -238,9 +237,9 @@ def check_resumable(state, settings: dict, same, folder, world):
         raise SystemExit(f"error: {folder} holds no training state to resume ({what}): --resume continues a "
                          f"stage 1 or 2 run from its `last`; to start stage 2 from a stage 1 checkpoint, "
                          f"give it as --init without --resume")
-    diff = [k for k in same if saved.get(k, same[k]) != settings[k]]
+    diff = [k for k in same if saved.get(k) != settings[k]]
     if diff:
-        was = ", ".join(f"--{k} {saved.get(k, same[k])}" for k in diff)
+        was = ", ".join(f"--{k} {saved.get(k)}" for k in diff)
         raise SystemExit(f"error: {folder} was trained with {was}; this run has "
                          + ", ".join(f"--{k} {settings[k]}" for k in diff) + ": resume with the same "
                          "settings (they fix the data order and what trains), or start a new run")

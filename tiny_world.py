@@ -307,7 +307,7 @@ def tiny_world(cache_dir=None, **settings) -> Path:
 # -----------------------------------------------------------------------------
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the folder to write the world into")
     for name, default, text in (("n_train", 10000, "scenes in train"), ("n_val", 500, "scenes in val"),
@@ -321,6 +321,11 @@ def main(argv=None):
     if small or args.image_size < 8:
         what = ", ".join(small) or f"--image-size {args.image_size}"
         p.error(f"{what}: every split needs at least one scene, and an image at least 8 pixels")
+    return p, args
+
+
+def main(argv=None):
+    p, args = parse_args(argv)
     t0 = time.time()
     try:
         folders.check_new_folder(args.out, args.overwrite)

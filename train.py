@@ -7,10 +7,10 @@ Train CLIPTrans in its two stages, as the paper does, and score it.
 
 With no other argument this runs the tiny preset on the built-in tiny world (en -> de) on any CPU, in
 minutes; stage 1 runs stage 0 first when its output is missing, and says so. The paper's setting (after
-`python weights.py ... --out weights/paper`, with Multi30k and its images), and DDP with one process per GPU:
+the weights converted by weights.py into weights/paper, with Multi30k and its images), and DDP with one process per GPU:
 
     python train.py --stage 1 --preset paper --weights weights/paper --data multi30k --images flickr30k-images
-    python train.py --stage 2 --preset paper --weights weights/paper --data multi30k --images flickr30k-images
+    python train.py --stage 2 --preset paper --data multi30k --images flickr30k-images
     torchrun --nproc_per_node 4 train.py --stage 2 --preset paper ...
 
 Scoring a checkpoint on any split, and resuming after an interruption:
@@ -50,6 +50,7 @@ import enum
 import json
 import math
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,48 +77,50 @@ from runs import Env, Run, compile_mode, compiled, log0, plan_disk, setup
 ALL, TRAINED = (0, 1, 2), (1, 2)  # every stage; the stages that train CLIPTrans (stage 0 makes its stand-ins)
 
 
-def flag(default, text, stages=ALL):  # a setting, with its --help text and the stages it applies to
-    return dataclasses.field(default=default, metadata={"help": text, "stages": stages})
+def flag(default, text, stages=ALL, kept=False):
+    """A setting: its --help text, the stages it applies to, and whether --resume must keep it (`kept`: it changes
+    what the run learns: the data, its order, the model, the optimizer)."""
+    return dataclasses.field(default=default, metadata={"help": text, "stages": stages, "kept": kept})
 
 
 @dataclass
 class Config:
-    stage: int = flag(1, "0: tiny stand-ins for the pretrained models; 1: captioning; 2: translation")
+    stage: int = flag(1, "0: tiny stand-ins for the pretrained models; 1: captioning; 2: translation", kept=True)
     task: str = flag("", "what the stage trains on, a row of TASKS (the official code's --stage): caption or "
                          "text_recon in stage 1, translate or triplet in stage 2 (default: caption, translate); "
-                         "given alone, it sets --stage", TRAINED)
-    preset: str = flag("tiny", "the model sizes and the recipe: tiny, or the paper's")
+                         "given alone, it sets --stage", TRAINED, kept=True)
+    preset: str = flag("tiny", "the model sizes and the recipe: tiny, or the paper's", kept=True)
     weights: str = flag("", "starting weights: a folder from weights.py (paper) or stage 0 (tiny; default: "
                             "runs/tiny/stage0/last); stage 2 starts from them with --from_scratch_stage2 or "
-                            "--prefix_len 0", TRAINED)
-    init: str = flag("", "the stage 1 checkpoint stage 2 starts from (default: stage 1's `last`)", (2,))
+                            "--prefix_len 0", TRAINED, kept=True)
+    init: str = flag("", "the stage 1 checkpoint stage 2 starts from (default: stage 1's `last`)", (2,), kept=True)
     data: str = flag("", "a folder in the Multi30k layout (default: the tiny world)")
     images: str = flag("", "the images folder (default: DATA/images)")
     features: str = flag("", "where the frozen towers' features are cached (default: DATA/features)", TRAINED)
-    src: str = flag("en", "the source language (stage 1: of the pair whose captions it learns)", TRAINED)
-    tgt: str = flag("de", "the target language", TRAINED)
+    src: str = flag("en", "the source language (stage 1: of the pair whose captions it learns)", TRAINED, kept=True)
+    tgt: str = flag("de", "the target language", TRAINED, kept=True)
     caption_lang: str = flag("", "stage 1's caption language (default, as the official code: English when "
-                                 "--src or --tgt is English; for a pair without English it must be given)", (1,))
-    train_split: str = flag("train", "the split to train on")
+                                 "--src or --tgt is English; for a pair without English it must be given)", (1,), kept=True)
+    train_split: str = flag("train", "the split to train on", kept=True)
     val_split: str = flag("val", "the split to validate on (stage 2 keeps the checkpoint best on it; stage 0 "
                                  "measures the towers' retrieval on it)")
     test_split: str = flag("", "the split scored at the end of training, or by --eval_only (tiny world: test; "
                                "Multi30k: test_2016_flickr)", TRAINED)
-    n_pairs: int = flag(0, "use only the first n training examples (0: all); the low-resource experiment")
+    n_pairs: int = flag(0, "use only the first n training examples (0: all); the low-resource experiment", kept=True)
     mapping: str = flag("", "a new mapping network of this kind (mlp, hidden_mlp, transformer) where one "
-                            "starts untrained (default: the starting weights'; stage 0 and weights.py: mlp)")
+                            "starts untrained (default: the starting weights'; stage 0 and weights.py: mlp)", kept=True)
     prefix_len: int = flag(-1, "a new mapping network with this many prefix vectors (-1: the starting "
-                               "weights'; stage 0: 10); 0: no prefix, the text-only mBART baseline (stage 2 only)")
-    batch_size: int = flag(0, "examples per micro-batch, per process (default: the preset's, for the stage)")
+                               "weights'; stage 0: 10); 0: no prefix, the text-only mBART baseline (stage 2 only)", kept=True)
+    batch_size: int = flag(0, "examples per micro-batch, per process (default: the preset's, for the stage)", kept=True)
     grad_accum: int = flag(0, "micro-batches per optimizer step; the loss is divided accordingly (default: "
-                              "paper 4, tiny 1)", TRAINED)
+                              "paper 4, tiny 1)", TRAINED, kept=True)
     epochs: int = flag(0, "passes over the training split (default: the preset's, for the stage)")
     max_steps: int = flag(0, "stop after this many optimizer steps (0: run all epochs)", TRAINED)
-    lr: float = flag(0.0, "AdamW's learning rate (default: the preset's, for the stage)")
-    schedule: str = flag("constant", "constant (the paper), or cosine (linear warmup, cosine decay to 0)", TRAINED)
-    warmup_steps: int = flag(0, "steps of linear warmup (0: none)", TRAINED)
-    weight_decay: float = flag(0.0, "AdamW's weight decay (0: none)", TRAINED)
-    dropout: float = flag(-1.0, "override the model's dropout (-1: keep it)", TRAINED)
+    lr: float = flag(0.0, "AdamW's learning rate (default: the preset's, for the stage)", kept=True)
+    schedule: str = flag("constant", "constant (the paper), or cosine (linear warmup, cosine decay to 0)", TRAINED, kept=True)
+    warmup_steps: int = flag(0, "steps of linear warmup (0: none)", TRAINED, kept=True)
+    weight_decay: float = flag(0.0, "AdamW's weight decay (0: none)", TRAINED, kept=True)
+    dropout: float = flag(-1.0, "override the model's dropout (-1: keep it)", TRAINED, kept=True)
     eval_every: int = flag(0, "evaluate every n steps (0: at the end of each epoch)", TRAINED)
     save_every: int = flag(100, "write `last` every n steps (and at every evaluation)", TRAINED)
     log_every: int = flag(10, "log the training loss every n steps")
@@ -125,7 +128,7 @@ class Config:
     max_new_tokens: int = flag(60, "the longest hypothesis, in tokens", TRAINED)
     eval_batch_size: int = flag(64, "sentences per evaluation batch, per process", TRAINED)
     max_eval: int = flag(0, "evaluate on the first n examples only (0: all)", TRAINED)
-    seed: int = flag(29, "seeds the model's initialisation, the data order and dropout")
+    seed: int = flag(29, "seeds the model's initialisation, the data order and dropout", kept=True)
     dtype: str = flag("auto", "auto: bf16 on GPUs that have it, else fp16 + GradScaler; fp32 on CPU (stage 0: "
                               "fp32 always)", TRAINED)
     compile: str = flag("auto", "torch.compile's mode for the training step: auto (one GPU: reduce-overhead, "
@@ -133,7 +136,7 @@ class Config:
                                 "(eager), default, reduce-overhead (CUDA graphs), max-autotune", TRAINED)
     device: str = flag("auto", "auto, cpu, cuda or cuda:N")
     skip_missing_images: bool = flag(False, "drop the examples whose image file is missing, as the official "
-                                            "WIT loader does (default: a missing image is an error)", TRAINED)
+                                            "WIT loader does (default: a missing image is an error)", TRAINED, kept=True)
     ignore_disk_space: bool = flag(False, "start even when --out's disk looks too small for the checkpoints",
                                    TRAINED)
     allow_large_images: bool = flag(False, "lift pillow's limit on image pixels (a decompression-bomb guard)")
@@ -143,27 +146,27 @@ class Config:
     checkpoint: str = flag("", "--eval_only / --resume: the checkpoint (default: OUT/best or OUT/last)", TRAINED)
     resume: bool = flag(False, "continue the run in OUT exactly where its `last` checkpoint left off", TRAINED)
     eval_only: bool = flag(False, "score a checkpoint on --test_split instead of training", TRAINED)
-    from_scratch_stage2: bool = flag(False, "the ablation: stage 2 without stage 1, from --weights", (2,))
+    from_scratch_stage2: bool = flag(False, "the ablation: stage 2 without stage 1, from --weights", (2,), kept=True)
     freeze_decoder: bool = flag(False, "the ablation: stage 1 trains the mapping network alone, mBART frozen",
-                                (1,))
+                                (1,), kept=True)
     test_prefix: str = flag("", "what the prefix is made from when stage 2 scores: image, or text, the source as "
                                 "the encoder reads it (with --noise_test, its tokens dropped) (default: the "
                                 "task's, the source; with --noise_test, the image, as the official code)", (2,))
     use_all_langs: bool = flag(False, "stage 1 trains on the sentences of both languages of the pair, not of "
                                       "--caption_lang alone: its training split once per language, as the "
-                                      "official --use_all_langs (validation and test stay in --caption_lang)", (1,))
+                                      "official --use_all_langs (validation and test stay in --caption_lang)", (1,), kept=True)
     mask_prob: float = flag(1.0, "the share of the encoder input's tokens dropped, its language code and </s> kept "
                                  "(the official --mask_prob): in stage 1 always (1: `<lang> </s>`, the trivial "
-                                 "input), in stage 2 with --noise_train or --noise_test", TRAINED)
+                                 "input), in stage 2 with --noise_train or --noise_test", TRAINED, kept=True)
     noise_train: bool = flag(False, "stage 2 trains on sources with --mask_prob of their tokens dropped, drawn "
                                     "again every epoch (with the default --mask_prob 1, as the official code's: "
-                                    "none of their words)", (2,))
+                                    "none of their words)", (2,), kept=True)
     noise_test: bool = flag(False, "stage 2 scores sources with --mask_prob of their tokens dropped, and the prefix "
                                    "from the image (the official --noise_test; --mask_prob 0: --test_prefix image)",
                             (2,))
     unfreeze_clip: bool = flag(False, "the translate task fine-tunes M-CLIP's text tower with the rest: the prefix "
                                       "is embedded in every step, never cached, and every checkpoint holds its "
-                                      "own towers", (2,))
+                                      "own towers", (2,), kept=True)
     prompt: str = flag("", "the decoder's prompt when generating: train (`</s> P1..Pp`, the layout training "
                            "uses) or official (the official code's at test time: `P1..Pp </s>` under its patched "
                            "mask, which shows columns 1 to 10 to every row after the first whatever --prefix_len: "
@@ -192,6 +195,9 @@ CHOICES = {"stage": (0, 1, 2), "preset": ("tiny", "paper"), "mapping": ("mlp", "
 POSITIVE = ("batch_size", "grad_accum", "epochs", "lr", "save_every", "log_every", "beam", "max_new_tokens",
             "eval_batch_size")
 NON_NEGATIVE = ("n_pairs", "max_steps", "max_eval", "warmup_steps", "eval_every", "weight_decay")
+# The flags that leave --eval_only's hypotheses as they are: the others, given, name its file (score_checkpoint)
+UNNAMED = ("stage", "task", "preset", "out", "eval_only", "test_split", "eval_batch_size", "features",
+           "allow_large_images", "log_every")
 RECIPES = {  # (preset, stage) -> (batch, epochs, lr)
     ("tiny", 0): (128, 4, 1e-3), ("tiny", 1): (64, 3, 5e-4), ("tiny", 2): (64, 2, 5e-4),
     # the official recipe: batch 32 x accumulation 4, 15 epochs, constant 1e-5
@@ -265,13 +271,18 @@ def check(c: Config):
         value, positive = getattr(c, name), name in POSITIVE
         if value < 0 or (value == 0 and positive):
             refuse(f"--{name} {value}: expected a {'positive' if positive else 'non-negative'} number")
+    for name in ("src", "tgt", "caption_lang"):
+        try:
+            data.lang_code(getattr(c, name) or "en")
+        except ValueError as e:
+            refuse(f"--{name}: {e}")
     if c.prefix_len < -1:
         refuse(f"--prefix_len {c.prefix_len}: expected 0 or more (-1: the starting weights')")
     if not (c.dropout == -1 or 0 <= c.dropout < 1):
         refuse(f"--dropout {c.dropout}: expected a rate in [0, 1), or -1 to keep the model's")
     if c.preset == "paper" and not c.data:
         refuse("--data is required with --preset paper (a folder in the Multi30k layout: raw/{split}.{lang}[.gz] "
-               "and image_splits/{split}.txt; `python data.py multi30k`)")
+               "and image_splits/{split}.txt: python data.py multi30k --out DIR)")
     if c.ablate and not c.eval_only or c.checkpoint and not (c.eval_only or c.resume) or c.eval_only and c.resume:
         refuse("--ablate is for --eval_only, --checkpoint for --eval_only or --resume; --eval_only trains nothing "
                "to --resume")
@@ -317,12 +328,16 @@ def check_task(c: Config, refuse):
     if c.prefix_len == 0 and c.task == "triplet":
         refuse("--prefix_len 0 with --task triplet: without a prefix the image has no way in (that is the "
                "text-only baseline: --task translate --prefix_len 0)")
+    if c.use_all_langs and data.lang_code(c.src) == data.lang_code(c.tgt):
+        refuse(f"--use_all_langs trains on each language of the pair, and --src {c.src} --tgt {c.tgt} is one "
+               f"language: leave --use_all_langs out")
     trains = [f"--{k}" for k in ("use_all_langs", "noise_train", "unfreeze_clip") if getattr(c, k)]
     if c.eval_only and trains:
         refuse(f"{' '.join(trains)} change how a model trains: --eval_only trains nothing; leave them out")
 
 
-def parse_args(argv=None):
+def parser(suppress=False):
+    """The command line of Config's flags; suppress: no defaults, so that parsing names the flags given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in FLAGS:
         text = f.metadata["help"]
@@ -330,13 +345,20 @@ def parse_args(argv=None):
             text += f" (default: {f.default})"
         if f.metadata["stages"] != ALL:
             text += f" [{stages_of(f)}]"
+        if f.metadata["kept"]:
+            text += " (--resume keeps it)"
+        default = argparse.SUPPRESS if suppress else f.default
         if f.type is bool or f.type == "bool":
-            p.add_argument("--" + f.name, action="store_true", default=f.default, help=text)
+            p.add_argument("--" + f.name, action="store_true", default=default, help=text)
         else:
-            p.add_argument("--" + f.name, type=type(f.default), default=f.default, help=text,
+            p.add_argument("--" + f.name, type=type(f.default), default=default, help=text,
                            choices=CHOICES.get(f.name))
-    args = vars(p.parse_args(argv))
-    given = tuple(f.name for f in FLAGS if args[f.name] != f.default)
+    return p
+
+
+def parse_args(argv=None):
+    args = vars(parser().parse_args(argv))
+    given = tuple(vars(parser(suppress=True).parse_args(argv)))  # on the command line, whatever the value
     return check(defaults(Config(**args, given=given)))
 
 
@@ -692,15 +714,9 @@ def lr_at(step, c: Config, total):
 
 
 def resume_same(c: Config):
-    """The settings --resume must continue with: those that fix the data order and what trains, and the
-    --weights and --init the run started from when they are given (their defaults follow --out). {name: the
-    value a checkpoint that does not record it was trained with (one older than the setting)}."""
-    older = {"task": DEFAULT_TASKS.get(c.stage), "use_all_langs": False, "mask_prob": 1.0, "noise_train": False,
-             "unfreeze_clip": False}
-    names = ("stage", "task", "preset", "train_split", "src", "tgt", "caption_lang", "use_all_langs", "n_pairs",
-             "skip_missing_images", "mask_prob", "noise_train", "unfreeze_clip", "freeze_decoder", "batch_size",
-             "grad_accum", "seed", *(k for k in ("weights", "init") if k in c.given))
-    return {k: older.get(k) for k in names}
+    """The settings --resume must continue with: the flags `kept`, but --weights and --init only when given (their
+    defaults follow --out)."""
+    return [f.name for f in FLAGS if f.metadata["kept"] and (f.name not in ("weights", "init") or f.name in c.given)]
 
 
 def validate(c: Config, run: Run, val: Examples, tok):
@@ -923,8 +939,19 @@ def main(argv=None):
 
 
 def score_checkpoint(c: Config, model, tok, start, env: Env):
-    """--eval_only: the BLEU of a checkpoint on --test_split (--ablate: with one of its two inputs taken away)."""
-    path = Path(c.out) / "hyps" / f"{c.test_split}.eval{'.ablate_' + c.ablate if c.ablate else ''}.txt"
+    """--eval_only: the BLEU of a checkpoint on --test_split (--ablate: with one of its two inputs taken away),
+    its hypotheses in a file named by the settings given that change them: scoring again otherwise writes
+    another file. A checkpoint of another stage gets a warning, one whose mapping network never trained an error,
+    as in translate.py."""
+    trained = weights.read_config(start)[1].get("train", {})
+    try:
+        weights.check_trained(start, trained, "captioning" if c.stage == 1 else "translation",
+                              [c.caption_lang] if c.stage == 1 else [c.src, c.tgt])
+    except weights.ConversionError as e:
+        raise SystemExit(f"error: {e}")
+    named = "".join(f".{k}" + ("" if v is True else "_" + re.sub(r"[^\w.-]+", "_", str(v)).strip("_"))
+                    for k, v in dataclasses.asdict(c).items() if k in c.given and k not in UNNAMED)
+    path = Path(c.out) / "hyps" / f"{c.test_split}.eval{named}.txt"
     bleu = score(model, c, prepare(c, c.test_split, model, tok, start, env), tok, env, path)
     if env.rank == 0:
         print(json.dumps({"split": c.test_split, "bleu": round(bleu, 2), "checkpoint": str(start),

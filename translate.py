@@ -74,29 +74,6 @@ def caption(model, mbart_tok, files, lang, beam=5, max_new_tokens=60, batch_size
     return out
 
 
-def check_trained(checkpoint, trained, task, langs):
-    """Refuse a checkpoint whose mapping network never trained; warn on stderr when it is asked for `task`
-    ("translation" from langs [src, tgt], "captioning" in langs [lang]) and was trained for something else."""
-    stage = trained.get("stage")
-    if stage not in (1, 2):  # stage 0 and the converted weights: the tiny and the paper's starting points
-        what = (f"a stage {stage} checkpoint" if trained else
-                "converted weights (its config.json has no 'train' section)")
-        raise ValueError(f"{checkpoint} is {what}: its mapping network was never trained, so it neither "
-                         f"translates nor captions (its output would be noise); expected a stage 1 or "
-                         f"stage 2 checkpoint: train stage 1 from it (python train.py --stage 1 --weights "
-                         f"{checkpoint}, with --preset paper for converted weights), then stage 2")
-    job = {"translation": "translation, {} -> {}", "captioning": "captioning in {}"}
-    done, done_langs = (("captioning", [trained.get("caption_lang") or "en"]) if stage == 1 else
-                        ("translation", [trained.get("src", "en"), trained.get("tgt", "de")]))
-    if (task, [data.lang_code(x) for x in langs]) != (done, [data.lang_code(x) for x in done_langs]):
-        hint = ("drop --src and --tgt to use the checkpoint's languages" if task == done else
-                "captions come from a stage 1 checkpoint" if task == "captioning" else
-                "translations come from a stage 2 checkpoint")
-        print(f"warning: {checkpoint} was trained for stage {stage} ({job[done].format(*done_langs)}), not "
-              f"{job[task].format(*langs)}: its output may be in another language, or make no sense; {hint}",
-              file=sys.stderr)
-
-
 def read_sentences(sentences, mbart_tok, max_positions):
     """The sentences to translate, from the arguments or one per line of stdin, each checked before any is
     translated: not empty, valid UTF-8, at most mBART's positions long (with its language code and </s>)."""
@@ -135,7 +112,7 @@ def positive(text):
     return value
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sentences", nargs="*", help="sentences to translate (default: one per line on stdin)")
     p.add_argument("--checkpoint", required=True, help="a folder written by train.py (OUT/best or OUT/last)")
@@ -154,7 +131,11 @@ def main(argv=None):
                         "on a CPU)")
     p.add_argument("--allow_large_images", action="store_true",
                    help="lift pillow's limit on image pixels (a guard against decompression bombs)")
-    a = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
     if a.allow_large_images:
         data.allow_large_images()
     env = runs.setup(a.device, a.dtype)  # the device and autocast, as train.py chooses them
@@ -164,12 +145,12 @@ def main(argv=None):
     try:
         if a.image:
             lang = a.tgt or trained.get("caption_lang") or "en"
-            check_trained(a.checkpoint, trained, "captioning", [lang])
+            weights.check_trained(a.checkpoint, trained, "captioning", [lang])
             with amp:
                 lines = caption(model, mbart_tok, a.image, lang, a.beam, a.max_new_tokens, a.batch_size)
         else:
             src, tgt = a.src or trained.get("src", "en"), a.tgt or trained.get("tgt", "de")
-            check_trained(a.checkpoint, trained, "translation", [src, tgt])
+            weights.check_trained(a.checkpoint, trained, "translation", [src, tgt])
             sentences = read_sentences(a.sentences, mbart_tok, model.config.mbart.max_positions)
             with amp:
                 lines = translate(model, mbart_tok, text_tok, sentences, src, tgt, a.beam, a.max_new_tokens,

@@ -33,6 +33,8 @@ import pickle
 import re
 import shutil
 import struct
+import sys
+import zipfile
 from pathlib import Path
 
 import torch
@@ -93,20 +95,13 @@ class HFCheckpoint:
         if not path.exists():
             raise ConversionError(f"{path} is listed in the index of {self.folder} but does not exist: "
                                   f"download the missing shard")
-        try:
-            if path.suffix == ".safetensors":
+        if path.suffix != ".safetensors":
+            handle = read_pth(path, mmap=True)
+        else:
+            try:
                 handle = safe_open(str(path), framework="pt")
-            else:  # weights_only: a .bin is a pickle, and a pickle can run code
-                try:
-                    handle = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except RuntimeError:  # files in the legacy (non-zip) format cannot be memory-mapped
-                    handle = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:  # (torch's message suggests weights_only=False: never for a downloaded file)
-            raise ConversionError(f"cannot read {path}: not a tensor checkpoint that loads without running code. The "
-                                  f"file is damaged, incomplete or a Git LFS pointer (a clone made without `git lfs`): "
-                                  f"download it again") from None
-        except (SafetensorError, RuntimeError, OSError, EOFError) as e:
-            raise ConversionError(f"cannot read {path}: {e}. The file is damaged or incomplete: download it again")
+            except (SafetensorError, OSError) as e:
+                raise ConversionError(f"cannot read {path}: {e}. The file is damaged or incomplete: download it again")
         self._handles[path] = handle
         return handle
 
@@ -120,6 +115,30 @@ class HFCheckpoint:
         except (SafetensorError, RuntimeError) as e:
             raise ConversionError(f"cannot read {key} from {self.files[key]}: {e}. "
                                   f"The file is damaged or incomplete: download it again")
+
+
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def read_pth(path, mmap=False):
+    """A file written by torch.save, read with weights_only=True: tensors come back, nothing in it runs. Any other
+    file is a ConversionError that says what it is: a Git LFS pointer, a pickle of more than tensors (which only
+    weights_only=False would load, running its code: never done here), or a damaged file."""
+    try:
+        with open(path, "rb") as f:
+            pointer = f.read(len(LFS_POINTER)) == LFS_POINTER
+        obj = None if pointer else torch.load(path, map_location="cpu", weights_only=True,
+                                              mmap=mmap and zipfile.is_zipfile(path))  # (not the legacy format)
+    except pickle.UnpicklingError:
+        raise ConversionError(f"cannot read {path}: it holds more than tensors, and loading it would run code. It "
+                              f"is not a file of weights, or it was altered or damaged: download it again") from None
+    except Exception as e:  # noqa: BLE001  (a damaged file raises several kinds; weights_only runs no code)
+        raise ConversionError(f"cannot read {path} ({type(e).__name__}: {str(e).split('. ')[0][:160]}): the file "
+                              f"is damaged or incomplete: download it again") from None
+    if pointer:
+        raise ConversionError(f"{path} is a Git LFS pointer, not the weights (a clone made without `git lfs`): "
+                              f"fetch the file itself (`git lfs pull`) or download it again")
+    return obj
 
 
 def read_json(path):
@@ -274,6 +293,7 @@ def convert(ckpt, rules, expected, where=None, hint=""):
         name = m.expand(target)
         qkv = next((g for g in m.groups() if g in QKV_ORDER), None) if ".qkv." in name else None
         tensor = ckpt[key]
+        check_shape(key, tensor, name, expected, qkv is not None, where)
         if qkv is not None:
             parts.setdefault(name, [None, None, None])[QKV_ORDER[qkv]] = tensor
         elif name in out:  # a tied copy (lm_head, embed_tokens): must equal what is already there
@@ -291,6 +311,18 @@ def convert(ckpt, rules, expected, where=None, hint=""):
         out["mbart.final_logits_bias"] = torch.zeros(expected["mbart.final_logits_bias"])  # absent = zeros
     check_keys(out, expected, where, hint)
     return out
+
+
+def check_shape(key, tensor, name, expected, part, where):
+    """The shape of `key`, renamed `name`, against `expected` before anything uses it (a name not there is one
+    check_keys reports): a third of the rows of a fused qkv for a `part`; (1, V) or (V,) for final_logits_bias."""
+    if name not in expected:
+        return
+    shape = (expected[name][0] // 3, *expected[name][1:]) if part else tuple(expected[name])
+    found = tuple(tensor.shape)
+    if found != shape and not (name == "mbart.final_logits_bias" and found == (1, *shape)):
+        raise ConversionError(f"{where}: {key} has shape {found}, expected {shape}: does config.json match the "
+                              f"weights?")
 
 
 def check_keys(tensors, expected, where, hint=""):
@@ -536,8 +568,11 @@ def load(folder, device="cpu", dtype=torch.float32):
     """A ready CLIPTrans in eval mode from a folder written by `weights.py` or `train.py`."""
     folder = Path(folder)
     config, _ = read_config(folder)
-    with torch.device("meta"):
-        model = CLIPTrans(config)
+    try:
+        with torch.device("meta"):
+            model = CLIPTrans(config)
+    except ValueError as e:  # a config.json edited by hand: an unknown prompt or mapping network, say
+        raise ConversionError(f"{folder / CONFIG_FILE}: {e}") from None
     state = {}
     for name in (WEIGHTS_FILE, TOWERS_FILE):  # (folders written before the towers had their file: one file)
         if name == WEIGHTS_FILE or (folder / name).exists():
@@ -548,6 +583,30 @@ def load(folder, device="cpu", dtype=torch.float32):
     check_keys(state, {k: tuple(v.shape) for k, v in model.state_dict().items()}, str(folder / WEIGHTS_FILE))
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def check_trained(checkpoint, trained, task, langs):
+    """Refuse a checkpoint whose mapping network never trained (a ConversionError); warn on stderr when it is asked
+    for `task` ("translation" from langs [src, tgt], "captioning" in langs [lang]) and was trained for something
+    else. `trained`: the "train" section of its config.json. translate.py and train.py --eval_only ask it."""
+    stage = trained.get("stage")
+    if stage not in (1, 2):  # stage 0 and the converted weights: the tiny and the paper's starting points
+        what = (f"a stage {stage} checkpoint" if trained else
+                "converted weights (its config.json has no 'train' section)")
+        raise ConversionError(f"{checkpoint} is {what}: its mapping network was never trained, so it neither "
+                              f"translates nor captions (its output would be noise); expected a stage 1 or stage 2 "
+                              f"checkpoint: train stage 1 from it (python train.py --stage 1 --weights {checkpoint}, "
+                              f"with --preset paper for converted weights), then stage 2")
+    job = {"translation": "translation, {} -> {}", "captioning": "captioning in {}"}
+    done, done_langs = (("captioning", [trained.get("caption_lang") or "en"]) if stage == 1 else
+                        ("translation", [trained.get("src", "en"), trained.get("tgt", "de")]))
+    if (task, [lang_code(x) for x in langs]) != (done, [lang_code(x) for x in done_langs]):
+        hint = ("ask it in the languages it was trained on" if task == done else
+                "captions come from a stage 1 checkpoint" if task == "captioning" else
+                "translations come from a stage 2 checkpoint")
+        print(f"warning: {checkpoint} was trained for stage {stage} ({job[done].format(*done_langs)}), not "
+              f"{job[task].format(*langs)}: its output may be in another language, or make no sense; {hint}",
+              file=sys.stderr)
 
 
 def save_checkpoint(folder, model, settings: dict, state: dict | None, tokenizers_from, towers_from=None):
@@ -629,24 +688,26 @@ SHARDS_HINT = "their released models come as shards X_1.pth, X_2.pth: give every
 
 
 def official_files(paths):
-    """The files of one official model, in their runner's order: a .pth, or the shards X_1.pth, X_2.pth, ... of
-    X.pth, found from the name X.pth (as their runner does when X.pth itself is missing) or given one by one.
-    A shard missing from a set is an error."""
+    """The files of one official model, in their runner's order: a file that exists is itself (shards given one by
+    one are merged in the order given); a name X.pth that does not exist is the set of its shards X_1.pth,
+    X_2.pth, ... beside it, as their runner finds them (the names matched literally). A shard missing from a set
+    is an error."""
     files = []
     for path in map(Path, paths):
-        numbered = re.fullmatch(r"(.+)_\d+\.pth", path.name)
-        if path.is_file() and not numbered:
+        if path.is_file():
             files.append(path)
             continue
-        stem = numbered.group(1) if numbered else path.name.removesuffix(".pth")
-        found = (re.fullmatch(re.escape(stem) + r"_(\d+)\.pth", p.name) for p in path.parent.glob(stem + "_*.pth"))
-        shards = {int(m.group(1)): path.parent / m.group(0) for m in found if m}
+        stem = path.name.removesuffix(".pth")
+        names = os.listdir(path.parent) if path.parent.is_dir() else []
+        numbers = [n[len(stem) + 1:-len(".pth")] for n in names if n.startswith(stem + "_") and n.endswith(".pth")]
+        shards = {int(n): path.parent / f"{stem}_{n}.pth" for n in numbers if re.fullmatch("[0-9]+", n)}
         if not shards:
             raise ConversionError(f"{path} not found, nor shards {stem}_1.pth, {stem}_2.pth, ... beside it: expected "
                                   f"a model file of the official CLIPTrans code; {SHARDS_HINT}")
         missing = [f"{stem}_{n}.pth" for n in range(1, max(shards) + 1) if n not in shards]
         if missing:
-            raise ConversionError(f"{path.parent} holds shards {sorted(shards)} of {stem}, but not {missing}: "
+            raise ConversionError(f"{path.parent} holds {len(shards)} shards of {stem} (up to {stem}_{max(shards)}.pth)"
+                                  f" but not {len(missing)}: {', '.join(missing[:3])}{' ...' * (len(missing) > 3)}: "
                                   f"download every shard of the model")
         files += [shards[n] for n in sorted(shards) if shards[n] not in files]
     return files
@@ -657,14 +718,7 @@ def read_official(files):
     dict's model taken (the rest dropped by name), the shards merged, `module.` (DDP) taken out of every key."""
     state = {}
     for path in files:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # (never weights_only=False for a downloaded file)
-            raise ConversionError(f"cannot read {path}: it holds more than tensors, and loading it would run code "
-                                  f"({str(e).splitlines()[0][:200]}). A file of the official code loads with "
-                                  f"weights_only=True: this one is not such a file, or was altered") from None
-        except (RuntimeError, OSError, EOFError) as e:
-            raise ConversionError(f"cannot read {path}: {e}. The file is damaged or incomplete: download it again")
+        obj = read_pth(path)
         if isinstance(obj, dict) and "model" in obj:  # a training dict (their runner's save_model)
             unknown = [k for k in obj if k != "model" and k not in OFFICIAL_DROPPED]
             if unknown:
@@ -742,15 +796,16 @@ def convert_official(files, towers, src, tgt, out, stage=2, overwrite=False):
     return Path(out)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mbart", help="facebook/mbart-large-50 folder")
     p.add_argument("--mclip", help="M-CLIP/XLM-Roberta-Large-Vit-B-32 folder")
     p.add_argument("--xlmr", help="xlm-roberta-large folder (M-CLIP's modelBase: sizes + tokenizer)")
     p.add_argument("--clip", help="openai/clip-vit-base-patch32 folder (full or vision-only)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--mapping", default="mlp", choices=["mlp", "hidden_mlp", "transformer"])
-    p.add_argument("--prefix_len", type=int, default=10)
+    p.add_argument("--mapping", choices=["mlp", "hidden_mlp", "transformer"],
+                   help="the new mapping network's kind (default: mlp)")
+    p.add_argument("--prefix_len", type=int, help="its prefix vectors (default: 10)")
     p.add_argument("--official", nargs="+", metavar="FILE",
                    help="instead: a model of the official CLIPTrans code (its .pth, its shards X_1.pth X_2.pth "
                         "..., or the name X.pth of a set of shards) into a checkpoint folder, which decodes as "
@@ -759,22 +814,34 @@ def main(argv=None):
                                     "tokenizers the model uses")
     p.add_argument("--src", help="--official: the model's source language (e.g. en)")
     p.add_argument("--tgt", help="--official: its target language (e.g. de)")
-    p.add_argument("--stage", type=int, default=2, choices=[1, 2],
+    p.add_argument("--stage", type=int, choices=[1, 2],
                    help="--official: 2, a translation model (model_best_test.pth); 1, a captioning one "
                         "(model_pretrained.pth), from which train.py's stage 2 can start (--init)")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     a = p.parse_args(argv)
-    need = ("towers", "src", "tgt") if a.official else ("mbart", "mclip", "xlmr", "clip")
+    need, alien = ((("towers", "src", "tgt"), ("mbart", "mclip", "xlmr", "clip", "mapping", "prefix_len"))
+                   if a.official else (("mbart", "mclip", "xlmr", "clip"), ("towers", "src", "tgt", "stage")))
     missing = [f"--{n}" for n in need if getattr(a, n) is None]
     if missing:
         p.error(f"{' '.join(missing)} {'is' if len(missing) == 1 else 'are'} required"
                 + (" with --official" if a.official else " (or --official FILE ...)"))
+    given = [f"--{n}" for n in alien if getattr(a, n) is not None]
+    if given:
+        p.error(f"{' '.join(given)}: not for {'--official' if a.official else 'a conversion of the public checkpoints'}"
+                + (" (the file decides its mapping network)" if a.official else "") + f"; leave {'it' if len(given) == 1 else 'them'} out")
+    if (a.prefix_len or 0) < 0:
+        p.error(f"--prefix_len {a.prefix_len}: expected 0 or more prefix vectors")
+    return a
+
+
+def main(argv=None):
+    a = parse_args(argv)
     try:
         if a.official:
-            out = convert_official(a.official, a.towers, a.src, a.tgt, a.out, a.stage, overwrite=a.overwrite)
+            out = convert_official(a.official, a.towers, a.src, a.tgt, a.out, a.stage or 2, overwrite=a.overwrite)
         else:
-            out = convert_all(a.mbart, a.mclip, a.xlmr, a.clip, a.out, MappingConfig(a.mapping, a.prefix_len),
-                              overwrite=a.overwrite)
+            mapping = MappingConfig(a.mapping or "mlp", 10 if a.prefix_len is None else a.prefix_len)
+            out = convert_all(a.mbart, a.mclip, a.xlmr, a.clip, a.out, mapping, overwrite=a.overwrite)
     except ConversionError as e:
         raise SystemExit(f"error: {e}")
     except OSError as e:  # a full or read-only disk: nothing of the new folder is left, --out is as it was

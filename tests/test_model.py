@@ -536,10 +536,10 @@ def _broken_copy(src, dst, edit):
     ("missing_file", "no weights in"),
     ("renamed_key", "unexpected keys, first: ['model.encoder.layers.0.fc1.weight_renamed']"),
     ("missing_key", "missing keys, first: ['mbart.encoder.layers.1.mlp.fc2.bias']"),
-    ("wrong_shape", "mbart.decoder.ln_final.weight: (7,) in the file"),
+    ("wrong_shape", "model.decoder.layer_norm.weight has shape (7,), expected"),
+    ("wrong_qkv_shape", "model.decoder.layers.0.self_attn.q_proj.weight has shape"),
     ("truncated", "is damaged or incomplete"),
-    ("lfs_pointer", "pytorch_model.bin: not a tensor checkpoint that loads without running code. The file is damaged, "
-                    "incomplete or a Git LFS pointer"),
+    ("lfs_pointer", "pytorch_model.bin is a Git LFS pointer, not the weights"),
 ])
 def test_bad_mbart_folder_fails_clearly(tmp_path, hf_mbart_dir, hf_mclip_dir, hf_xlmr_dir, hf_clip_dir,
                                         breakage, message):
@@ -554,6 +554,10 @@ def test_bad_mbart_folder_fails_clearly(tmp_path, hf_mbart_dir, hf_mclip_dir, hf
             save_file(state, path)
         elif breakage == "wrong_shape":
             state["model.decoder.layer_norm.weight"] = torch.ones(7)
+            save_file(state, path)
+        elif breakage == "wrong_qkv_shape":  # (q, k and v are joined: checked before that)
+            key = "model.decoder.layers.0.self_attn.q_proj.weight"
+            state[key] = torch.zeros(2 * state[key].shape[0], state[key].shape[1])
             save_file(state, path)
         elif breakage == "truncated":
             data = path.read_bytes()

@@ -13,9 +13,13 @@ import pickle
 import pytest
 import torch
 import transformers
+from PIL import Image
 from safetensors.torch import load_file
 
+import cliptrans
+import data
 import official
+import translate
 import weights
 from cliptrans import PROMPTS, MappingConfig
 from conftest import assert_close, load_hf_mclip, mclip_reference, tiny_mbart_config
@@ -192,6 +196,9 @@ def broken(case, module, tmp_path):
         files = official.save_shards(module, tmp_path, shards=3)
         files[1].unlink()
         return [path]
+    if case == "lfs pointer":  # `git clone` without git lfs: a small text file where the model should be
+        path.write_text(f"version https://git-lfs.github.com/spec/v1\noid sha256:{'0' * 64}\nsize 1234\n")
+        return [path]
     if case == "pickle with code":
         with open(path, "wb") as f:
             pickle.dump({"model": RunsCode(tmp_path / "code ran")}, f)
@@ -213,7 +220,9 @@ def broken(case, module, tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("no file", "model_best_test.pth not found, nor shards model_best_test_1.pth"),
-    ("shard missing", "holds shards [1, 3] of model_best_test, but not ['model_best_test_2.pth']"),
+    ("shard missing", "holds 2 shards of model_best_test (up to model_best_test_3.pth) but not 1: "
+                      "model_best_test_2.pth: download every shard"),
+    ("lfs pointer", "model_best_test.pth is a Git LFS pointer, not the weights"),
     ("pickle with code", "it holds more than tensors, and loading it would run code"),
     ("not a state dict", "holds a list that is not a state dict of tensors"),
     ("training dict of other things", "holds a dict that is not a state dict of tensors"),
@@ -222,7 +231,7 @@ def broken(case, module, tmp_path):
     ("adapter key missing", "are not those of one of the official adapters"),
     ("unknown key", "1 unexpected keys, first: ['mbart.model.extra.weight']"),
     ("other vocabulary", "its mBART has 300 ids of width 32, the one of"),
-    ("other clip width", "mapping.net.0.weight: (320, 8) in the file, (320, 16) expected"),
+    ("other clip width", "adapter.hidden.0.weight has shape (320, 8), expected (320, 16)"),
 ])
 def test_bad_files_get_a_message_and_write_nothing(case, message, converted, hf, tmp_path):
     module = their_model("mlp", 10, converted, hf)
@@ -262,3 +271,67 @@ def test_unknown_language_and_used_folder_are_refused(converted, hf, tmp_path):
     (tmp_path / "used" / "notes.txt").write_text("mine")
     with pytest.raises(weights.ConversionError, match="is not empty"):
         convert([path], converted, tmp_path / "used")
+
+
+# ----------------------------------------------------------------------------- what a hostile user broke
+
+
+def test_a_tensor_of_the_wrong_shape_is_named_in_one_line(converted, hf, tmp_path):
+    """`python weights.py --official m.pth ...` whose decoder q_proj weight is twice its size: one line names the
+    key, the shape expected and the one found, before q, k and v are joined (which failed with a traceback)."""
+    state = their_model("mlp", 10, converted, hf).state_dict()
+    key, d = "mbart.model.decoder.layers.0.self_attn.q_proj.weight", sizes(converted)[1]
+    state[key] = torch.zeros(2 * d, d)
+    torch.save(state, tmp_path / "m.pth")
+    with pytest.raises(SystemExit) as e:
+        weights.main(["--official", str(tmp_path / "m.pth"), "--towers", str(converted), "--src", "en", "--tgt",
+                      "de", "--out", str(tmp_path / "out")])
+    assert f"{key} has shape {(2 * d, d)}, expected {(d, d)}" in str(e.value.code), e.value.code
+    assert len(str(e.value.code).splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_file_named_like_a_shard_converts_as_itself(converted, hf, tmp_path):
+    """`weights.py --official en_de_2016.pth ...`, a whole model under a name that ends in a number: the file itself,
+    not shard 2016 of a set; `--official ckpt[v2].pth` finds ckpt[v2]_1.pth and ckpt[v2]_2.pth (names matched
+    literally, not as a pattern); a set missing most of its shards is named in a few words."""
+    module = their_model("mlp", 10, converted, hf)
+    whole = official.save_training_dict(module, tmp_path / "en_de_2016.pth")
+    assert weights.official_files([whole]) == [whole]
+    reference = load_file(convert([whole], converted, tmp_path / "whole") / weights.WEIGHTS_FILE)
+    (tmp_path / "v2").mkdir()
+    shards = official.save_shards(module, tmp_path / "v2", name="ckpt[v2]")
+    assert weights.official_files([tmp_path / "v2" / "ckpt[v2].pth"]) == shards
+    got = load_file(convert([tmp_path / "v2" / "ckpt[v2].pth"], converted, tmp_path / "sharded") / weights.WEIGHTS_FILE)
+    assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
+    (tmp_path / "many").mkdir()
+    torch.save({}, tmp_path / "many" / "m_1.pth")
+    torch.save({}, tmp_path / "many" / "m_500.pth")
+    with pytest.raises(weights.ConversionError) as e:
+        weights.official_files([tmp_path / "many" / "m.pth"])
+    assert "but not 498: m_2.pth, m_3.pth, m_4.pth ..." in str(e.value) and len(str(e.value)) < 300, str(e.value)
+
+
+@pytest.mark.parametrize("flags", [["--mapping", "transformer"], ["--prefix_len", "4"], ["--mbart", "x"]])
+def test_official_refuses_what_the_file_decides(flags, tmp_path, capsys):
+    """`weights.py --official m.pth --mapping transformer ...`: the file decides its mapping network, so the flag
+    is refused, not ignored (it was: exit 0, an mlp of 10 vectors whatever was asked)."""
+    with pytest.raises(SystemExit) as e:
+        weights.main(["--official", "m.pth", "--towers", "T", "--src", "en", "--tgt", "de", *flags,
+                      "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and f"{flags[0]}: not for --official" in capsys.readouterr().err
+
+
+def test_a_stage1_model_of_a_pair_into_english_captions_in_english(converted, hf, tmp_path, monkeypatch, capsys):
+    """`weights.py --official model_pretrained.pth --src de --tgt en --stage 1`: their captions are in English when
+    the pair has English on either side (Spanish only without it), and translate.py --image captions in it."""
+    path = official.save_training_dict(their_model("mlp", 10, converted, hf), tmp_path / "model_pretrained.pth")
+    out = weights.convert_official([path], converted, "de", "en", tmp_path / "out", stage=1)
+    assert weights.read_config(out)[1]["train"]["caption_lang"] == "en"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    forced = []
+    generate = cliptrans.CLIPTrans.generate
+    monkeypatch.setattr(cliptrans.CLIPTrans, "generate", lambda self, *a, **k: forced.append(a[3]) or
+                        generate(self, *a, **k))
+    translate.main(["--checkpoint", str(out), "--beam", "1", "--max_new_tokens", "4", "--image", str(tmp_path / "red.png")])
+    en = data.MBartTokenizer(out / weights.MBART_TOKENIZER).lang_id("en")
+    assert forced == [en] and "warning" not in capsys.readouterr().err

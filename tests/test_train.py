@@ -1581,6 +1581,11 @@ def test_noise_train_and_noise_test_mask_the_source(world, stage0):
     (["--stage", 2, "--eval_only", "--noise_train"], "--noise_train change how a model trains"),
     (["--stage", 1, "--noise_test"], "--noise_test has no effect in stage 1"),
     (["--stage", 2, "--use_all_langs"], "--use_all_langs has no effect in stage 2"),
+    (["--stage", 1, "--use_all_langs", "--src", "en", "--tgt", "en"], "--use_all_langs trains on each language of "
+                                                                       "the pair, and --src en --tgt en is one"),
+    (["--stage", 2, "--tgt", "xx"], "--tgt: unknown language 'xx'"),
+    (["--stage", 1, "--task", "triplet"], "--task triplet is a stage 2 task, not a stage 1 one"),
+    (["--stage", 2, "--mask_prob", 1.0], "--mask_prob has an effect in stage 2 only with --noise_train"),
 ])
 def test_task_flags_refused_where_they_mean_nothing(cli, message, world):
     with pytest.raises(SystemExit) as e:
@@ -1650,3 +1655,170 @@ def test_stage0_learns_only_the_languages_it_is_given(world, tmp_path, monkeypat
     assert set((world / "raw" / "train.de").read_text().splitlines()) & set(trained_on)
     with pytest.raises(SystemExit, match="--langs 'en xx': expected some of the tiny world's languages"):
         train.main(args("--stage", 0, "--data", world, "--out", tmp_path / "s0b", "--langs", "en xx"))
+
+
+# ----------------------------------------------------------------------------- 10. what a hostile user broke
+
+
+def test_stage1_task_triplet_is_refused_in_one_line(cache):
+    """`python train.py --stage 1 --task triplet`: a flag given on the command line is given, whatever its value
+    (it trained stage 2 into runs/tiny/stage2, --stage 1 unseen because 1 is the default): one line, exit 1."""
+    proc = run_train("--stage", 1, "--task", "triplet", cache=cache)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "error: --task triplet is a stage 2 task, not a stage 1 one: give --stage 2, or leave --stage out"], \
+        describe(proc)
+
+
+def test_an_unknown_prompt_in_config_json_is_one_message_for_both_tools(world, scrambled, tmp_path):
+    """`train.py --eval_only --checkpoint X` and `translate.py --checkpoint X` for a config.json whose prompt is
+    unknown: the same clean message (train.py ended in a traceback)."""
+    folder = tmp_path / "edited"
+    shutil.copytree(scrambled, folder)
+    config = json.loads((folder / weights.CONFIG_FILE).read_text())
+    config["cliptrans"]["prompt"] = "reversed"
+    (folder / weights.CONFIG_FILE).write_text(json.dumps(config))
+    messages = []
+    for main, cli in ((train.main, ["--stage", 2, "--eval_only", "--data", world, "--checkpoint", folder, "--out",
+                                    tmp_path / "out"]), (translate.main, ["--checkpoint", folder, "A star."])):
+        with pytest.raises(SystemExit) as e:
+            main(args(*cli))
+        messages.append(str(e.value.code))
+    said = f"{folder / weights.CONFIG_FILE}: unknown prompt layout 'reversed': expected one of ['train', 'official']"
+    assert all(m.startswith("error: ") and m.endswith(said) for m in messages), messages
+
+
+def test_eval_only_warns_on_another_stage_and_refuses_stage0(world, stage0, stage1, stage2, tmp_path, capsys):
+    """`train.py --stage 2 --eval_only --checkpoint STAGE1/last` (and a stage 2 checkpoint scored as stage 1): a
+    warning that names what it was trained for, as translate.py gives; a stage 0 checkpoint, whose mapping network
+    never trained, is refused (all were scored silently)."""
+    for stage, checkpoint, trained in ((2, stage1 / "last", "stage 1 (captioning in en)"),
+                                       (1, stage2 / "best", "stage 2 (translation, en -> de)")):
+        eval_only(capsys, "--stage", stage, "--data", world, "--checkpoint", checkpoint, "--out", tmp_path)
+        capsys.readouterr()
+        train.main(args("--stage", stage, "--data", world, "--checkpoint", checkpoint, "--out", tmp_path,
+                        "--eval_only", *FAST))
+        assert f"warning: {checkpoint} was trained for {trained}" in capsys.readouterr().err
+    eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", stage2 / "best", "--out", tmp_path)
+    assert "warning" not in capsys.readouterr().err
+    refused(["--stage", 2, "--data", world, "--checkpoint", stage0, "--out", tmp_path, "--eval_only", *FAST],
+            f"{stage0} is a stage 0 checkpoint: its mapping network was never trained")
+
+
+def test_scoring_with_other_settings_writes_other_files(world, stage2, tmp_path, capsys):
+    """`--eval_only --test_prefix image`, then `--test_prefix text`, then `--noise_test --mask_prob 0.75`: three
+    files of hypotheses, each named by the settings that made it (each replaced the last)."""
+    base = ["--stage", 2, "--data", world, "--checkpoint", stage2 / "best", "--out", tmp_path]
+    paths = [Path(eval_only(capsys, *base, *more)["hypotheses"])
+             for more in (["--test_prefix", "image"], ["--test_prefix", "text"], ["--noise_test", "--mask_prob", 0.75])]
+    assert len(set(paths)) == 3 and all(p.parent == tmp_path / "hyps" for p in paths)
+    assert "test_prefix_image" in paths[0].name and "noise_test" in paths[2].name and "mask_prob_0.75" in paths[2].name
+    first = paths[0].read_text()
+    assert Path(eval_only(capsys, *base, "--test_prefix", "image")["hypotheses"]) == paths[0]
+    assert paths[0].read_text() == first and all(p.exists() for p in paths)
+
+
+# ----------------------------------------------------------------------------- 11. properties a user relies on
+
+
+def test_drop_tokens_drops_the_share_asked_at_an_uneven_rate():
+    """--mask_prob 0.2 drops about a fifth of the tokens, 0.8 four fifths (at 0.5 keeping and dropping look
+    alike)."""
+    rows_ = [[250004] + list(range(10, 40)) + [2] for _ in range(200)]
+    for p in (0.2, 0.8):
+        dropped = 1 - sum(len(r) - 2 for r in data.drop_tokens(rows_, p, seed=1)) / (30 * 200)
+        assert abs(dropped - p) < 0.03, (p, dropped)
+
+
+def test_noise_train_draws_new_masks_every_epoch_in_the_loop(world, stage1, tmp_path, monkeypatch):
+    """`train.py --stage 2 --noise_train --mask_prob 0.5` over two epochs: the training loop feeds each epoch the
+    sources masked anew (seeded by the epoch), not the same draw twice."""
+    seen = []
+    micro_batch = train.micro_batch
+
+    def spy(ex, *a, **k):
+        if not seen or seen[-1] is not ex.src_ids:
+            seen.append(ex.src_ids)
+        return micro_batch(ex, *a, **k)
+    monkeypatch.setattr(train, "micro_batch", spy)
+    train.main(args("--stage", 2, "--data", world, "--init", stage1 / "last", "--out", tmp_path / "out",
+                    "--noise_train", "--mask_prob", 0.5, "--n_pairs", 32, "--batch_size", 16, "--epochs", 2, *FAST))
+    tok = data.MBartTokenizer(stage1 / "last" / weights.MBART_TOKENIZER)
+    source = rows(world, tok, "train", "en", 32)
+    assert seen == [data.drop_tokens(source, 0.5, 29 * 1000 + epoch) for epoch in (0, 1)]
+    assert seen[0] != seen[1]
+
+
+def test_each_noise_switch_alone_leaves_the_other_side_whole(world, stage0):
+    """--noise_train alone scores whole sources, from their text embedding; --noise_test alone trains on whole
+    sources (the tests above always gave both)."""
+    tok = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
+    (ex, _, _), (test, asked, _) = prepared(world, stage0, "--stage", 2, "--noise_train", "--mask_prob", 0.5).values()
+    assert ex.noise == 0.5 and test.src_ids == rows(world, tok, "test", "en") and asked == [("text", "en")]
+    (ex, _, _), (test, asked, _) = prepared(world, stage0, "--stage", 2, "--noise_test", "--mask_prob", 0.5).values()
+    assert ex.noise == 0.0 and train.noised_for(ex, 29, 0).src_ids == rows(world, tok, "train", "en")
+    assert test.src_ids != rows(world, tok, "test", "en") and asked == [("image", "en")]
+
+
+def test_use_all_langs_with_the_target_as_caption_language_trains_on_both(world, stage0):
+    """`--stage 1 --use_all_langs --caption_lang de`: the training split in English and in German, validation and
+    test in German."""
+    tok = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
+    (ex, _, _), (test, _, _) = prepared(world, stage0, "--stage", 1, "--use_all_langs", "--caption_lang",
+                                        "de").values()
+    assert ex.tgt_ids == rows(world, tok, "train", "en") + rows(world, tok, "train", "de")
+    assert test.tgt_lang == "de" and test.tgt_ids == rows(world, tok, "test", "de")
+
+
+def test_unfreeze_clip_scores_with_the_text_tower_as_trained(world, scrambled, tmp_path, capsys):
+    """`train.py --stage 2 --unfreeze_clip`: validation and test embed the sources with the text tower as it has
+    trained, not with features cached before training. From a model whose words follow small changes of its prefix
+    (`scrambled`), the run's final hypotheses are those of its `best` scored afresh."""
+    init = tmp_path / "init"
+    shutil.copytree(scrambled, init)
+    config = json.loads((init / weights.CONFIG_FILE).read_text())
+    config["train"]["stage"] = 1
+    (init / weights.CONFIG_FILE).write_text(json.dumps(config))
+    out = tmp_path / "out"
+    train.main(args("--stage", 2, "--unfreeze_clip", "--data", world, "--init", init, "--out", out, "--lr", 1e-2,
+                    "--max_steps", 2, "--batch_size", 16, "--eval_every", 1000, *FAST))
+    result = eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", out / "best", "--out", tmp_path / "e")
+    assert Path(result["hypotheses"]).read_text() == (out / "hyps" / "test.final.txt").read_text()
+    start = eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", init, "--out", tmp_path / "s")
+    assert Path(start["hypotheses"]).read_text() != Path(result["hypotheses"]).read_text()
+
+
+# Each flag that changes what a run learns, with another value: --resume refuses each (stage 1's `last`, or stage
+# 2's for the stage 2 switches).
+CHANGED = {"lr": 1e-3, "schedule": "cosine", "warmup_steps": 3, "weight_decay": 0.1, "dropout": 0.2, "seed": 30,
+           "n_pairs": 100, "train_split": "val", "caption_lang": "de", "freeze_decoder": True, "mask_prob": 0.5,
+           "skip_missing_images": True, "noise_train": True, "unfreeze_clip": True}
+
+
+@pytest.mark.parametrize("name", list(CHANGED))
+def test_resume_refuses_every_flag_that_changes_training(name, world, stage1, stage2, tmp_path):
+    """`train.py --resume --noise_train` (and each flag of CHANGED) where the run trained without it: refused, by
+    one list derived from the flag table (a hand-kept subset let these through)."""
+    stage, run = (2, stage2) if name in ("noise_train", "unfreeze_clip") else (1, stage1)
+    value = CHANGED[name]
+    flag = [f"--{name}"] if value is True else [f"--{name}", value]
+    extra = ["--noise_train"] if name == "mask_prob" and stage == 2 else []
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    refused(["--stage", stage, "--data", world, "--out", out, "--resume", "--batch_size", 16, *flag, *extra, *FAST],
+            f"was trained with --{name} ")
+
+
+def test_a_row_cut_to_fit_still_ends_in_its_end_token(world, stage0, tmp_path):
+    """A training pair longer than mBART's positions, cut when the data is prepared: source and target still end
+    in `</s>`, at the longest length each may have."""
+    data_dir = tmp_path / "world"
+    shutil.copytree(world, data_dir, ignore=shutil.ignore_patterns("features"))
+    for lang in ("en", "de"):
+        path = data_dir / "raw" / f"train.{lang}"
+        lines = path.read_text("utf-8").splitlines()
+        lines[2] = " ".join([lines[2].rstrip(".")] * 30) + "."
+        path.write_text("\n".join(lines) + "\n", "utf-8")
+    (ex, _, _), _ = prepared(data_dir, stage0, "--stage", 2, "--n_pairs", 8).values()
+    eos = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER).eos_id
+    assert len(ex.src_ids[2]) == 128 and len(ex.tgt_ids[2]) == 118
+    assert ex.src_ids[2][-1] == ex.tgt_ids[2][-1] == eos
