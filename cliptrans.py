@@ -17,14 +17,12 @@ the same space, so no image is needed at test time.
 Reading order: the paper's own part first, the last section: `MappingNetwork`, `prefix_mask` and `CLIPTrans`,
 whose `forward` goes from one CLIP vector and a sentence to the loss. Then up the file, what it calls: mBART-50;
 the two frozen towers; the blocks all four networks share (attention, MLP, a transformer layer); the configs.
-(The file is written in dependency order, small parts first, so each class is defined before its users.)
 
 Every network matches its Hugging Face counterpart number for number (tests/test_model.py):
 - image tower:  transformers/models/clip/modeling_clip.py   (CLIPModel.get_image_features)
 - text tower:   transformers/models/xlm_roberta/modeling_xlm_roberta.py + multilingual_clip's mean pooling
 - translation:  transformers/models/mbart/modeling_mbart.py (MBartForConditionalGeneration)
-Greedy and beam search live in decoding.py, which runs this file's decoder handed a cache (`Attention`'s
-`cache`); weights come from weights.py; training from train.py.
+Greedy and beam search (decoding.py) run this file's decoder, handed a cache (`Attention`'s `cache`).
 """
 
 import math
@@ -89,10 +87,13 @@ class MBartConfig:
     eps: float = 1e-5
 
 
+MAPPINGS = ("mlp", "hidden_mlp", "transformer")  # the official code's mapping networks (MappingNetwork)
+
+
 @dataclass
 class MappingConfig:
     """The mapping network: one CLIP vector -> `prefix_len` vectors of the decoder's width."""
-    kind: str = "mlp"  # "mlp" (the paper's default), "hidden_mlp" or "transformer"
+    kind: str = "mlp"  # one of MAPPINGS: "mlp" (the paper's default), "hidden_mlp" or "transformer"
     prefix_len: int = 10
 
 
@@ -126,8 +127,7 @@ class CLIPTransConfig:
     @classmethod
     def from_dict(cls, d):
         return cls(vision=VisionConfig(**d["vision"]), text=TextConfig(**d["text"]),
-                   mbart=MBartConfig(**d["mbart"]), mapping=MappingConfig(**d["mapping"]),
-                   prompt=d.get("prompt", "train"))  # (folders written before the prompt was a setting: "train")
+                   mbart=MBartConfig(**d["mbart"]), mapping=MappingConfig(**d["mapping"]), prompt=d["prompt"])
 
 
 # -----------------------------------------------------------------------------
@@ -404,9 +404,8 @@ class MappingNetwork(nn.Module):
         super().__init__()
         self.kind, self.prefix_len, self.d_model = c.kind, c.prefix_len, d_model
         P = c.prefix_len
-        if c.kind not in ("mlp", "hidden_mlp", "transformer"):
-            raise ValueError(f"unknown mapping network {c.kind!r}: expected 'mlp', 'hidden_mlp' or "
-                             f"'transformer'")
+        if c.kind not in MAPPINGS:
+            raise ValueError(f"unknown mapping network {c.kind!r}: expected one of {list(MAPPINGS)}")
         if P == 0:  # the text-only baseline (the official --prefix_length 0): plain mBART, nothing to map
             return
         if c.kind == "mlp":
@@ -486,6 +485,12 @@ class CLIPTrans(nn.Module):
     def encode_text(self, input_ids, attention_mask):  # (B, T) `<s> x </s>` -> (B, D): stage 2 and test time
         return self.text(input_ids, attention_mask)
 
+    def clip_vectors(self, clip_embeds):
+        """The mapping network's input (B, D): `clip_embeds` itself (computed once by a frozen tower), or the text
+        tower run here on clip_embeds = (ids, mask), (B, T) each, so that it trains too (the official
+        --unfreeze_clip)."""
+        return clip_embeds if torch.is_tensor(clip_embeds) else self.encode_text(*clip_embeds)
+
     def decoder_inputs(self, clip_embeds, targets):
         """clip_embeds (B, D); targets (B, L) = `<lang> y1..yn </s>` right-padded.
         Returns the decoder input vectors (B, 1 + P + L - 1, d) and the labels (B, 1 + P + L - 1)."""
@@ -499,11 +504,11 @@ class CLIPTrans(nn.Module):
 
     def forward(self, clip_embeds, input_ids, attention_mask, targets):
         """One training step of either stage: the mean cross-entropy over the target tokens.
-        clip_embeds (B, D): image (stage 1) or source-sentence (stage 2) embeddings;
+        clip_embeds (B, D): image (stage 1) or source-sentence (stage 2) embeddings (or see clip_vectors);
         input_ids / attention_mask (B, S): the encoder input (stage 1: `<lang> </s>`; stage 2: the source);
         targets (B, L): `<lang> y1..yn </s>`, right-padded."""
         P = self.config.mapping.prefix_len
-        embeds, labels = self.decoder_inputs(clip_embeds, targets)
+        embeds, labels = self.decoder_inputs(self.clip_vectors(clip_embeds), targets)
         memory = self.mbart.encode(input_ids, attention_mask)
         mask = prefix_mask(P, embeds.shape[1], embeds.device)  # the prefix bidirectional, the rest causal
         h = self.mbart.decoder(embeds, memory, attention_mask, mask=mask)  # (B, 1 + P + L - 1, d)
@@ -519,7 +524,7 @@ class CLIPTrans(nn.Module):
         padded. `prompt`: the decoder prompt's layout, a key of PROMPTS (default: the config's, "train":
         generation continues the training layout, from `</s> P1..P10`); `<lang>` is forced first either way.
         `search_args`: see decoding.generate."""
-        c = self.config.mbart
+        c, clip_embeds = self.config.mbart, self.clip_vectors(clip_embeds)
         B, P = clip_embeds.shape[0], self.config.mapping.prefix_len
         memory = self.mbart.encode(input_ids, attention_mask)
         eos = self.mbart.embed_tokens(torch.full((B, 1), c.eos_id, device=input_ids.device))  # (B, 1, d)

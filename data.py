@@ -1,45 +1,30 @@
 """
-Data for CLIPTrans: tokenizers, CLIP image preprocessing, the Multi30k reader, a cache for the frozen
-towers' features, and length-bucketed batching. Nothing here knows the model or the tiny world: the tiny
-world (tiny_world.py) is written in the Multi30k layout and read back by the same reader.
+Data for CLIPTrans: language codes, tokenizers, batching, CLIP's image preprocessing, the reader of the Multi30k
+layout, the frozen towers' embeddings of a split. Nothing here knows the model or the tiny world, which is written
+in the Multi30k layout and read back by the same reader.
 
-    python data.py multi30k --out data/multi30k     # Multi30k task-1 text + image lists from GitHub
-
-    train = read_split("data/multi30k", "train", ["en", "de"], images="data/flickr30k-images")
+    train = read_split("multi30k", "train", ["en", "de"], images="flickr30k-images")
     tok = MBartTokenizer("weights/paper/tokenizer_mbart.json")
     input_ids, attention_mask = tok.encode(train.sentences["en"][:32], "en")   # (B, T) each
 
-What each part matches, number for number (tests/test_data.py checks it against transformers):
-- MBartTokenizer:      transformers MBart50Tokenizer (`[lang_code] x </s>`), from any mBART-50 tokenizer.json
-- TextTowerTokenizer:  transformers XLMRobertaTokenizer (`<s> x </s>`), M-CLIP's text tower
-- clip_preprocess:     transformers CLIPImageProcessor (the PIL one), OpenAI CLIP's resize / crop / normalise
-- read_split:          Multi30k task 1 (github multi30k/dataset) and the WIT MMT release of VALHALLA
-
-Only torch, tokenizers, safetensors, pillow and tqdm are needed.
+Multi30k: `git clone https://github.com/multi30k/dataset`; `dataset/data/task1` is a folder in this layout (the
+Flickr30k images are obtained separately). Each part matches transformers number for number (tests/test_data.py):
+MBartTokenizer its MBart50Tokenizer (`[lang_code] x </s>`), TextTowerTokenizer its XLMRobertaTokenizer
+(`<s> x </s>`), clip_preprocess its CLIPImageProcessor (OpenAI CLIP's resize, crop and normalisation).
 """
 
-import argparse
-import ctypes
 import gzip
-import hashlib
 import math
 import os
-import urllib.error
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
-
-import folders
 
 
 class DataError(ValueError):
@@ -62,10 +47,8 @@ _SHORT_NAMES = {code.split("_")[0]: code for code in MBART50_LANGS}  # "de" -> "
 
 def lang_code(name: str) -> str:
     """'de' or 'de_DE' -> 'de_DE'."""
-    if name in MBART50_LANGS:
-        return name
-    if name in _SHORT_NAMES:
-        return _SHORT_NAMES[name]
+    if code := name if name in MBART50_LANGS else _SHORT_NAMES.get(name):
+        return code
     raise ValueError(f"unknown language {name!r}: expected an mBART-50 code such as 'de_DE' or one of the "
                      f"short names {', '.join(sorted(_SHORT_NAMES))}")
 
@@ -82,8 +65,8 @@ class _SentencePieceTokenizer:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer file {self.path} not found: expected a tokenizer.json "
-                                    f"(weights.py writes one next to the converted weights; the tiny world has one)")
+            raise DataError(f"tokenizer file {self.path} not found: expected a tokenizer.json (weights.py writes one "
+                            f"next to the converted weights; the tiny world has one)")
         try:
             self.tok = Tokenizer.from_file(str(self.path))
         except Exception as e:  # noqa: BLE001  (tokenizers raises a bare Exception for a damaged file)
@@ -105,18 +88,14 @@ class _SentencePieceTokenizer:
         return i
 
     def _rows(self, texts, first_id, max_len=None) -> list[list[int]]:
-        """The ids `first x </s>` of each text, at most max_len of them."""
+        """The ids `first x </s>` of each text, at most max_len of them (cut)."""
         if isinstance(texts, str) or not texts:
             raise ValueError(f"expected a non-empty list of strings, got {texts!r:.80}")
         if max_len is not None and max_len < 3:
             raise ValueError(f"max_len={max_len} leaves no room for text between the two special tokens")
-        keep = None if max_len is None else max_len - 2  # truncation keeps both special tokens
-        return [[first_id] + e.ids[:keep] + [self.eos_id]
-                for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
-
-    def lengths(self, texts) -> list[int]:
-        """How many ids `encode` gives each text when nothing is cut: its pieces and two special tokens."""
-        return [len(e.ids) + 2 for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+        encoded = self.tok.encode_batch(list(texts), add_special_tokens=False)
+        rows = [[first_id] + e.ids + [self.eos_id] for e in encoded]
+        return rows if max_len is None else cut(rows, max_len)
 
     def decode(self, ids) -> list[str]:
         """(B, T) ids (tensor or lists) -> B strings, special tokens dropped, spacing restored."""
@@ -128,8 +107,7 @@ class _SentencePieceTokenizer:
 
 
 class MBartTokenizer(_SentencePieceTokenizer):
-    """mBART-50: `[lang_code] x </s>` for the encoder and the target alike (the decoder input is
-    `shift_tokens_right` of the target: `</s> [lang_code] x`)."""
+    """mBART-50: `[lang_code] x </s>` for the encoder and the target alike (the decoder reads `</s> [lang_code] x`)."""
 
     def lang_id(self, name: str) -> int:
         code = lang_code(name)
@@ -140,36 +118,32 @@ class MBartTokenizer(_SentencePieceTokenizer):
         return i
 
     def rows(self, texts: list[str], lang: str, max_len: int | None = None) -> list[list[int]]:
-        """The ids `[lang_code] x </s>` of each text, unpadded."""
-        return self._rows(texts, self.lang_id(lang), max_len)
+        return self._rows(texts, self.lang_id(lang), max_len)  # `[lang_code] x </s>` of each text, unpadded
 
     def encode(self, texts: list[str], lang: str, max_len: int | None = None):
         """(B, T) ids `[lang_code] x </s>` right-padded with pad_id, and the (B, T) attention mask (1 = token)."""
         return pad(self.rows(texts, lang, max_len), self.pad_id)
-
-    encode_target = encode  # mBART-50 writes a target as it writes a source
-
-    def language_only(self, lang: str, n: int) -> list[list[int]]:
-        """`[lang_code] </s>`, n times: the encoder input of stage 1, where "the encoder input is trivial"."""
-        return [[self.lang_id(lang), self.eos_id]] * n
 
 
 class TextTowerTokenizer(_SentencePieceTokenizer):
     """XLM-R (M-CLIP's text tower): `<s> x </s>`, at most 512 tokens (514 positions minus the 2 skipped)."""
 
     def rows(self, texts: list[str], max_len: int | None = 512) -> list[list[int]]:
-        """Token ids `<s> x </s>` of each text, cut to max_len as XLM-R's tokenizer cuts them."""
-        return self._rows(texts, self.bos_id, max_len)
+        return self._rows(texts, self.bos_id, max_len)  # `<s> x </s>`, cut to max_len as XLM-R's tokenizer cuts
 
     def encode(self, texts: list[str], max_len: int | None = 512):
         """(B, T) ids `<s> x </s>` right-padded with pad_id, and the (B, T) attention mask (1 = token)."""
         return pad(self.rows(texts, max_len), self.pad_id)
 
 
+def cut(rows, limit):
+    """Rows of ids `first x </s>` cut to `limit` ids each, the last one (`</s>`) kept."""
+    return [row if len(row) <= limit else row[:limit - 1] + row[-1:] for row in rows]
+
+
 def drop_tokens(rows, p, seed=0):
-    """The official code's noise (its --mask_prob): each token of `[lang] x </s>` dropped with probability p, the
-    language code and `</s>` always kept. p = 1 leaves `[lang] </s>`, the "trivial" encoder input of stage 1.
-    Seeded: the same rows, p and seed drop the same tokens."""
+    """The official code's noise (its --mask_prob): each token of `[lang] x </s>` dropped with probability p (seeded),
+    the language code and `</s>` kept. p = 1 leaves `[lang] </s>`, the "trivial" encoder input of stage 1."""
     if p <= 0:
         return rows
     if p >= 1:
@@ -184,8 +158,7 @@ def drop_tokens(rows, p, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# Batching: rows of token ids padded on the right into one tensor, and a sampler that puts examples of
-# similar length into one batch, so that little of each batch is padding.
+# Batching: rows of ids padded on the right into a tensor; a sampler that batches examples of similar length.
 
 
 def padded_len(longest, multiple=1, limit=None):
@@ -195,9 +168,8 @@ def padded_len(longest, multiple=1, limit=None):
 
 
 def pad(rows, pad_id, multiple=1, limit=None):
-    """Rows of token ids -> (B, T) ids right-padded with pad_id, and the (B, T) attention mask (1 = token).
-    T is the longest row rounded up to a multiple of `multiple` (at most `limit`): batches of similar lengths
-    then share a few shapes, which a compiled model compiles (and a CUDA graph records) once each."""
+    """Rows of token ids -> (B, T) ids right-padded with pad_id, and the (B, T) attention mask (1 = token). T: the
+    longest row rounded up to a multiple of `multiple` (at most `limit`): batches share a few shapes, compiled once."""
     T = padded_len(max(len(r) for r in rows), multiple, limit)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), T), dtype=torch.long)
@@ -212,19 +184,12 @@ def _chunks(items, size):
 
 
 class LengthBucketSampler(torch.utils.data.Sampler):
-    """Yields batches: lists of dataset indices, this rank's share of each step.
-
-    Each epoch: shuffle (generator seeded with seed + epoch), cut into buckets (default: 100 steps' worth of
-    examples), sort each bucket by length, cut it into steps of batch_size * world_size examples, shuffle the
-    order of the steps. Rank r takes every world_size-th example of each step, so the ranks of one step get
-    examples of similar length and equal work, and every example is seen exactly once per epoch across all
-    ranks, without duplicates. All ranks have the same number of batches (len(sampler)); only the last step of
-    an epoch can be short: its ranks get batches that differ by at most one example, and a rank gets an EMPTY
-    batch when fewer examples than ranks remain. drop_last=True drops that short step instead.
-
-    shuffle=False (evaluation): one bucket, longest first, steps in order. Batches hold original indices:
-    `hyps[i] = out` for i, out in zip(batch, outputs) restores the dataset's order.
-    """
+    """Yields batches: lists of dataset indices, this rank's share of each step. Each epoch: shuffle (seeded with
+    seed + epoch), cut into buckets (default: 100 steps' worth), sort each by length, cut it into steps of
+    batch_size * world_size, shuffle the steps. Rank r takes every world_size-th example of a step: the ranks get
+    examples of similar length, and every example is seen once per epoch. All ranks have len(sampler) batches;
+    only an epoch's last step can be short (a rank's batch EMPTY when fewer examples than ranks remain), or dropped
+    (drop_last). shuffle=False (evaluation): longest first, in order; indices restore the dataset's order."""
 
     def __init__(self, lengths, batch_size: int, seed: int = 0, bucket_size: int | None = None, shuffle=True,
                  rank: int = 0, world_size: int = 1, drop_last: bool = False):
@@ -276,8 +241,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _to_rgb(image):
-    # transparency is composited onto white, as transformers' convert_to_rgb does (a plain
-    # .convert("RGB") would keep the hidden colour of transparent pixels)
+    # transparency composited onto white, as transformers' convert_to_rgb (.convert("RGB") keeps hidden colours)
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
@@ -285,12 +249,9 @@ def _to_rgb(image):
 
 
 def _to_8_bits(image):
-    # pillow's convert("RGB") clips a 16-bit or float greyscale image at 255 (transformers does the same), so
-    # that nearly all of it comes out white. Scaled instead: 16 bits (modes I;16*, and I, which 16-bit grey
-    # files open as in some pillow versions and formats) by 1/257, which maps 65535 to 255 and the 16-bit
-    # copy of an 8-bit value b, b * 257 (b in both bytes), back to b; floats in [0, 1], the usual range of
-    # float images, by 255, larger ones as 16 bits. The +0.5 rounds (pillow truncates); the rest is clipped.
-    # (16-bit RGB and RGBA PNGs open as 8-bit RGB / RGBA already: pillow keeps the high byte.)
+    # pillow's convert("RGB") clips a 16-bit or float grey image at 255 (so does transformers): nearly all white.
+    # Scaled instead: 16 bits (I;16*, and I, as some formats open them) by 1/257, 65535 -> 255 and an 8-bit value's
+    # 16-bit copy b * 257 -> b; floats in [0, 1] by 255, larger ones as 16 bits; +0.5 rounds (pillow truncates).
     if image.mode.startswith("I;16"):
         image = image.convert("I")  # pillow computes on I and F images only
     if image.mode == "F" and image.getextrema()[1] <= 1:
@@ -320,8 +281,7 @@ def too_large(path, error):
             f"it, pass --allow_large_images (train.py, translate.py), or make it smaller")
 
 
-def allow_large_images():
-    """Lift pillow's limit on the pixels of an image (a guard against decompression bombs): for trusted data."""
+def allow_large_images():  # lift pillow's limit on an image's pixels (a decompression-bomb guard): trusted data
     Image.MAX_IMAGE_PIXELS = None
 
 
@@ -359,8 +319,8 @@ class Split:
 
 
 LAYOUT = ("expected root/raw/{split}.{lang}[.gz] and root/image_splits/{split}.txt (Multi30k task 1: "
-          "`python data.py multi30k --out DIR` fetches them), or the text files directly under root "
-          "(WIT MMT: root/{src}_{tgt}/{split}.{lang})")
+          "git clone https://github.com/multi30k/dataset, and root is dataset/data/task1), or the text files directly "
+          "under root (WIT MMT: root/{src}_{tgt}/{split}.{lang})")
 
 
 def _find(candidates, what):
@@ -417,13 +377,9 @@ def languages(root, split: str) -> list[str]:
 
 def read_split(root, split: str, langs: list[str], images=None, limit: int = 0,
                skip_missing_images: bool = False) -> Split:
-    """The sentences of `split` in each language, aligned, and the image files when `images` is given;
-    only the first `limit` examples when limit is not 0 (the whole split is checked all the same).
-    skip_missing_images drops the examples whose image file is missing (and names them in `skipped`), as the
-    official WIT loader drops the pairs whose image could not be downloaded; otherwise they are an error.
-
-    read_split("data/multi30k", "train", ["en", "de"], images="data/flickr30k-images")
-    read_split("data/wit/en_ro", "valid", ["en", "ro"])"""
+    """The sentences of `split` in each language, aligned, and the image files when `images` is given; the first
+    `limit` examples only, if not 0 (all checked all the same). skip_missing_images drops the examples whose image
+    is missing (named in `skipped`), as the official WIT loader does; otherwise they are an error."""
     root = Path(root)
     if not langs:
         raise ValueError("read_split needs at least one language")
@@ -465,84 +421,8 @@ def read_split(root, split: str, langs: list[str], images=None, limit: int = 0,
     return Split(split, sentences, image_files, skipped)
 
 
-MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/"
-MULTI30K_SPLITS = {"train": "en de fr cs", "val": "en de fr cs", "test_2016_flickr": "en de fr cs",
-                   "test_2017_flickr": "en de fr", "test_2017_mscoco": "en de fr", "test_2018_flickr": "en de fr cs"}
-MULTI30K_FILES = ([f"raw/{s}.{lang}.gz" for s, langs in MULTI30K_SPLITS.items() for lang in langs.split()]
-                  + [f"image_splits/{s}.txt" for s in MULTI30K_SPLITS])
-
-
-def download_multi30k(out, timeout: float = 5.0, overwrite: bool = False) -> Path:
-    """Multi30k task-1 text and image lists (not the images) into out/raw and out/image_splits. `out` must be
-    new or empty unless `overwrite`; it appears, or is replaced, only once every file is there."""
-    out = Path(out)
-    folders.check_new_folder(out, overwrite)
-    with folders.written_aside(out) as tmp:
-        for rel in tqdm(MULTI30K_FILES, desc="multi30k", unit="file"):
-            try:
-                with urllib.request.urlopen(MULTI30K_URL + rel, timeout=timeout) as response:
-                    data = response.read()
-            except (urllib.error.URLError, OSError) as e:
-                raise DataError(f"cannot download {MULTI30K_URL + rel} ({e}). Without internet, copy the "
-                                f"files of github.com/multi30k/dataset data/task1 yourself: "
-                                f"raw/{{split}}.{{lang}}.gz into {out / 'raw'} and "
-                                f"image_splits/{{split}}.txt into {out / 'image_splits'}") from None
-            (tmp / rel).parent.mkdir(exist_ok=True)
-            (tmp / rel).write_bytes(data)
-    return out
-
-
 # -----------------------------------------------------------------------------
-# Frozen-tower feature cache. The towers never change during training, so each split is embedded once
-# ("the M-CLIP embeddings are precomputed"), keyed by a fingerprint of the weights and the preprocessing.
-
-
-def fingerprint(module_or_state_dict, *extra) -> str:
-    """sha256 over every tensor's name, shape, dtype and bytes, plus `extra` strings (e.g. image size)."""
-    state = (module_or_state_dict.state_dict() if isinstance(module_or_state_dict, torch.nn.Module)
-             else module_or_state_dict)
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        if t.numel():  # hash the raw memory in place (bytes(storage) copies one element at a time)
-            h.update((ctypes.c_ubyte * (t.numel() * t.element_size())).from_address(t.data_ptr()))
-    for e in extra:
-        h.update(f"|{e}".encode())
-    return h.hexdigest()
-
-
-def cached_embeddings(cache_dir, name: str, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Load `cache_dir/{name}.{key[:16]}.safetensors` if it was written for this exact `key`, else call
-    `compute()` and store its result atomically (an interrupted run never leaves a half-written cache).
-    Under DDP let rank 0 fill the cache before the others read it (barrier)."""
-    path = Path(cache_dir) / f"{name}.{key[:16]}.safetensors"
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    return f.get_tensor("embeddings")
-        except Exception:  # unreadable (e.g. written by something else): recompute and replace it
-            pass
-    embeddings = compute()
-    if not isinstance(embeddings, torch.Tensor):
-        raise TypeError(f"compute() for {name} returned {type(embeddings).__name__}, expected a tensor")
-    embeddings = embeddings.detach().cpu().contiguous()
-    try:
-        folders.atomic_write(path, lambda tmp: save_file({"embeddings": embeddings}, tmp, metadata={"key": key, "name": name}))
-    except OSError as e:  # a read-only dataset folder, say
-        raise DataError(f"cannot write the feature cache {path} ({e}): make {path.parent} writable, or cache the "
-                        f"features in another folder (train.py --features DIR)") from None
-    return embeddings
-
-
-def image_digests(files) -> list[str]:
-    """A hash of each image file's bytes: the image features are cached under what the images hold, not under
-    their names, so images replaced in place are embedded again. The bytes, not the size and time of a file:
-    a copy that keeps the old time, or an edit of the same size, is still seen. It reads every image once."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib runs outside the GIL
-        digest = lambda f: hashlib.blake2b(Path(f).read_bytes(), digest_size=16).hexdigest()  # noqa: E731
-        return list(pool.map(digest, files))
+# The frozen towers' embeddings of a split, in batches (runs.features caches them: the towers never change).
 
 
 @torch.no_grad()
@@ -560,37 +440,9 @@ def embed_images(encode_image, files, size: int, batch_size: int, device) -> tor
 
 @torch.no_grad()
 def embed_texts(encode_text, tokenizer, sentences, batch_size: int, device, max_len: int = 512) -> torch.Tensor:
-    """(N, D) features of N sentences, each cut to max_len tokens (the text tower's positions); encode_text takes
-    (input_ids, attention_mask), both (B, T)."""
+    """(N, D) features of N sentences cut to max_len tokens; encode_text takes (input_ids, attention_mask) (B, T)."""
     out = []
     for chunk in tqdm(_chunks(list(sentences), batch_size), desc="embed texts", unit="batch"):
         input_ids, attention_mask = tokenizer.encode(chunk, max_len)
         out.append(encode_text(input_ids.to(device), attention_mask.to(device)).float().cpu())
     return torch.cat(out)
-
-
-# -----------------------------------------------------------------------------
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    multi30k = sub.add_parser("multi30k", help="download Multi30k task-1 text and image lists")
-    multi30k.add_argument("--out", required=True, help="a new or empty folder")
-    multi30k.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (all of it)")
-    return p, p.parse_args(argv)
-
-
-def main(argv=None):
-    p, args = parse_args(argv)
-    try:
-        print(f"Multi30k text in {download_multi30k(args.out, overwrite=args.overwrite)}")
-    except (DataError, folders.FolderError) as e:
-        p.exit(1, f"error: {e}\n")
-    except OSError as e:  # a full or read-only disk: the half-written folder is removed
-        p.exit(1, f"error: cannot write {args.out} ({e.strerror or e}): free some space or make its folder "
-                  f"writable\n")
-
-
-if __name__ == "__main__":
-    main()

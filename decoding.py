@@ -13,21 +13,15 @@ num_beams candidates per step, so that num_beams survive even if num_beams of th
 (the target language first, `</s>` at the last step) replaces the whole distribution; `min_new_tokens` bans
 `</s>` before it.
 
-The decoder runs one token at a time with a KV cache: a step computes only its new position and attends the
-keys and values kept from the earlier ones. This file is handed the model (an `MBart` of cliptrans.py) and runs
-the model's own decoder, handed a `Cache`: each attention layer writes its keys and values into it and attends
-through it (cliptrans.Attention's `cache`). The layers' math is cliptrans.py's alone; the search, the cache's
-layout and the speed-ups are this file's.
+The decoder runs one token at a time with a KV cache (`Cache`): a step computes only its new position and
+attends the keys and values kept from the earlier ones. The layers' math is cliptrans.py's alone (its `Attention`
+is handed the cache); the search, the cache's layout and the speed-ups are this file's.
 
-Reading order, top to bottom: `generate`; `greedy_search`, `beam_search` and its `keep_finished` (the
-algorithms); `start_decoding` and `Cache` (the model's decoder one step at a time); then the speed-ups. Each
-speed-up is marked `# speed:` where it enters; a first reading can skip them:
-- a sentence's beams attend one copy of its source and its prompt, and a beam reorder moves no keys or values
-  (`Cache`);
-- beam search's candidates come from a top-k over chunks of the logits, under torch.compile on CUDA
-  (`topk_by_chunks`, `beam_candidates`);
-- the decoding steps' attention: SDPA's choice of kernel, given kernels, or two matmuls (`matmul_attention`);
-- a decoding step is recorded once and replayed as one CUDA graph (`linears_cast`, `cuda_graph`).
+Reading order: `generate`; `greedy_search`, `beam_search` and its `keep_finished` (the algorithms);
+`start_decoding` and `Cache` (the decoder one step at a time); then the speed-ups, each marked `# speed:` where it
+enters, none changing a token: beams share one copy of their source and prompt and a reorder moves no keys or
+values (`Cache`); a chunked top-k, compiled on CUDA (`beam_candidates`); the step's attention kernel
+(`matmul_attention`); a decoding step replayed as one CUDA graph (`cuda_graph`).
 """
 
 import math
@@ -52,16 +46,11 @@ def generate(mbart, memory, memory_mask, prompt, prompt_mask=None, num_beams=5, 
     tokens, attending `memory` (B, S, d), the encoder's output, and its padding mask `memory_mask` (B, S).
 
     num_beams 1 is greedy search. length_penalty and early_stopping (True, False: transformers' heuristic, or
-    "never") as in transformers. The stopping test needs the GPU's answer, so it runs every `check_every`
-    steps only (steps taken after every sentence has finished change nothing: finished sentences are masked).
-    Speed, none of which changes the tokens:
-    - use_cuda_graph: on CUDA each decoding step is replayed as a CUDA graph (False: plain launches);
-    - compile_scores: beam search's log-softmax and top-k under torch.compile, which reads each row of logits
-      once (compiled at the first call); None: on CUDA only, where it made beam-5 search 1.3x faster on an
-      H100 (on a CPU the compilation outweighs the gain);
-    - attention: how a decoding step attends: None (SDPA's choice), a list of SDPBackend (those kernels only),
-      or "matmul" (`matmul_attention`);
-    - topk_chunk: beam search's top-k per beam from chunks of this many logits (0: torch.topk).
+    "never") as in transformers. The stopping test needs the GPU's answer, so it runs every `check_every` steps
+    only (finished sentences are masked: the steps after them change nothing). Speed, none changing a token:
+    use_cuda_graph (on CUDA, each step replayed as a CUDA graph); compile_scores (beam search's log-softmax and
+    top-k compiled; None: on CUDA only, where beam-5 search ran 1.3x faster on an H100); attention (None: SDPA's
+    choice, a list of SDPBackend, or "matmul": `matmul_attention`); topk_chunk (0: torch.topk).
     Returns the new tokens (B, n), padded with pad_id after `</s>`."""
     c = mbart.config
     P = prompt.shape[1]
@@ -255,25 +244,18 @@ def start_decoding(mbart, memory, memory_mask, prompt, prompt_mask, beams, max_n
 
 
 class Cache:
-    """What the decoder keeps between decoding steps. The model's attention layers (cliptrans.Attention) are
-    handed it: self-attention `update`s it with its new keys and values, cross-attention takes the source's
-    from `memory`, and both attend through `attend`. Its buffers are keyed by the attention module.
+    """What the decoder keeps between decoding steps, keyed by the attention module (cliptrans.Attention) that
+    `update`s it with its new keys and values (self-attention) or takes the source's from `memory` (cross).
 
-    Self-attention: a buffer (2, B, H, beams, max_len, Dh) per layer holds its keys and values: B sentences
-    with `beams` slots each, allocated once and filled position by position, so a decoding step neither
-    re-allocates nor copies the past. The prompt, the same for every beam, is written once, into slot 0, at an
-    int position. A decoding step (`begin_step`) writes beam j's new token into slot j, at a position given as a
-    device tensor, and reads all the slots of its sentence: the shapes never change, so a CUDA graph can
-    replay it.
-    speed: beam search never moves keys or values. When beam j continues another beam's hypothesis, it takes
-    that beam's row of `owner`: owner[b, j, t] is the slot that holds position t of beam j's history (-1: not
-    written yet). A reorder gathers B x beams x max_len integers instead of the keys and values written so far
-    (up to 1 GB of bf16 for 128 sentences x 5 beams x 33 positions at the paper's sizes), and the beams of a
-    sentence attend all its slots together, as one row, each masked to its own history (see `begin_step`).
-    Cross-attention: each layer's keys and values of the source, (B, H, S, Dh) each, computed at the first
-    call: one copy per sentence, not per beam.
-    attention: generate's; with "matmul" a decoding step attends through `matmul_attention`, else through SDPA
-    (a list of kernels is start_decoding's to apply around the whole step).
+    Self-attention: a buffer (2, B, H, beams, max_len, Dh) per layer, allocated once and filled position by
+    position. The prompt, the same for every beam, is written once, into slot 0, at an int position; a decoding
+    step (`begin_step`) writes beam j's new token into slot j at a position held in a device tensor, and reads all
+    the slots of its sentence: the shapes never change, so a CUDA graph can replay it.
+    speed: beam search never moves keys or values. owner[b, j, t] is the slot that holds position t of beam j's
+    history (-1: not written yet); a reorder gathers these B x beams x max_len integers instead of the keys and
+    values (up to 1 GB of bf16 at the paper's sizes), and the beams of a sentence attend its slots together, as
+    one row, each masked to its own history. Cross-attention: the source's keys and values, (B, H, S, Dh) each,
+    computed at the first call, one copy per sentence. attention: generate's ("matmul": `matmul_attention`).
     """
 
     def __init__(self, max_len, beams=1, attention=None):
@@ -416,14 +398,10 @@ def linears_cast(module, dtype):
 @torch.no_grad()
 def cuda_graph(fn, module=None):
     """fn() whose kernels, after the first call, are replayed as one CUDA graph: a decoding step of mBART is
-    hundreds of small kernels whose launches, not the GPU, set the pace. fn must read its inputs from, and
-    return, tensors that stay in place (replays overwrite the returned tensor).
-
-    The first call runs fn() with plain launches on a side stream (which sets up what its kernels need: cuBLAS
-    workspaces, cuDNN plans) and records the same kernels there while the GPU runs them. torch.cuda.graph
-    would first wait for the GPU and empty PyTorch's memory cache: the GPU would idle during the recording.
-    Under autocast, the Linear layers of `module` are recorded with their weights cast once (see
-    linears_cast)."""
+    hundreds of small kernels whose launches, not the GPU, set the pace. fn reads its inputs from, and returns,
+    tensors that stay in place (replays overwrite the returned tensor). The first call runs fn() on a side stream
+    and records it there while the GPU runs it (torch.cuda.graph would first wait for the GPU and empty PyTorch's
+    memory cache); under autocast the Linear layers of `module` are recorded with their weights cast once."""
     autocast = torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda")
     graph, out, keep = None, None, None

@@ -1,40 +1,16 @@
 """
 The paper's comparisons, in miniature: does the prefix from M-CLIP help translation, and does captioning first
-(stage 1) help more, when parallel data is scarce?
+(stage 1) help more, when parallel data is scarce? Prints the test BLEU over seeds and the arms' differences
+paired by seed, with 95% bootstrap intervals, into OUT/results.json too; run again with the same arguments, it
+continues where it stopped. The results: EXPERIMENTS.md.
 
     python experiment.py                                  # 5 seeds x 3 data sizes x 4 arms (about an hour)
     python experiment.py --seeds 1 2 3 --pairs 50 200     # a smaller one
 
-Arms, each trained on the first `--pairs` sentence pairs of the tiny world (en -> de) and scored on the
-same test split (held-out colour-shape pairs) from the source sentence alone, as at the paper's test time (the
-table ARMS; the first four run by default):
-
-    text-only          mBART fine-tuned on the text alone (`--prefix_len 0`): the paper's baseline
-    stage 2 only       CLIPTrans without captioning first (`--from_scratch_stage2`)
-    stage 1 (en) + 2   CLIPTrans, captioning in the source language first: the official default
-    stage 1 (de) + 2   ... captioning in the target language first
-    text_recon + 2     ... reconstructing the source sentence from its text embedding first (`--task text_recon`)
-    triplet            the prefix from the image in training, from the source at test (`--task triplet`)
-    stage 1 (en) + triplet, stage 1 (en) + 2, unfreeze_clip   captioning first, then those
-    mlp x1, hidden_mlp x10, ..., transformer x1   captioning then translation with another mapping network or
-                       prefix length (mlp x10 is stage 1 (en) + 2)
-    stage 1 (en) + 2, noise_train; text-only, noise_train   trained on sources with half their tokens dropped
-
-The pretrained models are the same for every run, as M-CLIP and mBART-50 are in the paper: one stage 0 (OUT/stage0,
-or `--stage0` an existing one). A seed fixes a run's initialisation of what it adds (the mapping network), its data
-order and its dropout; each seed has its own stage 1 runs, one per kind the arms need (`--stage1_steps`, on all the
-world's training images). Stage 2 validates `--evals` times and keeps its checkpoint best on val, as the paper's
-recipe does: the test score is not that of a late loss spike. `--jobs` runs train.py that many times at once, each
-on its share of the cores. Ablations: `--arms` picks arms, `--stage1_extra` / `--stage2_extra` add train.py flags
-to a stage's runs, `--rescore` scores every stage 2 checkpoint once more with other flags, for each set given
-(`--rescore="--prompt official"`: decoding as the official code does; a text-only arm, which has no prefix, is
-not given a set that names --test_prefix).
-
-Prints the test BLEU, mean ± standard deviation over seeds, and, for each pair of arms at each size, the mean
-of the paired differences (the same seed, the same data) with a 95% bootstrap interval over seeds and how many
-seeds went which way. Writes every figure to OUT/results.json. Run again with the same arguments after an
-interruption, it continues: a finished run is read back from its summary.json, an interrupted one is resumed
-from its `last` checkpoint.
+Each arm is trained on the first `--pairs` sentence pairs of the tiny world (en -> de), from one stage 0 and each
+seed's own stage 1 runs, and scored on its test split (held-out colour-shape pairs) from the source sentence
+alone. An arm is a row of ARMS: its stage 1 run (or none) and its stage 2 flags (text-only: `--prefix_len 0`,
+the paper's baseline; stage 2 only: `--from_scratch_stage2`; stage 1 (en) + 2: captioning in the source first).
 """
 
 import argparse
@@ -52,45 +28,37 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from tqdm import tqdm
-
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
 import tiny_world
 import weights
 from folders import find_checkpoint
 
-# An arm: a stage 1 run (a key of STAGE1, shared by the arms that name it; None: no stage 1) and the flags of its
-# stage 2 runs. A new comparison is a row here.
+MAPPINGS = [(kind, P) for kind in ("mlp", "hidden_mlp", "transformer") for P in (1, 10) if (kind, P) != ("mlp", 10)]
 STAGE1 = {"en": ["--caption_lang", "en"], "de": ["--caption_lang", "de"],
           "text_recon": ["--task", "text_recon", "--caption_lang", "en"],
-          **{f"{kind}{P}": ["--caption_lang", "en", "--mapping", kind, "--prefix_len", P]  # the mapping networks
-             for kind in ("mlp", "hidden_mlp", "transformer") for P in (1, 10) if (kind, P) != ("mlp", 10)}}
-ARMS = {
-    "text-only": (None, ["--prefix_len", 0]),
-    "stage 2 only": (None, ["--from_scratch_stage2"]),
-    "stage 1 (en) + 2": ("en", []),
-    "stage 1 (de) + 2": ("de", []),
-    "text_recon + 2": ("text_recon", []),
-    "triplet": (None, ["--task", "triplet", "--from_scratch_stage2"]),
-    "stage 1 (en) + triplet": ("en", ["--task", "triplet"]),
-    "stage 1 (en) + 2, unfreeze_clip": ("en", ["--unfreeze_clip"]),
-    "stage 1 (en) + 2, noise_train": ("en", ["--noise_train", "--mask_prob", 0.5]),  # half the source dropped
-    "text-only, noise_train": (None, ["--prefix_len", 0, "--noise_train", "--mask_prob", 0.5]),
-    **{f"{kind} x{P}": (f"{kind}{P}", [])  # (mlp x10 is stage 1 (en) + 2)
-       for kind in ("mlp", "hidden_mlp", "transformer") for P in (1, 10) if (kind, P) != ("mlp", 10)},
-}
+          **{f"{kind}{P}": ["--caption_lang", "en", "--mapping", kind, "--prefix_len", P] for kind, P in MAPPINGS}}
+# An arm: a stage 1 run (a key of STAGE1, shared by the arms that name it; None: none) and its stage 2 flags.
+ARMS = {"text-only": (None, ["--prefix_len", 0]),
+        "stage 2 only": (None, ["--from_scratch_stage2"]),
+        "stage 1 (en) + 2": ("en", []),
+        "stage 1 (de) + 2": ("de", []),
+        "text_recon + 2": ("text_recon", []),
+        "triplet": (None, ["--task", "triplet", "--from_scratch_stage2"]),
+        "stage 1 (en) + triplet": ("en", ["--task", "triplet"]),
+        "stage 1 (en) + 2, unfreeze_clip": ("en", ["--unfreeze_clip"]),
+        "stage 1 (en) + 2, noise_train": ("en", ["--noise_train", "--mask_prob", 0.5]),  # half the source dropped
+        "text-only, noise_train": (None, ["--prefix_len", 0, "--noise_train", "--mask_prob", 0.5]),
+        **{f"{kind} x{P}": (f"{kind}{P}", []) for kind, P in MAPPINGS}}  # (mlp x10 is stage 1 (en) + 2)
 DEFAULT_ARMS = ("text-only", "stage 2 only", "stage 1 (en) + 2", "stage 1 (de) + 2")
 
 
 def train(*args, out=None, log=None, threads=None):
-    """Run train.py and return the JSON line it ends with. A training run (`out`: its --out folder) that
-    finished before is read back from OUT/summary.json; one interrupted after a checkpoint continues with
-    --resume.
-    `log`: a file for its stderr (progress bars, messages; default: the terminal); `threads`: its intra-op
-    threads (default: PyTorch's choice)."""
+    """Run train.py (its stderr into the file `log`, on `threads` intra-op threads) and return the JSON line it
+    ends with; a run into `out` that finished is read back from its summary.json, an interrupted one resumed."""
     if out is not None and (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
     if out is not None and find_checkpoint(out / "last").exists():  # (or the copy a crash left aside)
@@ -107,8 +75,7 @@ def train(*args, out=None, log=None, threads=None):
 
 
 def run_all(runs, jobs, desc):
-    """{name: (train.py arguments, out folder)} -> {name: summary}: `jobs` runs at a time, each on
-    cpu_count / jobs threads, its messages in OUT.log; a progress bar, and a line per finished run."""
+    """{name: (train.py arguments, out folder)} -> {name: summary}: `jobs` at a time, cpu_count / jobs threads each."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     done = {}
     with ThreadPoolExecutor(jobs) as pool, tqdm(total=len(runs), desc=desc) as bar:
@@ -120,14 +87,6 @@ def run_all(runs, jobs, desc):
             bar.update(1)
             bar.write(f"{name}: test BLEU {done[name].get('test_bleu', done[name].get('bleu'))}")
     return done
-
-
-def paired(a, b, rounds=10000, seed=0):
-    """a - b over seeds (paired): the mean, a 95% percentile bootstrap interval of the mean (seeds resampled
-    with replacement), and the number of seeds where a is higher / lower."""
-    d = [x - y for x, y in zip(a, b)]
-    return {"mean": statistics.mean(d), "ci95": list(interval(d, rounds, seed)),
-            "higher": sum(x > 0 for x in d), "lower": sum(x < 0 for x in d), "differences": d}
 
 
 def parse_args(argv=None):
@@ -146,11 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--rescore", nargs="+", default=[], metavar="FLAGS",
                    help="sets of train.py flags (one string each) to score every stage 2 run's kept checkpoint "
                         "with once more (--eval_only), ablations at test time: --rescore=\"--prompt official\"")
-    p.add_argument("--stage0", default=None, help="an existing stage 0 run folder to start from (default: "
-                                                   "OUT/stage0, made first)")
+    p.add_argument("--stage0", help="an existing stage 0 run folder to start from (default: OUT/stage0, made first)")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
-                   help="training runs at a time, each on cpu_count / jobs threads (default: the CPU cores, "
-                        "at most 8)")
+                   help="training runs at a time, each on cpu_count / jobs threads (default: the CPU cores, at most 8)")
     p.add_argument("--out", default="runs/experiment")
     a = p.parse_args(argv)
     if not 1 <= a.evals <= a.steps:
@@ -161,8 +118,7 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     out = Path(a.out)
-    settings = {"steps": a.steps, "evals": a.evals, "stage1_steps": a.stage1_steps,
-                "stage1_extra": a.stage1_extra, "stage2_extra": a.stage2_extra}
+    settings = {k: getattr(a, k) for k in ("steps", "evals", "stage1_steps", "stage1_extra", "stage2_extra")}
     saved = out / "settings.json"  # continuing in OUT: only with the settings its runs were made with
     if saved.is_file() and json.loads(saved.read_text()) != settings:
         raise SystemExit(f"error: {out} holds runs made with {json.loads(saved.read_text())}, not "
@@ -174,15 +130,13 @@ def main(argv=None):
     results["minutes"] = round((time.time() - t0) / 60, 1)
     report(a, results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    plot_sizes(results, out / "bleu_by_size.png")
-    plot_noise(results, out / "bleu_by_noise.png")
+    plot_bleu(results, out)
     plot_world(tiny_world.default_path(), out / "tiny_world.png")  # the world every run here trained on
     print(f"figures: {', '.join(str(p) for p in sorted(out.glob('*.png')))}")
 
 
 def run_experiment(a, out, settings):
-    """The pretrained models once (all threads); then each seed's stage 1 runs, then every stage 2 run. Returns
-    the results: every run's test BLEU."""
+    """Stage 0 once (on all threads), each seed's stage 1 runs, every stage 2 run: the results, every test BLEU."""
     print(f"stage 0 into {out / 'stage0'}", flush=True)
     stage0 = Path(a.stage0) if a.stage0 else out / "stage0"
     s0 = train("--stage", 0, "--out", stage0, out=stage0)
@@ -191,12 +145,12 @@ def run_experiment(a, out, settings):
     for seed in a.seeds:
         (out / f"seed{seed}").mkdir(exist_ok=True)
     firsts = dict.fromkeys(ARMS[arm][0] for arm in a.arms if ARMS[arm][0])  # the stage 1 runs the arms need
-    stage1 = {f"seed {seed}, stage 1 ({key})": (["--stage", 1, *STAGE1[key], "--weights", weights, "--seed", seed,
-                                                 "--max_steps", a.stage1_steps,
-                                                 "--out", out / f"seed{seed}" / f"stage1_{key}",
-                                                 *shlex.split(a.stage1_extra)],
-                                                out / f"seed{seed}" / f"stage1_{key}")
-              for seed in a.seeds for key in firsts}
+    stage1 = {}
+    for seed, key in itertools.product(a.seeds, firsts):
+        o = out / f"seed{seed}" / f"stage1_{key}"
+        stage1[f"seed {seed}, stage 1 ({key})"] = (["--stage", 1, *STAGE1[key], "--weights", weights, "--seed", seed,
+                                                    "--max_steps", a.stage1_steps, "--out", o,
+                                                    *shlex.split(a.stage1_extra)], o)
     results["stage1"] = {name: r["test_bleu"] for name, r in run_all(stage1, a.jobs, "stage 1 runs").items()}
     stage2 = {}
     for seed, pairs, arm in itertools.product(a.seeds, a.pairs, a.arms):
@@ -232,39 +186,45 @@ def run_experiment(a, out, settings):
     return results
 
 
+def paired(a, b, rounds=10000, seed=0):
+    """a - b over seeds (paired): the mean, its 95% bootstrap interval, the seeds where a is higher / lower."""
+    d = [x - y for x, y in zip(a, b)]
+    return {"mean": statistics.mean(d), "ci95": list(interval(d, rounds, seed)),
+            "higher": sum(x > 0 for x in d), "lower": sum(x < 0 for x in d), "differences": d}
+
+
+def interval(scores, rounds=10000, seed=0):
+    """A 95% percentile bootstrap interval of the mean of `scores` (resampled with replacement)."""
+    rng = random.Random(seed)
+    means = sorted(statistics.mean(rng.choices(scores, k=len(scores))) for _ in range(rounds))
+    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
+
+
 def report(a, results):
     """The table, mean ± std over seeds; then every pair of arms, paired by seed (into results["paired"])."""
     def scores(arm, pairs):
         return [results["bleu"][arm][str(pairs)][str(s)] for s in a.seeds]
+    def row(label, width, cells, cell_width, sep="  "):
+        print(f"{label:{width}s}" + sep.join(f"{c:>{cell_width}s}" for c in cells))
+    def difference(x, y, key):  # x - y, paired by seed: into results["paired"], and as a cell of the table
+        r = results["paired"][key] = paired(x, y)
+        return f"{r['mean']:+.1f} [{r['ci95'][0]:+.1f}, {r['ci95'][1]:+.1f}] ({r['higher']}/{r['lower']})"
     std = statistics.stdev if len(a.seeds) > 1 else (lambda xs: 0.0)
     print(f"\ntest BLEU, tiny world en -> de (held-out colour-shape pairs), mean ± std over seeds "
           f"{a.seeds}; stage 2: {a.steps} steps; stage 1: {a.stage1_steps} steps ({results['minutes']:.0f} min)")
-    print(f"{'':18s}" + "".join(f"{f'{n} pairs':>18s}" for n in a.pairs))
+    row("", 18, [f"{n} pairs" for n in a.pairs], 18, "")
     for arm in a.arms:
-        cells = [f"{statistics.mean(scores(arm, n)):.1f} ± {std(scores(arm, n)):.1f}" for n in a.pairs]
-        print(f"{arm:18s}" + "".join(f"{c:>18s}" for c in cells))
-    print("\npaired differences, first arm minus second: mean [95% bootstrap interval over seeds] (seeds "
-          "higher/lower)")
+        row(arm, 18, [f"{statistics.mean(scores(arm, n)):.1f} ± {std(scores(arm, n)):.1f}" for n in a.pairs], 18, "")
+    print("\npaired differences, first arm minus second: mean [95% bootstrap interval over seeds] (seeds higher/lower)")
     results["paired"] = {}
     for x, y in itertools.combinations(a.arms, 2):
-        row = []
-        for n in a.pairs:
-            r = paired(scores(y, n), scores(x, n))
-            results["paired"][f"{y} - {x}, {n} pairs"] = r
-            low, high = r["ci95"]
-            row.append(f"{r['mean']:+.1f} [{low:+.1f}, {high:+.1f}] ({r['higher']}/{r['lower']})")
-        print(f"{y + ' - ' + x:38s}" + "  ".join(f"{c:>26s}" for c in row))
+        row(f"{y} - {x}", 38, [difference(scores(y, n), scores(x, n), f"{y} - {x}, {n} pairs") for n in a.pairs], 26)
     for flags, arms in results["rescored"].items():  # --rescore: the same checkpoints, scored another way
         print(f"\nrescored with {flags}: test BLEU, and minus as trained (paired)")
         for arm, by_size in arms.items():
-            row = []
-            for n in a.pairs:
-                again = [by_size[str(n)][str(s)] for s in a.seeds]
-                r = paired(again, scores(arm, n))
-                results["paired"][f"{arm}, {flags} - as trained, {n} pairs"] = r
-                row.append(f"{statistics.mean(again):.1f}, {r['mean']:+.1f} [{r['ci95'][0]:+.1f}, "
-                           f"{r['ci95'][1]:+.1f}] ({r['higher']}/{r['lower']})")
-            print(f"{arm:38s}" + "  ".join(f"{c:>32s}" for c in row))
+            again = {n: [by_size[str(n)][str(s)] for s in a.seeds] for n in a.pairs}
+            row(arm, 38, [f"{statistics.mean(again[n]):.1f}, " + difference(
+                again[n], scores(arm, n), f"{arm}, {flags} - as trained, {n} pairs") for n in a.pairs], 32)
     if results.get("shared_space"):
         print("\nthe shared space, test split: mean cosine of an image and its caption / of unmatched pairs "
               "(mean over seeds)")
@@ -273,19 +233,15 @@ def report(a, results):
             cells = [f"{part} {statistics.mean(r[part][0] for r in rows):.3f} / "
                      f"{statistics.mean(r[part][1] for r in rows):.3f}" for part in ("towers", "prefix")
                      if part in rows[0]]
-            print(f"  {stage:22s}" + "   ".join(cells))
-
-
-# -----------------------------------------------------------------------------
-# Does the shared space stay shared? (The paper assumes it: stage 1 trains on image embeddings, stage 2 and the
-# test read text embeddings in their place.)
+            row("  " + stage, 24, cells, 0, "   ")
 
 
 @torch.no_grad()
 def shared_space(folder, world, split="test", lang="en"):
-    """For the checkpoint `folder`, on a split of the tiny world: the cosine of each image's and its caption's
-    tower embeddings, against that of unmatched pairs (the towers); and the same for the prefixes the mapping
-    network makes of them (flattened, (P d)), when it has one. {"towers": (matched, unmatched), "prefix": ...}"""
+    """Does the shared space stay shared, as the paper assumes (stage 1 trains on image embeddings, stage 2 and
+    the test read text embeddings in their place)? For the checkpoint `folder`, on a split of the tiny world: the
+    mean cosine of an image's and its caption's embeddings, and of unmatched pairs', from the towers and from the
+    mapping network, when it has one (its prefixes flattened, (P d)). {"towers": (matched, unmatched), "prefix": ...}"""
     model = weights.load(folder)
     s = data.read_split(world, split, [lang], Path(world) / "images")
     images = data.embed_images(model.encode_image, s.images, model.config.vision.image_size, 64, "cpu")
@@ -304,85 +260,66 @@ def cosines(a, b):
     return round(sim.diag().mean().item(), 4), round(((sim.sum() - sim.diag().sum()) / (n * n - n)).item(), 4)
 
 
-# -----------------------------------------------------------------------------
-# Figures (matplotlib, here only: neither the model nor training imports it).
+@contextlib.contextmanager
+def figure(path, *args, **kw):
+    """plt.subplots(*args, **kw)'s axes, saved to `path` when the block ends (only figures import matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(*args, **kw)
+    yield axes
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def plot_sizes(results, path):
-    """Test BLEU against the number of training pairs, an arm a line."""
-    lines = {arm: {n: list(by_size[str(n)].values()) for n in results["pairs"]}
-             for arm, by_size in results["bleu"].items()}
-    line_plot(lines, path, "parallel sentence pairs in stage 2", f"tiny world, {len(results['seeds'])} seeds",
-              log_x=True)
-
-
-def plot_noise(results, path):
-    """Test BLEU against the share of source tokens dropped at test time (the --rescore sets
-    "--noise_test --mask_prob p [--test_prefix text]"), a line for each arm and what its prefix is made from:
-    the image (--noise_test's), the source as the encoder reads it (text), or nothing (text-only); at the
-    largest data size. Drawn when the rescores include such sets."""
-    lines, n = {}, str(max(results["pairs"]))
+def plot_bleu(results, out):
+    """The mean test BLEU over seeds with its 95% bootstrap band: against the stage 2 pairs, an arm a line
+    (bleu_by_size.png); given --rescore sets "--noise_test --mask_prob p [--test_prefix text]", against the share of
+    source tokens dropped at the largest size, per arm and prefix (image, text, none) (bleu_by_noise.png)."""
+    seeds, n = len(results["seeds"]), str(max(results["pairs"]))
+    by_size = {arm: {m: list(runs[str(m)].values()) for m in results["pairs"]} for arm, runs in results["bleu"].items()}
+    figures = {"bleu_by_size.png": (by_size, "parallel sentence pairs in stage 2", f"tiny world, {seeds} seeds")}
+    by_noise = {}
     for flags, arms in results.get("rescored", {}).items():
         words = flags.split()
         if "--noise_test" not in words or "--mask_prob" not in words:
             continue
         p = float(words[words.index("--mask_prob") + 1])
         prefix = words[words.index("--test_prefix") + 1] if "--test_prefix" in words else "image"
-        for arm, by_size in arms.items():
+        for arm, runs in arms.items():
             source = "none" if arm.startswith("text-only") else prefix
-            lines.setdefault(f"{arm}; prefix: {source}", {})[p] = list(by_size[n].values())
-    if lines:
-        line_plot(lines, path, "share of the source's tokens dropped at test time (--mask_prob)",
-                  f"tiny world, {n} pairs, {len(results['seeds'])} seeds")
-
-
-def line_plot(lines, path, x_label, title, log_x=False):
-    """{label: {x: [scores over seeds]}} as lines of the mean test BLEU, each with its 95% bootstrap band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, by_x in lines.items():
-        xs = sorted(by_x)
-        band = [interval(by_x[x]) for x in xs]
-        line, = ax.plot(xs, [statistics.mean(by_x[x]) for x in xs], marker="o", label=label)
-        ax.fill_between(xs, [b[0] for b in band], [b[1] for b in band], color=line.get_color(), alpha=0.15)
-    if log_x:
-        ax.set_xscale("log")
-        ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel(x_label)
-    ax.set_ylabel("test BLEU (en -> de)")
-    ax.set_title(f"{title}: the mean, and its 95% bootstrap band", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def interval(scores, rounds=10000, seed=0):
-    """A 95% percentile bootstrap interval of the mean of `scores` (resampled with replacement)."""
-    rng = random.Random(seed)
-    means = sorted(statistics.mean(rng.choices(scores, k=len(scores))) for _ in range(rounds))
-    return means[int(0.025 * rounds)], means[int(0.975 * rounds) - 1]
+            by_noise.setdefault(f"{arm}; prefix: {source}", {})[p] = list(runs[n].values())
+    if by_noise:
+        figures["bleu_by_noise.png"] = (by_noise, "share of the source's tokens dropped at test time (--mask_prob)",
+                                        f"tiny world, {n} pairs, {seeds} seeds")
+    for name, (lines, x_label, title) in figures.items():
+        with figure(out / name, figsize=(6.4, 4.2)) as ax:
+            for label, by_x in lines.items():  # {label: {x: [scores over seeds]}}
+                xs = sorted(by_x)
+                band = [interval(by_x[x]) for x in xs]
+                line, = ax.plot(xs, [statistics.mean(by_x[x]) for x in xs], marker="o", label=label)
+                ax.fill_between(xs, [b[0] for b in band], [b[1] for b in band], color=line.get_color(), alpha=0.15)
+            if lines is by_size:
+                ax.set_xscale("log")
+                ax.set_xticks(xs, [str(x) for x in xs])
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("test BLEU (en -> de)")
+            ax.set_title(f"{title}: the mean, and its 95% bootstrap band", fontsize=10)
+            ax.legend(fontsize=7)
 
 
 def plot_world(world, path, n=4):
     """A few scenes of the tiny world's test split, each with its descriptions in English, German and French."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
     names = (world / "image_splits" / "test.txt").read_text().splitlines()[:n]
-    text = {lang: (world / "raw" / f"test.{lang}").read_text("utf-8").splitlines()[:n] for lang in ("en", "de", "fr")}
-    fig, axes = plt.subplots(n, 2, figsize=(9, 1.6 * n), gridspec_kw={"width_ratios": [1, 4.5]})
-    for i, name in enumerate(names):
-        axes[i, 0].imshow(Image.open(world / "images" / name), interpolation="nearest")
-        axes[i, 1].text(0, 0.5, "\n".join(f"{lang}: {text[lang][i]}" for lang in text), va="center", fontsize=9)
-        for ax in axes[i]:
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    text = {lang: (world / "raw" / f"test.{lang}").read_text("utf-8").splitlines()[:n] for lang in tiny_world.LANGS}
+    with figure(path, n, 2, figsize=(9, 1.6 * n), gridspec_kw={"width_ratios": [1, 4.5]}) as axes:
+        for i, name in enumerate(names):
+            axes[i, 0].imshow(Image.open(world / "images" / name), interpolation="nearest")
+            axes[i, 1].text(0, 0.5, "\n".join(f"{lang}: {text[lang][i]}" for lang in text), va="center", fontsize=9)
+            for ax in axes[i]:
+                ax.axis("off")
 
 
 if __name__ == "__main__":

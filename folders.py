@@ -1,23 +1,17 @@
 """
 Writing folders so that nothing is lost: every folder this project writes (a checkpoint, converted weights, the
-tiny world, Multi30k's text) is written aside and renamed into place, so a reader, or a run killed at any
-moment, sees the old folder or the complete new one, never a half-written one. Nothing here knows what the
-folders hold.
-
-- `atomic_write`: one file, through a temporary file and a rename.
-- `written_aside`: a whole folder, through `.{name}.tmp` beside it; the folder it replaces goes to `.{name}.old`
-  until the new one is in place.
-- `check_new_folder`: a command that writes a folder refuses one that already holds something.
-- `find_checkpoint`, `recover_checkpoint`: a checkpoint folder, or the `.old` copy that a crash between the two
-  renames of `written_aside` left; `RUN_FILES` and `check_free`: what a training run leaves in its folder, and
-  the refusal to start a new run over it.
+tiny world, Multi30k's text) is written aside and renamed into place, so a reader, or a run killed at any moment,
+sees the old folder or the complete new one, never a half-written one. A training run holds its folder
+(OUT/.lock): one run at a time. Nothing here knows what the folders hold.
 """
 
+import atexit
 import contextlib
 import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -26,15 +20,13 @@ class FolderError(ValueError):
 
 
 def aside(folder):
-    """The two names beside `folder`: the copy being written (`.{name}.tmp`) and the one being replaced
-    (`.{name}.old`)."""
+    """(`.{name}.tmp`, `.{name}.old`) beside `folder`: the copy being written, the one being replaced."""
     folder = Path(folder)
     return folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
 
 
 def atomic_write(path, write):
-    """Write `path` through `write(tmp_path)` into a temporary file in the same folder, fsync, rename: readers see
-    the old file or the new one, never a half-written one."""
+    """Write `path` through `write(tmp_path)`: a temporary file in the same folder, fsynced, renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -46,8 +38,7 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -87,8 +78,6 @@ def check_new_folder(folder, overwrite: bool):
 
 # -----------------------------------------------------------------------------
 # Checkpoint folders, and the folder of a training run.
-
-
 def find_checkpoint(folder):
     """`folder`, or the copy a crash between the two renames of written_aside left beside it."""
     folder, (_, old) = Path(folder), aside(folder)
@@ -96,9 +85,8 @@ def find_checkpoint(folder):
 
 
 def recover_checkpoint(folder):
-    """`folder`, renamed back into place first when a crash between the two renames of written_aside left only
-    its old copy: a run that continues from it can then replace it like any checkpoint (reading the old copy
-    where it lies, the run's first save would delete the folder it reads its tokenizers from)."""
+    """`folder`, the old copy that find_checkpoint would find renamed back into place first: a run continuing
+    from it can then replace it like any checkpoint (its first save would delete a copy it reads tokenizers from)."""
     folder, found = Path(folder), find_checkpoint(folder)
     if found != folder:
         os.replace(found, folder)
@@ -117,3 +105,66 @@ def check_free(out):
     if taken:
         raise FolderError(f"{out} already holds a checkpoint or a run's log ({', '.join(taken)}): --resume to "
                           f"continue it, or give another --out (or delete the folder) to start over")
+
+
+def hold(out, new=False):
+    """Hold the folder `out` for this process: OUT/.lock holds its process id, and another run into `out` is
+    refused while that process lives (two runs would overwrite each other's checkpoints and log). A lock whose
+    process has ended (killed, or the machine restarted) is taken over, with a message. Released at exit.
+    new: a new run, which then refuses a folder an earlier run left files in (check_free), letting go of it."""
+    lock = Path(out) / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(50):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # one process makes it
+        except FileExistsError:
+            pid = read_pid(lock)
+            if pid is None:  # just made by another process, its id not written yet: look again
+                time.sleep(0.1)
+                if read_pid(lock) is not None:
+                    continue
+            elif pid != os.getpid():
+                if alive(pid):
+                    raise FolderError(f"{out} is in use by another run (process {pid}): wait for it to end, or "
+                                      f"give another --out")
+                print(f"{lock}: process {pid}, which held it, has ended: taking it over", file=sys.stderr)
+            lock.unlink(missing_ok=True)  # stale, empty for good, or this process's own
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        atexit.register(release, out)
+        break
+    else:
+        raise FolderError(f"cannot take {lock}: another run keeps taking it; give another --out")
+    if new:
+        try:
+            check_free(out)
+        except FolderError:
+            release(out)
+            raise
+    return lock
+
+
+def read_pid(lock):
+    """The process id in a lock file, or None (no file, or none written yet)."""
+    with contextlib.suppress(OSError):
+        text = lock.read_text().strip()
+        return int(text) if text.isdigit() else None
+    return None
+
+
+def release(out):
+    """Let go of `out`, if this process holds it (at the end of the run, or at exit)."""
+    lock = Path(out) / ".lock"
+    if read_pid(lock) == os.getpid():
+        lock.unlink(missing_ok=True)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True

@@ -1,27 +1,20 @@
 """
-Stage 0, for the tiny preset only: stand-ins for the pretrained models the paper starts from.
-
-The paper starts from M-CLIP (an image tower and a multilingual text tower aligned contrastively on
-image-caption pairs) and from mBART-50 (pre-trained as a denoising autoencoder). The tiny world (tiny_world.py)
-has neither, so stage 0 makes both on it:
-
-1. `align_towers`: CLIP's contrastive objective on the world's images and their captions in all its languages;
-   `retrieval` then says how well the towers find an image's caption among others, and back.
-2. `denoise`: mBART's text infilling in miniature (`infill`) on the same text.
-
-Its output, `OUT/last`, is the folder a converted checkpoint would be (weights.py): the starting point of
-stage 1.
+Stage 0, for the tiny preset only: stand-ins, made on the tiny world (tiny_world.py), for the pretrained models
+the paper starts from: M-CLIP's towers, aligned contrastively on image-caption pairs (`align_towers`, scored by
+`retrieval`), and mBART-50, pre-trained as a denoising autoencoder (`denoise`, with `infill`'s noise). Its
+output, `OUT/last`, is the folder a converted checkpoint would be (weights.py): the starting point of stage 1.
 
     python train.py --stage 0        # stage 1 of the tiny preset runs it when its output is missing
 """
 
+import dataclasses
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -29,31 +22,23 @@ import data
 import folders
 import weights
 from cliptrans import CLIPTrans, CLIPTransConfig, MappingConfig, teacher_forcing
-
-LANGS = ["en", "de", "fr"]  # the tiny world's languages: the towers and mBART learn all three
-
-
-@dataclass
-class Stage0Config:
-    data: str  # a tiny world: a folder in the Multi30k layout with its tokenizer.json (tiny_world.py)
-    out: str  # writes OUT/last and OUT/summary.json
-    images: str = ""  # the images folder (default: DATA/images)
-    train_split: str = "train"
-    val_split: str = "val"  # where the towers' retrieval is measured
-    n_pairs: int = 0  # the first n training examples only (0: all)
-    mapping: str = "mlp"  # the mapping network of the output folder, freshly initialised, as weights.py writes it
-    prefix_len: int = 10
-    batch_size: int = 128
-    epochs: int = 4  # the denoiser's steps: epochs x (examples // batch_size); the towers train three times that
-    lr: float = 1e-3  # the denoiser's; the towers start from twice it
-    seed: int = 29
-    log_every: int = 10
-    langs: str = "en de fr"  # the languages the stand-ins learn: leave one out for a language they never saw
+from tiny_world import LANGS
 
 
-def stage0(c: Stage0Config, device) -> Path:
-    """Both stand-ins, then OUT/last (weights, config, tokenizers) and OUT/summary.json: the final losses and
-    the towers' retrieval on the validation split."""
+def run(c, env):
+    """Stage 0 with the settings `c` (stage 0's, or settings.for_stage0's) into c.out, in one process (the others
+    wait), in a folder of its own held while it runs, as every run is."""
+    if env.rank == 0:
+        folders.hold(c.out, new=True)
+        stage0(c, env.device)
+        folders.release(c.out)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def stage0(c, device) -> Path:
+    """Both stand-ins, then OUT/last (weights, config, the world's tokenizer for both) and OUT/summary.json: the
+    final losses and the towers' retrieval on the validation split."""
     t_start = time.time()
     tok_path = Path(c.data) / "tokenizer.json"
     if not tok_path.is_file():
@@ -61,48 +46,41 @@ def stage0(c: Stage0Config, device) -> Path:
                          f"default, or a folder written by `python tiny_world.py`, which holds their "
                          f"tokenizer.json); {c.data} has no tokenizer.json. Other data needs the "
                          f"pretrained models: --preset paper --weights (converted with weights.py)")
-    unknown = [x for x in c.langs.split() if x not in LANGS]
-    if unknown or not c.langs.split():
+    langs = c.langs.split() or LANGS
+    if [x for x in langs if x not in LANGS]:
         raise SystemExit(f"error: --langs {c.langs!r}: expected some of the tiny world's languages {' '.join(LANGS)}")
     mtok, ttok = data.MBartTokenizer(tok_path), data.TextTowerTokenizer(tok_path)
     cfg = CLIPTransConfig.preset("tiny")
     cfg.mbart.vocab_size = cfg.text.vocab_size = mtok.vocab_size
-    cfg.mapping = MappingConfig(kind=c.mapping, prefix_len=c.prefix_len)
+    cfg.mapping = MappingConfig(c.mapping or "mlp", 10 if c.prefix_len < 0 else c.prefix_len)  # as weights.py's
     torch.manual_seed(c.seed)
     model = CLIPTrans(cfg).to(device)
-    try:
-        images = c.images or Path(c.data) / "images"
-        train = data.read_split(c.data, c.train_split, LANGS, images=images, limit=c.n_pairs)
-        val = data.read_split(c.data, c.val_split, LANGS, images=images)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}")
+    images = c.images or Path(c.data) / "images"
+    train = data.read_split(c.data, c.train_split, LANGS, images=images, limit=c.n_pairs)
+    val = data.read_split(c.data, c.val_split, LANGS, images=images)
     g = torch.Generator().manual_seed(c.seed)  # the batches and the noise of both objectives
-    summary = {"stage": 0, "contrastive_loss": align_towers(model, ttok, train, c, g, device)}
+    summary = {"stage": 0, "contrastive_loss": align_towers(model, ttok, train, c, langs, g, device)}
     summary["retrieval"] = retrieval(model, ttok, val, device)
     tqdm.write(f"stage 0: {c.val_split} retrieval recall@1 in groups of 64, image -> text / text -> image: "
                + ", ".join(f"{lang} {r['image_to_text_r1']:.2f} / {r['text_to_image_r1']:.2f}"
                            for lang, r in summary["retrieval"].items()))
-    summary["denoising_loss"] = denoise(model, mtok, train, c, g, device)
-
-    # The folder a converted checkpoint would be: weights, config, tokenizers (the world's, for both).
+    summary["denoising_loss"] = denoise(model, mtok, train, c, langs, g, device)
     out = Path(c.out) / "last"
     tokenizers = {weights.MBART_TOKENIZER: tok_path, weights.TEXT_TOKENIZER: tok_path}
-    weights.save(model, out, {"train": {"stage": 0, **asdict(c)}}, files=tokenizers, state={"stage": 0})
+    settings = {k: v for k, v in dataclasses.asdict(c).items() if k != "given"}
+    weights.save(model, out, {"train": settings}, files=tokenizers, state={"stage": 0})
     summary.update(minutes=round((time.time() - t_start) / 60, 2), checkpoint=str(out))
-    text = json.dumps(summary, indent=2)
-    folders.atomic_write(Path(c.out) / "summary.json", lambda p: Path(p).write_text(text))
+    folders.atomic_write(Path(c.out) / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     print(json.dumps(summary))
     return out
 
 
-def align_towers(model, ttok, train: data.Split, c: Stage0Config, g, device):
+def align_towers(model, ttok, train: data.Split, c, langs, g, device):
     """CLIP's contrastive objective: image i and its caption (in any language) are a pair, every other caption
     in the batch is a negative, so the text tower learns all languages into one space with the images. Three
-    times the denoiser's steps, from twice its learning rate, warmed up then decayed on a cosine: the towers
-    then find an image's caption among 64 at recall@1 0.93 (0.79 with the denoiser's recipe: EXPERIMENTS.md).
-    Returns the last loss."""
+    times the denoiser's steps, from twice its learning rate, warmed up then decayed on a cosine: recall@1 0.93
+    among 64 captions (0.79 with the denoiser's recipe: EXPERIMENTS.md). Returns the last loss."""
     size = model.config.vision.image_size
-    langs = c.langs.split()
     tqdm.write(f"stage 0: aligning the tiny towers on {len(train)} images x {len(langs)} languages")
     pixels = torch.stack([data.load_image(f, size) for f in tqdm(train.images, desc="load images",
                                                                   leave=False)])  # (N, 3, size, size)
@@ -113,7 +91,6 @@ def align_towers(model, ttok, train: data.Split, c: Stage0Config, g, device):
     steps, warmup = 3 * c.epochs * (n // B), 30
     bar = tqdm(range(steps), desc="stage 0: contrastive")
     for step in bar:
-        # 1) a linear warmup for `warmup` steps, 2) then a cosine decay to 0
         progress = max(0, step - warmup) / max(1, steps - warmup)
         opt.param_groups[0]["lr"] = 2 * c.lr * min(1, (step + 1) / warmup) * (1 + math.cos(math.pi * progress)) / 2
         idx = torch.randint(n, (B,), generator=g)
@@ -129,11 +106,11 @@ def align_towers(model, ttok, train: data.Split, c: Stage0Config, g, device):
     return round(loss.item(), 4)
 
 
-def denoise(model, mtok, train: data.Split, c: Stage0Config, g, device):
-    """mBART's denoising pre-training: reconstruct a sentence from a copy with about 27% of its words masked in
-    spans ("text infilling"), in every language of the world. Returns the last loss."""
+def denoise(model, mtok, train: data.Split, c, langs, g, device):
+    """mBART's denoising pre-training: reconstruct each sentence from its `infill`ed copy. Returns the last
+    loss."""
     mask_id = mtok.tok.token_to_id("<mask>")
-    encoded = [row for lang in c.langs.split() for row in mtok.rows(train.sentences[lang], lang)]  # `[lang] x </s>`
+    encoded = [row for lang in langs for row in mtok.rows(train.sentences[lang], lang)]  # `[lang] x </s>`
     opt = torch.optim.AdamW(model.mbart.parameters(), lr=c.lr)
     bar = tqdm(range(c.epochs * (len(train) // c.batch_size)), desc="stage 0: denoising")
     for step in bar:
@@ -148,7 +125,6 @@ def denoise(model, mtok, train: data.Split, c: Stage0Config, g, device):
 
 
 def step_on(opt, loss, bar, step, log_every):
-    """One optimizer step on `loss`, its value on the progress bar every `log_every` steps."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -159,8 +135,7 @@ def step_on(opt, loss, bar, step, log_every):
 def infill(ids, mask_id, g, ratio=0.35):
     """`[lang] w1 .. wn </s>` -> the same with spans of one to three words replaced by one <mask> each: mBART's
     text infilling in miniature. `ratio` of the words is the budget; spans start at budget // 2 random places and
-    end at the budget, at an earlier span or at the sentence's end, so about 27% of the words end up masked
-    (measured: tests/test_recipe.py; mBART masks 35%)."""
+    end at the budget, an earlier span or the sentence's end: about 27% masked (mBART: 35%)."""
     body = ids[1:-1]
     n_mask = max(1, round(len(body) * ratio))
     out, i = [], 0
@@ -177,10 +152,6 @@ def infill(ids, mask_id, g, ratio=0.35):
     return [ids[0]] + out + [ids[-1]]
 
 
-# -----------------------------------------------------------------------------
-# How good a stand-in for M-CLIP the towers are.
-
-
 @torch.no_grad()
 def retrieval(model, ttok, split: data.Split, device, group=64):
     """Recall@1 and @5 of image -> text and text -> image retrieval on `split`, per language (see `recall`)."""
@@ -195,10 +166,9 @@ def retrieval(model, ttok, split: data.Split, device, group=64):
 
 def recall(image, text, texts, group=64, ks=(1, 5)):
     """image, text (N, D): the embeddings of N examples and their captions `texts`. Within groups of `group`
-    examples, each image against the captions of its group (and each caption against the images): the share
-    whose right partner is among the k most similar by cosine. A caption that reads exactly like the right one
-    counts as right (one-shape scenes repeat). Whole groups only, so chance is k / group; a split smaller than
-    one group is one group."""
+    examples, the share of images (and of captions) whose partner is among the k most similar by cosine; a
+    caption that reads exactly like the right one counts (one-shape scenes repeat). Whole groups only, so chance
+    is k / group; a split smaller than one group is one group."""
     image, text = F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
     group = min(group, len(texts))
     hits = {f"{d}_r{k}": 0 for d in ("image_to_text", "text_to_image") for k in ks}

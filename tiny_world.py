@@ -1,13 +1,15 @@
 """
 The tiny world: a synthetic multimodal translation task that lets the tiny preset train, and be tested, on any
-CPU in minutes.
+CPU in minutes. Scenes of one to three coloured shapes on a 3x3 grid, drawn as 64x64 images and described in
+English, German and French by a small grammar with correct agreement:
 
-Scenes of one to three coloured shapes on a 3x3 grid, drawn as 64x64 images and described in English, German
-and French by a small grammar with correct agreement. Some colour-shape pairs are held out of training and make
-up the test split, so a model is scored on new combinations of words it knows. The world is written in the
-Multi30k layout, with its own tokenizer (`tokenizer.json`, in mBART-50's id layout), and read back by the same
-reader as the real data (data.read_split). The stand-ins for the pretrained models are made on it by stage 0
-(stage0.py).
+    A small red circle is to the left of a large blue star and a small green square is below the star.
+    Ein kleiner roter Kreis ist links von einem großen blauen Stern und ein kleines grünes Quadrat ist unter dem Stern.
+    Un petit cercle rouge est à gauche d'une grande étoile bleue et un petit carré vert est au-dessous de l'étoile.
+
+Six colour-shape pairs (HELD_OUT) never occur in train or val, and every test scene holds one: a model is scored on
+new combinations of words it knows. The world is written in the Multi30k layout with its own tokenizer
+(`tokenizer.json`, in mBART-50's id layout); stage 0 (stage0.py) makes the pretrained models' stand-ins on it.
 
     python tiny_world.py --out data/tiny     # write the world into a folder (it takes ~5 s)
     root = tiny_world()                      # the default world, made once into ~/.cache/cliptrans/tiny_world
@@ -31,38 +33,26 @@ from tokenizers.models import Unigram
 import data
 import folders
 
-# -----------------------------------------------------------------------------
-# The tiny world: a synthetic multimodal translation task that trains in minutes on a CPU.
-#
-# Each scene shows one to three coloured shapes on a grey background, placed in a 3x3 grid, and is
-# described in English, German and French by a small grammar with correct agreement:
-#   A small red circle is to the left of a large blue star and a small green square is below the star.
-#   Ein kleiner roter Kreis ist links von einem großen blauen Stern und ein kleines grünes Quadrat ist
-#   unter dem Stern.
-#   Un petit cercle rouge est à gauche d'une grande étoile bleue et un petit carré vert est au-dessous de
-#   l'étoile.
-# German: gender (m/n/f), nominative for the subject, dative after von / über / unter (von + dem -> vom).
-# French: gender, size before and colour after the noun with agreement, d'un / d'une / du / de la / de l'.
-#
-# Held out (generalisation, not memorisation): red star, blue triangle, green cross, yellow circle, black
-# diamond and white square (HELD_OUT) never occur in train or val; every test scene holds at least one of
-# them. Every word form still occurs in train ("roter" with Kreis, "blaues" with Quadrat, "verte" with
-# étoile, ...), so the test split asks for new combinations of known words.
-# Splits: train, val (same distribution as train, for model selection), test (held-out pairs).
-
 TINY_WORLD_VERSION = 1
 SHAPES = ["circle", "square", "triangle", "star", "diamond", "cross", "ellipse"]
 COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 230), "green": (40, 170, 60), "yellow": (245, 215, 30),
            "black": (15, 15, 15), "white": (250, 250, 250)}
-BACKGROUND = (140, 140, 140)
 SIZES = ["small", "large"]
 HELD_OUT = [("red", "star"), ("blue", "triangle"), ("green", "cross"), ("yellow", "circle"),
             ("black", "diamond"), ("white", "square")]
+BACKGROUND = (140, 140, 140)
+# in radii: ellipses and rectangles as (half width, half height), polygons as (degrees from the top, radius)
+OUTLINES = {
+    "circle": ("ellipse", [(1, 1)]), "ellipse": ("ellipse", [(1, 0.55)]), "square": ("rectangle", [(0.8, 0.8)]),
+    "cross": ("rectangle", [(1, 0.3), (0.3, 1)]), "triangle": ("polygon", [(0, 1), (120, 1), (240, 1)]),
+    "diamond": ("polygon", [(0, 1), (90, 0.7), (180, 1), (270, 0.7)]),
+    "star": ("polygon", [(36 * k, 1 if k % 2 == 0 else 0.45) for k in range(10)])}
 
+# German: gender (m/n/f), nominative for the subject, dative after von / über / unter (von + dem -> vom).
+# French: gender, size before and colour after the noun with agreement, d'un / d'une / du / de la / de l'.
 EN_RELATION = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}
-DE_NOUN = {"circle": ("Kreis", "m"), "square": ("Quadrat", "n"), "triangle": ("Dreieck", "n"),
-           "star": ("Stern", "m"), "diamond": ("Raute", "f"), "cross": ("Kreuz", "n"),
-           "ellipse": ("Ellipse", "f")}
+DE_NOUN = {"circle": ("Kreis", "m"), "square": ("Quadrat", "n"), "triangle": ("Dreieck", "n"), "star": ("Stern", "m"),
+           "diamond": ("Raute", "f"), "cross": ("Kreuz", "n"), "ellipse": ("Ellipse", "f")}
 DE_ADJECTIVE = {"small": "klein", "large": "groß", "red": "rot", "blue": "blau", "green": "grün",
                 "yellow": "gelb", "black": "schwarz", "white": "weiß"}
 DE_INDEFINITE = {  # (case, gender) -> (article, adjective ending): mixed declension after "ein"
@@ -70,9 +60,8 @@ DE_INDEFINITE = {  # (case, gender) -> (article, adjective ending): mixed declen
     ("dat", "m"): ("einem", "en"), ("dat", "n"): ("einem", "en"), ("dat", "f"): ("einer", "en")}
 DE_DEFINITE_DATIVE = {"m": "dem", "n": "dem", "f": "der"}
 DE_RELATION = {"left": "links von", "right": "rechts von", "above": "über", "below": "unter"}  # + dative
-FR_NOUN = {"circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"),
-           "star": ("étoile", "f"), "diamond": ("losange", "m"), "cross": ("croix", "f"),
-           "ellipse": ("ellipse", "f")}
+FR_NOUN = {"circle": ("cercle", "m"), "square": ("carré", "m"), "triangle": ("triangle", "m"), "star": ("étoile", "f"),
+           "diamond": ("losange", "m"), "cross": ("croix", "f"), "ellipse": ("ellipse", "f")}
 FR_ADJECTIVE = {"small": ("petit", "petite"), "large": ("grand", "grande"), "red": ("rouge", "rouge"),
                 "blue": ("bleu", "bleue"), "green": ("vert", "verte"), "yellow": ("jaune", "jaune"),
                 "black": ("noir", "noire"), "white": ("blanc", "blanche")}
@@ -109,11 +98,6 @@ def _ein(t, case):
     return f"{article} {DE_ADJECTIVE[t.size]}{ending} {DE_ADJECTIVE[t.colour]}{ending} {noun}"
 
 
-def _dem(t):
-    noun, gender = DE_NOUN[t.shape]
-    return f"{DE_DEFINITE_DATIVE[gender]} {noun}"
-
-
 def _un(t):
     noun, gender = FR_NOUN[t.shape]
     f = gender == "f"
@@ -131,14 +115,15 @@ def _de(phrase):  # de + un -> d'un, de + une -> d'une, de + le -> du, de + la -
     return ("d'" if phrase[0] in "aeiouéè" else "de ") + phrase
 
 
-# per language: subject (nominative), landmark (after a relation), "the" landmark, relation + phrase, verb,
-# "and"
+# per language: subject, landmark (after a relation), "the" landmark, relation + phrase, verb, "and"
 GRAMMAR = {
     "en": (_a, _a, lambda t: f"the {t.shape}", lambda rel, p: f"{EN_RELATION[rel]} {p}", "is", "and"),
-    "de": (lambda t: _ein(t, "nom"), lambda t: _ein(t, "dat"), _dem,
+    "de": (lambda t: _ein(t, "nom"), lambda t: _ein(t, "dat"),
+           lambda t: f"{DE_DEFINITE_DATIVE[DE_NOUN[t.shape][1]]} {DE_NOUN[t.shape][0]}",
            lambda rel, p: f"{DE_RELATION[rel]} {p}".replace("von dem ", "vom "), "ist", "und"),
     "fr": (_un, _un, _le, lambda rel, p: f"{FR_RELATION[rel]} {_de(p)}", "est", "et"),
 }
+LANGS = list(GRAMMAR)
 
 
 def describe(scene: Scene, lang: str) -> str:
@@ -157,7 +142,6 @@ def describe(scene: Scene, lang: str) -> str:
 def make_scenes(split: str, n: int, seed: int = 0) -> list[Scene]:
     """n deterministic scenes. Shapes within a scene differ, so "the star" names one thing."""
     rng = random.Random(f"tiny-world-{seed}-{split}")  # str seeds hash the same on every run and machine
-    held_out = set(HELD_OUT)
     cells = [(r, c) for r in range(3) for c in range(3)]
     scenes = []
     for _ in range(n):
@@ -171,7 +155,7 @@ def make_scenes(split: str, n: int, seed: int = 0) -> list[Scene]:
             shapes, colours[k] = others[:k] + [shape] + others[k:], colour
         else:  # keep every held-out pair out
             for k, shape in enumerate(shapes):
-                while (colours[k], shape) in held_out:
+                while (colours[k], shape) in HELD_OUT:
                     colours[k] = rng.choice(list(COLOURS))
         # the landmark (things[1]) anywhere; the others in its row or column, so each relation is exact
         landmark = rng.choice(cells)
@@ -187,41 +171,24 @@ def make_scenes(split: str, n: int, seed: int = 0) -> list[Scene]:
     return scenes
 
 
-def _centre(thing: Thing, image_size: int):
-    cell = image_size / 3
-    return (thing.col + 0.5) * cell, (thing.row + 0.5) * cell
-
-
 def render(scene: Scene, image_size: int = 64) -> Image.Image:
     image = Image.new("RGB", (image_size, image_size), BACKGROUND)
     draw = ImageDraw.Draw(image)
+    cell = image_size / 3
     for t in scene.things:
-        x, y = _centre(t, image_size)
-        r = image_size / 3 * (0.42 if t.size == "large" else 0.25)  # radius in pixels
-        fill = COLOURS[t.colour]
-        if t.shape == "circle":
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-        elif t.shape == "ellipse":
-            draw.ellipse((x - r, y - 0.55 * r, x + r, y + 0.55 * r), fill=fill)
-        elif t.shape == "square":
-            draw.rectangle((x - 0.8 * r, y - 0.8 * r, x + 0.8 * r, y + 0.8 * r), fill=fill)
-        elif t.shape == "cross":
-            draw.rectangle((x - r, y - 0.3 * r, x + r, y + 0.3 * r), fill=fill)
-            draw.rectangle((x - 0.3 * r, y - r, x + 0.3 * r, y + r), fill=fill)
-        else:  # polygons given as (angle in degrees from the top, radius factor)
-            corners = {"triangle": [(0, 1), (120, 1), (240, 1)],
-                       "diamond": [(0, 1), (90, 0.7), (180, 1), (270, 0.7)],
-                       "star": [(36 * k, 1 if k % 2 == 0 else 0.45) for k in range(10)]}[t.shape]
+        x, y = (t.col + 0.5) * cell, (t.row + 0.5) * cell
+        r = cell * (0.42 if t.size == "large" else 0.25)  # radius in pixels
+        kind, points = OUTLINES[t.shape]
+        if kind == "polygon":
             draw.polygon([(x + f * r * math.sin(math.radians(a)), y - f * r * math.cos(math.radians(a)))
-                          for a, f in corners], fill=fill)
+                          for a, f in points], fill=COLOURS[t.colour])
+        else:
+            for w, h in points:
+                getattr(draw, kind)((x - w * r, y - h * r, x + w * r, y + h * r), fill=COLOURS[t.colour])
     return image
 
 
-# -----------------------------------------------------------------------------
-# The world's tokenizer: its words as the pieces of a SentencePiece Unigram model in mBART-50's layout, so
-# that the tiny mBART and the tiny text tower read it as the real ones read theirs.
-
-
+# The world's tokenizer, read by the tiny mBART and text tower as the real ones read theirs.
 def _word_pieces(lines) -> list[tuple[str, float]]:
     """Unigram pieces for a closed vocabulary: whole words, with punctuation and the French elided
     article split off ('▁d'', 'une'), scored by log frequency, plus every character as a fallback."""
@@ -242,19 +209,15 @@ def build_tokenizer(pieces: list[tuple[str, float]]) -> Tokenizer:
     """A SentencePiece-style Unigram tokenizer in mBART-50's id layout: <s> <pad> </s> <unk>, the pieces
     ('▁word', log-probability), the 52 language codes, <mask>. Normaliser, pre-tokenizer and decoder are the
     ones transformers' MBart50Tokenizer builds, so both read the file the same way."""
-    reserved = set(data.SPECIALS + data.MBART50_LANGS + ["<mask>"])
-    vocab = ([(t, 0.0) for t in data.SPECIALS] + [(p, float(s)) for p, s in pieces if p not in reserved]
+    specials = data.SPECIALS + data.MBART50_LANGS + ["<mask>"]
+    vocab = ([(t, 0.0) for t in data.SPECIALS] + [(p, float(s)) for p, s in pieces if p not in specials]
              + [(code, 0.0) for code in data.MBART50_LANGS] + [("<mask>", 0.0)])
     tok = Tokenizer(Unigram(vocab, unk_id=3, byte_fallback=False))
     tok.normalizer = normalizers.Replace(Regex(" {2,}"), " ")
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
-    tok.add_special_tokens(data.SPECIALS + data.MBART50_LANGS + ["<mask>"])  # never split, skipped by decode
+    tok.add_special_tokens(specials)  # never split, skipped by decode
     return tok
-
-
-# -----------------------------------------------------------------------------
-# Writing the world: into any folder, or once into a cache folder that every run shares.
 
 
 def make_tiny_world(out_dir, n_train: int = 10000, n_val: int = 500, n_test: int = 500, seed: int = 0,
@@ -269,11 +232,10 @@ def make_tiny_world(out_dir, n_train: int = 10000, n_val: int = 500, n_test: int
         for scene, name in zip(scenes, names):
             render(scene, image_size).save(out / "images" / name)
         (out / "image_splits" / f"{split}.txt").write_text("".join(name + "\n" for name in names))
-        for lang in GRAMMAR:
-            lines = "".join(describe(s, lang) + "\n" for s in scenes)
-            (out / "raw" / f"{split}.{lang}").write_text(lines, "utf-8")
-    # the tokenizer sees the training text only; every word form is in it (see HELD_OUT above)
-    train_text = [line for lang in GRAMMAR
+        for lang in LANGS:
+            (out / "raw" / f"{split}.{lang}").write_text("".join(describe(s, lang) + "\n" for s in scenes), "utf-8")
+    # the tokenizer sees the training text only: every word form is in it ("roter" with Kreis, "verte" with étoile)
+    train_text = [line for lang in LANGS
                   for line in (out / "raw" / f"train.{lang}").read_text("utf-8").splitlines()]
     tokenizer = build_tokenizer(_word_pieces(train_text))
     (out / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), "utf-8")
@@ -284,14 +246,13 @@ def make_tiny_world(out_dir, n_train: int = 10000, n_val: int = 500, n_test: int
 
 
 def default_path(cache_dir=None) -> Path:
-    """Where the default world lives: `{cache_dir}/tiny_world`, cache_dir defaulting to $CLIPTRANS_CACHE or
-    ~/.cache/cliptrans."""
+    """`{cache_dir}/tiny_world`, cache_dir defaulting to $CLIPTRANS_CACHE or ~/.cache/cliptrans."""
     return Path(cache_dir or os.environ.get("CLIPTRANS_CACHE") or Path.home() / ".cache" / "cliptrans") / "tiny_world"
 
 
 def tiny_world(cache_dir=None, **settings) -> Path:
     """The default world's folder (default_path), generated on first use, and again when its version or
-    settings differ; written aside and renamed into place (folders.written_aside)."""
+    settings differ."""
     final = default_path(cache_dir)
     wanted = dict(version=TINY_WORLD_VERSION, seed=0, n_train=10000, n_val=500, n_test=500, image_size=64)
     wanted.update(settings)
@@ -304,17 +265,13 @@ def tiny_world(cache_dir=None, **settings) -> Path:
     return final
 
 
-# -----------------------------------------------------------------------------
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the folder to write the world into")
     for name, default, text in (("n_train", 10000, "scenes in train"), ("n_val", 500, "scenes in val"),
                                 ("n_test", 500, "scenes in test"), ("seed", 0, "the world's seed"),
                                 ("image_size", 64, "image side, in pixels")):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=default,
-                       help=f"{text} (default: {default})")
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=f"{text} (default: {default})")
     p.add_argument("--overwrite", action="store_true", help="replace what --out holds")
     args = p.parse_args(argv)
     small = [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k.startswith("n_") and v < 1]
@@ -335,8 +292,7 @@ def main(argv=None):
         with folders.written_aside(args.out) as tmp:  # renamed into place when complete
             make_tiny_world(tmp, args.n_train, args.n_val, args.n_test, args.seed, args.image_size)
     except OSError as e:  # a full or read-only disk: the half-written world is removed
-        p.exit(1, f"error: cannot write {args.out} ({e.strerror or e}): free some space or make its folder "
-                  f"writable\n")
+        p.exit(1, f"error: cannot write {args.out} ({e.strerror or e}): free some space or make its folder writable\n")
     print(f"tiny world in {args.out} ({time.time() - t0:.1f} s)")
 
 

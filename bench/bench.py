@@ -23,6 +23,7 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -139,7 +140,11 @@ def train_flops(cfg, B, S, T, n_labels):
     return 3 * (enc + dec + head)
 
 
-def main():
+# -----------------------------------------------------------------------------
+# The run: its options, both sides' models on the same weights, and the figures it keeps.
+
+def parse_args():
+    """The command line (the module's docstring says what it measures)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="paper", choices=["paper", "tiny"])
@@ -149,8 +154,54 @@ def main():
     p.add_argument("--profile", action="store_true", help="also record the busiest kernels of our generation and "
                                                            "training step (and Hugging Face's) in the JSON")
     p.add_argument("--out", default="bench.json")
-    a = p.parse_args()
-    dev, iters = a.device, a.iters or (10 if a.device == "cuda" else 2)
+    return p.parse_args()
+
+
+@dataclass
+class Bench:
+    """What every measurement shares: the options, the device, both sides' models, the shapes of the inputs and
+    their random generator, and the figures so far: `rows` for the printed table, `results` for the JSON."""
+    opts: argparse.Namespace
+    dev: str
+    iters: int  # timed repetitions
+    amp: object  # bf16 autocast on CUDA, nullcontext() on a CPU
+    cfg: CLIPTransConfig
+    ours: CLIPTrans
+    mbart_hf: torch.nn.Module
+    xlmr_hf: torch.nn.Module
+    head_hf: torch.nn.Module  # M-CLIP's LinearTransformation
+    vision_hf: torch.nn.Module
+    train_shape: tuple  # training batch, source and target lengths
+    gen_shape: tuple  # generation batch, source length, new tokens
+    tower_batch: int
+    lang: int  # the target language's code
+    results: dict
+    g: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu").manual_seed(0))
+    rows: list = field(default_factory=list)
+    # --profile: (JSON key, side, setup() -> the call to profile), run after every timing
+    profile_jobs: list = field(default_factory=list)
+
+    def rand_ids(self, B, T):
+        """(B, T) random token ids, clear of the special tokens and of the language codes."""
+        return torch.randint(4, self.cfg.mbart.vocab_size - 60, (B, T), generator=self.g)
+
+    def row(self, name, hf_s, ours_s, unit_count, unit, **extra):
+        """One row of the table (Hugging Face's time against ours, in seconds), into the JSON too."""
+        self.rows.append((name, hf_s * 1e3, ours_s * 1e3, unit_count / hf_s, unit_count / ours_s, hf_s / ours_s,
+                          unit))
+        self.results[name] = {"hf_ms": hf_s * 1e3, "ours_ms": ours_s * 1e3, f"hf_{unit}_per_s": unit_count / hf_s,
+                              f"ours_{unit}_per_s": unit_count / ours_s, "speedup": hf_s / ours_s, **extra}
+        print(f"{name}: {self.results[name]}", flush=True)
+
+    def save(self):
+        """The figures so far, written to --out (after each section: a run that fails later keeps them)."""
+        save(self.results, self.opts.out)
+
+
+def setup_bench(a):
+    """Both sides' models with the sizes of --preset, on the same random weights, on the device, in eval mode; the
+    inputs' shapes; and the record of the run, empty but for its versions."""
+    dev = a.device
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else nullcontext()
@@ -167,255 +218,317 @@ def main():
     convert_from_hf(ours, mbart_hf, xlmr_hf, head_hf, vision_hf)
     for module in (mbart_hf, xlmr_hf, head_hf, vision_hf, ours):
         module.to(dev).eval()
-    g = torch.Generator(device="cpu").manual_seed(0)
-    V, lang = cfg.mbart.vocab_size, cfg.mbart.vocab_size - 48
-    rand_ids = lambda B, T: torch.randint(4, V - 60, (B, T), generator=g)  # noqa: E731
-    rows, results = [], {"device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu",
-                         "torch": torch.__version__, "preset": a.preset}
     import transformers
-    results["transformers"] = transformers.__version__
+    results = {"device": torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu",
+               "torch": torch.__version__, "preset": a.preset, "transformers": transformers.__version__}
+    return Bench(a, dev, a.iters or (10 if dev == "cuda" else 2), amp, cfg, ours, mbart_hf, xlmr_hf, head_hf,
+                 vision_hf, (TB, TS, TT), (GB, GS, GN), XB, cfg.mbart.vocab_size - 48, results)
 
-    def row(name, hf_s, ours_s, unit_count, unit, **extra):
-        rows.append((name, hf_s * 1e3, ours_s * 1e3, unit_count / hf_s, unit_count / ours_s, hf_s / ours_s, unit))
-        results[name] = {"hf_ms": hf_s * 1e3, "ours_ms": ours_s * 1e3, f"hf_{unit}_per_s": unit_count / hf_s,
-                         f"ours_{unit}_per_s": unit_count / ours_s, "speedup": hf_s / ours_s, **extra}
-        print(f"{name}: {results[name]}", flush=True)
 
-    only = set(a.only.split(","))
-    profile_jobs = []  # --profile: (JSON key, side, setup() -> the call to profile), run after every timing
-    # ---------------------------------------------------------------- 3. towers (inference)
-    if "towers" in only:
-        ids = rand_ids(XB, 32)
-        ids[:, 0], ids[:, -1] = 0, 2
-        mask = torch.ones_like(ids)
-        ids, mask = ids.to(dev), mask.to(dev)
-        size = cfg.vision.image_size
-        pixels = torch.randn(XB, 3, size, size, generator=g).to(dev)
-        with torch.no_grad(), amp:
-            def hf_text():
-                h = xlmr_hf(input_ids=ids, attention_mask=mask).last_hidden_state
-                m = mask.unsqueeze(-1).to(h.dtype)
-                return head_hf((h * m).sum(1) / m.sum(1))
-            diff = (hf_text().float() - ours.encode_text(ids, mask).float()).abs().max().item()
-            row("text tower (XLM-R + pooling)", timed(hf_text, dev, iters), timed(lambda: ours.encode_text(ids, mask),
-                dev, iters), XB, "sentences", max_abs_diff=diff)
-            hf_img = lambda: vision_hf(pixel_values=pixels).image_embeds  # noqa: E731
-            diff = (hf_img().float() - ours.encode_image(pixels).float()).abs().max().item()
-            row("image tower (ViT)", timed(hf_img, dev, iters), timed(lambda: ours.encode_image(pixels), dev, iters),
-                XB, "images", max_abs_diff=diff)
-    for module in (xlmr_hf, head_hf, vision_hf):
+# ---------------------------------------------------------------- 3. towers (inference)
+
+def towers(b):
+    """Our text tower (XLM-R + mean pooling + M-CLIP's head) and image tower (ViT) against Hugging Face's, on the
+    same sentences and images, with the largest difference of their embeddings."""
+    dev, iters, ours, XB = b.dev, b.iters, b.ours, b.tower_batch
+    ids = b.rand_ids(XB, 32)
+    ids[:, 0], ids[:, -1] = 0, 2
+    mask = torch.ones_like(ids)
+    ids, mask = ids.to(dev), mask.to(dev)
+    size = b.cfg.vision.image_size
+    pixels = torch.randn(XB, 3, size, size, generator=b.g).to(dev)
+    with torch.no_grad(), b.amp:
+        def hf_text():
+            h = b.xlmr_hf(input_ids=ids, attention_mask=mask).last_hidden_state
+            m = mask.unsqueeze(-1).to(h.dtype)
+            return b.head_hf((h * m).sum(1) / m.sum(1))
+        diff = (hf_text().float() - ours.encode_text(ids, mask).float()).abs().max().item()
+        b.row("text tower (XLM-R + pooling)", timed(hf_text, dev, iters), timed(lambda: ours.encode_text(ids, mask),
+              dev, iters), XB, "sentences", max_abs_diff=diff)
+        hf_img = lambda: b.vision_hf(pixel_values=pixels).image_embeds  # noqa: E731
+        diff = (hf_img().float() - ours.encode_image(pixels).float()).abs().max().item()
+        b.row("image tower (ViT)", timed(hf_img, dev, iters), timed(lambda: ours.encode_image(pixels), dev, iters),
+              XB, "images", max_abs_diff=diff)
+
+
+def towers_off_gpu(b):
+    """Both sides' towers back to the CPU, whether measured or not: the rest measures mBART and the mapping."""
+    for module in (b.xlmr_hf, b.head_hf, b.vision_hf):
         module.cpu()
-    ours.text, ours.vision = ours.text.cpu(), ours.vision.cpu()  # frozen towers: features are precomputed
-    if dev == "cuda":
+    b.ours.text, b.ours.vision = b.ours.text.cpu(), b.ours.vision.cpu()  # frozen towers: features are precomputed
+    if b.dev == "cuda":
         torch.cuda.empty_cache()
 
-    # ---------------------------------------------------------------- 2. beam search
-    if "generate" in only:
-        src = rand_ids(GB, GS)
-        src[:, 0], src[:, -1] = V - 51, 2
-        src, src_mask = src.to(dev), torch.ones(GB, GS, dtype=torch.long, device=dev)
-        mbart_hf.eval(), ours.eval()
-        args = dict(num_beams=5, max_new_tokens=GN, min_new_tokens=GN, length_penalty=1.0, early_stopping=True)
-        with torch.no_grad(), amp:
-            hf_gen = lambda: mbart_hf.generate(input_ids=src, attention_mask=src_mask, do_sample=False,  # noqa: E731
-                                               forced_bos_token_id=lang, **args)
-            ours_gen = lambda: ours.mbart.generate(src, src_mask, lang, **args)  # noqa: E731
-            a_hf, a_ours = hf_gen()[:, 1:], ours_gen()  # Hugging Face's output starts with the decoder start token
-            same = (a_hf == a_ours).float().mean().item() if a_hf.shape == a_ours.shape else 0.0
-            assert a_ours.shape == (GB, GN), a_ours.shape
-            row("beam-5 generation (mBART)", timed(hf_gen, dev, iters),
-                timed(ours_gen, dev, iters), GB, "sentences", same_tokens=same)
-            clip = torch.randn(GB, cfg.text.embed_dim, generator=g).to(dev)
-            t = timed(lambda: ours.generate(clip, src, src_mask, lang, num_beams=5, max_new_tokens=GN,
-                                            min_new_tokens=GN), dev, iters)
-            results["beam-5 generation (CLIPTrans, prefix)"] = {"ours_ms": t * 1e3, "ours_sentences_per_s": GB / t}
-            # What the CUDA graph, the attention kernel, the chunked top-k and compiled scores buy (3 new tokens,
-            # with and without the graph: the step that records the graph and one replay against two steps of
-            # plain launches). A smoke run on the CPU runs the variants that do not need a GPU. A variant that
-            # fails is reported in the JSON, not fatal.
-            variants = {"no CUDA graph": dict(use_cuda_graph=False),
-                        "memory-efficient attention": dict(attention=[SDPBackend.EFFICIENT_ATTENTION]),
-                        "math attention": dict(attention=[SDPBackend.MATH]),
-                        "matmul attention": dict(attention="matmul"),
-                        "torch.topk": dict(topk_chunk=0),
-                        "eager scores": dict(compile_scores=False),  # (default on CUDA: compiled)
-                        "compiled scores": dict(compile_scores=True),  # (default on a CPU: eager)
-                        "3 new tokens": dict(max_new_tokens=3, min_new_tokens=3),
-                        "3 new tokens, no CUDA graph": dict(max_new_tokens=3, min_new_tokens=3, use_cuda_graph=False)}
-            if dev != "cuda":
-                variants = {k: v for k, v in variants.items() if k in CPU_VARIANTS}
 
-            def on_gpu(model, fn):  # --profile: the same call, later, with the model back in place, in eval mode
-                def setup():
-                    model.to(dev).eval()
+# ---------------------------------------------------------------- 2. beam search
 
-                    def call():
-                        with torch.no_grad(), amp:
-                            return fn()
-                    return call
-                return setup
+def generation(b):
+    """Beam search, 5 beams, exactly GN new tokens: our mBART against Hugging Face's generate (the same tokens?),
+    our CLIPTrans with its prefix, and our search with each of its speed-ups changed."""
+    dev, iters, ours, lang = b.dev, b.iters, b.ours, b.lang
+    GB, GS, GN = b.gen_shape
+    src = b.rand_ids(GB, GS)
+    src[:, 0], src[:, -1] = b.cfg.mbart.vocab_size - 51, 2
+    src, src_mask = src.to(dev), torch.ones(GB, GS, dtype=torch.long, device=dev)
+    b.mbart_hf.eval(), ours.eval()
+    args = dict(num_beams=5, max_new_tokens=GN, min_new_tokens=GN, length_penalty=1.0, early_stopping=True)
+    with torch.no_grad(), b.amp:
+        hf_gen = lambda: b.mbart_hf.generate(input_ids=src, attention_mask=src_mask, do_sample=False,  # noqa: E731
+                                             forced_bos_token_id=lang, **args)
+        ours_gen = lambda: ours.mbart.generate(src, src_mask, lang, **args)  # noqa: E731
+        a_hf, a_ours = hf_gen()[:, 1:], ours_gen()  # Hugging Face's output starts with the decoder start token
+        same = (a_hf == a_ours).float().mean().item() if a_hf.shape == a_ours.shape else 0.0
+        assert a_ours.shape == (GB, GN), a_ours.shape
+        b.row("beam-5 generation (mBART)", timed(hf_gen, dev, iters),
+              timed(ours_gen, dev, iters), GB, "sentences", same_tokens=same)
+        clip = torch.randn(GB, b.cfg.text.embed_dim, generator=b.g).to(dev)
+        t = timed(lambda: ours.generate(clip, src, src_mask, lang, num_beams=5, max_new_tokens=GN,
+                                        min_new_tokens=GN), dev, iters)
+        b.results["beam-5 generation (CLIPTrans, prefix)"] = {"ours_ms": t * 1e3, "ours_sentences_per_s": GB / t}
+        generation_variants(b, src, src_mask, args, a_hf)
+        if b.opts.profile:
+            b.profile_jobs.append(("profile: beam-5 generation (mBART)", "ours", on_gpu(b, ours.mbart, ours_gen)))
+            b.profile_jobs.append(("profile: beam-5 generation (mBART)", "hf", on_gpu(b, b.mbart_hf, hf_gen)))
+    b.save()
 
-            for name, extra in variants.items():
-                def gen(extra=extra):
-                    return ours.mbart.generate(src, src_mask, lang, **{**args, **extra})
-                try:
-                    out = gen()
-                    t = timed(gen, dev, iters)
-                    results[f"beam-5 generation (mBART, {name})"] = {
-                        "ours_ms": t * 1e3, "ours_sentences_per_s": GB / t,
-                        "same_tokens": (a_hf == out).float().mean().item() if a_hf.shape == out.shape else None}
-                except Exception as e:  # noqa: BLE001  (reported, and the other figures still measured)
-                    results[f"beam-5 generation (mBART, {name})"] = {"error": repr(e)}
-                    print(f"beam-5 generation (mBART, {name}): failed: {e!r}", flush=True)
-                    continue
-                if a.profile and name in PROFILED_VARIANTS:
-                    profile_jobs.append((f"profile: beam-5 generation (mBART, {name})", "ours",
-                                         on_gpu(ours.mbart, gen)))
-            if a.profile:
-                profile_jobs.append(("profile: beam-5 generation (mBART)", "ours", on_gpu(ours.mbart, ours_gen)))
-                profile_jobs.append(("profile: beam-5 generation (mBART)", "hf", on_gpu(mbart_hf, hf_gen)))
-        save(results, a.out)
 
-    # ---------------------------------------------------------------- 1. stage 2 training step
-    if "train" in only:
-        src = rand_ids(TB, TS)
-        src[:, 0], src[:, -1] = V - 51, 2
-        tgt = rand_ids(TB, TT)
-        tgt[:, 0], tgt[:, -1] = lang, 2
-        src, tgt = src.to(dev), tgt.to(dev)
-        src_mask = torch.ones_like(src)
-        clip = torch.randn(TB, cfg.text.embed_dim, generator=g).to(dev)
-        mapping_hf = type(ours.mapping)(cfg.mapping, cfg.text.embed_dim, cfg.mbart.d_model).to(dev)
-        mapping_hf.load_state_dict(ours.mapping.state_dict())
+def generation_variants(b, src, src_mask, args, a_hf):
+    """Our mBART's search (`args`) with one speed-up changed at a time: its time, and the share of its tokens that
+    are Hugging Face's (`a_hf`). Called under no_grad and autocast."""
+    # What the CUDA graph, the attention kernel, the chunked top-k and compiled scores buy (3 new tokens,
+    # with and without the graph: the step that records the graph and one replay against two steps of
+    # plain launches). A smoke run on the CPU runs the variants that do not need a GPU. A variant that
+    # fails is reported in the JSON, not fatal.
+    variants = {"no CUDA graph": dict(use_cuda_graph=False),
+                "memory-efficient attention": dict(attention=[SDPBackend.EFFICIENT_ATTENTION]),
+                "math attention": dict(attention=[SDPBackend.MATH]),
+                "matmul attention": dict(attention="matmul"),
+                "torch.topk": dict(topk_chunk=0),
+                "eager scores": dict(compile_scores=False),  # (default on CUDA: compiled)
+                "compiled scores": dict(compile_scores=True),  # (default on a CPU: eager)
+                "3 new tokens": dict(max_new_tokens=3, min_new_tokens=3),
+                "3 new tokens, no CUDA graph": dict(max_new_tokens=3, min_new_tokens=3, use_cuda_graph=False)}
+    if b.dev != "cuda":
+        variants = {k: v for k, v in variants.items() if k in CPU_VARIANTS}
+    GB = b.gen_shape[0]
+    for name, extra in variants.items():
+        def gen(extra=extra):
+            return b.ours.mbart.generate(src, src_mask, b.lang, **{**args, **extra})
+        try:
+            out = gen()
+            t = timed(gen, b.dev, b.iters)
+            b.results[f"beam-5 generation (mBART, {name})"] = {
+                "ours_ms": t * 1e3, "ours_sentences_per_s": GB / t,
+                "same_tokens": (a_hf == out).float().mean().item() if a_hf.shape == out.shape else None}
+        except Exception as e:  # noqa: BLE001  (reported, and the other figures still measured)
+            b.results[f"beam-5 generation (mBART, {name})"] = {"error": repr(e)}
+            print(f"beam-5 generation (mBART, {name}): failed: {e!r}", flush=True)
+            continue
+        if b.opts.profile and name in PROFILED_VARIANTS:
+            b.profile_jobs.append((f"profile: beam-5 generation (mBART, {name})", "ours",
+                                   on_gpu(b, b.ours.mbart, gen)))
 
-        _, labels = ours.decoder_inputs(clip, tgt)  # the same layout for both
 
-        def hf_loss():  # timed with Hugging Face's own causal mask (its fast path): the same work up to the mask
-            return hf_forward(mbart_hf, mapping_hf, clip, src, src_mask, tgt, labels, cfg.mapping.prefix_len,
-                              "causal").loss
+def on_gpu(b, model, fn):
+    """--profile: the same call, later, with the model back in place, in eval mode."""
+    def setup():
+        model.to(b.dev).eval()
 
-        ours_loss = lambda: ours(clip, src, src_mask, tgt)  # noqa: E731
-        agreement = first_loss_agreement(ours, mbart_hf, mapping_hf, clip, src, src_mask, tgt)
+        def call():
+            with torch.no_grad(), b.amp:
+                return fn()
+        return call
+    return setup
 
-        def trainer(params, loss_fn, modules, attention=None):  # attention: the SDPA kernels allowed (None: all)
-            opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0,
-                                    fused=dev == "cuda")
-            for mod in modules:
-                mod.train()
 
-            def step():
-                with amp, sdpa_kernel(attention) if attention else nullcontext():
-                    loss = loss_fn()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            return step, opt
+# ---------------------------------------------------------------- 1. stage 2 training step
 
-        n_labels = TB * TT  # <lang> y1 .. </s>: every target token is predicted once
-        flops = train_flops(cfg, TB, TS, 1 + cfg.mapping.prefix_len + TT - 1, n_labels)
-        peak = next((v for k, v in PEAK_BF16.items() if k in results["device"]), None)
+def training(b):
+    """The stage 2 training step on the same inputs and weights: the first losses of both sides compared, Hugging
+    Face's step against train.py's (and against Hugging Face's compiled, with --compile), then our variants."""
+    inputs, labels, mapping_hf = train_inputs(b)
+    ours, dev, P = b.ours, b.dev, b.cfg.mapping.prefix_len
 
-        ours.mbart.cpu(), ours.mapping.cpu()  # one model on the GPU at a time: peak memory is its own
-        hf_step, hf_opt = trainer(list(mbart_hf.parameters()) + list(mapping_hf.parameters()), hf_loss,
-                                  [mbart_hf, mapping_hf])
-        hf_mem = peak_memory(dev, lambda: [hf_step() for _ in range(2)])
-        hf_t = timed(hf_step, dev, iters)
-        del hf_opt, hf_step
-        hf_compiled = {}  # what a user of Hugging Face could do: torch.compile its model (--compile)
-        for hf_mode in (("default", "reduce-overhead") if dev == "cuda" else ("default",)) if a.compile else ():
-            torch._dynamo.reset()
-            compiled_hf = torch.compile(mbart_hf, mode=hf_mode)
-            try:
-                t0 = time.perf_counter()
-                step = trainer(list(mbart_hf.parameters()) + list(mapping_hf.parameters()), lambda: hf_forward(
-                    compiled_hf, mapping_hf, clip, src, src_mask, tgt, labels, cfg.mapping.prefix_len,
-                    "causal").loss, [mbart_hf, mapping_hf])[0]
-                step()
-                setup = time.perf_counter() - t0
-                hf_compiled[hf_mode] = (timed(step, dev, iters), peak_memory(dev, lambda: [step() for _ in range(2)]),
-                                        setup)
-            except Exception as e:  # noqa: BLE001  (reported; the other figures stand)
-                results[f"Hugging Face training step (torch.compile {hf_mode})"] = {"error": repr(e)}
-                print(f"Hugging Face torch.compile {hf_mode}: failed: {e!r}", flush=True)
-        mbart_hf.cpu(), mapping_hf.cpu()
-        ours.mbart.to(dev), ours.mapping.to(dev)
-        params = list(ours.mbart.parameters()) + list(ours.mapping.parameters())
-        # Ours: train.py's own step (train_step) as train.py runs it on this device: its --compile default
-        # (runs.compiled: CUDA graphs on one GPU, eager on a CPU), its AdamW, GradScaler and autocast.
-        env = runs.setup(dev, "auto")
-        micro = [((clip, src, src_mask, tgt), TB * TT)]  # one micro-batch of TB x TT target tokens, no padding
+    # Hugging Face's loss, timed with its own causal mask (its fast path): the same work up to the mask
+    def hf_loss(mbart_hf=b.mbart_hf):  # (mbart_hf: its model, or the model compiled)
+        return hf_forward(mbart_hf, mapping_hf, *inputs, labels, P, "causal").loss
 
-        def train_py_step(mode):
-            opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0,
-                                    fused=dev == "cuda")
-            scaler = torch.amp.GradScaler("cuda", enabled=env.dtype == "fp16")
-            model = runs.compiled(ours, mode, env)
-            ours.train()
-            return lambda: recipe.train_step(model, opt, scaler, micro, env)
+    ours_loss = lambda: ours(*inputs)  # noqa: E731
+    agreement = first_loss_agreement(ours, b.mbart_hf, mapping_hf, *inputs)
+    TB, TS, TT = b.train_shape
+    n_labels = TB * TT  # <lang> y1 .. </s>: every target token is predicted once
+    flops = train_flops(b.cfg, TB, TS, 1 + P + TT - 1, n_labels)
+    peak = next((v for k, v in PEAK_BF16.items() if k in b.results["device"]), None)
+    hf_t, hf_mem, hf_compiled = hf_training(b, mapping_hf, hf_loss)
+    params = list(ours.mbart.parameters()) + list(ours.mapping.parameters())
+    # Ours: train.py's own step (train_step) as train.py runs it on this device: its --compile default
+    # (runs.compiled: CUDA graphs on one GPU, eager on a CPU), its AdamW, GradScaler and autocast.
+    env = runs.setup(dev, "auto")
+    micro = [(inputs, TB * TT)]  # one micro-batch of TB x TT target tokens, no padding
+    make_train_py = lambda mode: train_py_step(b, params, env, micro, mode)  # noqa: E731
+    ours_t, ours_mem, setup_s = first_and_timed(b, lambda: make_train_py("auto"))
+    if b.opts.profile:  # new optimizers, made when the job runs
+        b.profile_jobs.append(("profile: stage 2 training step", "ours", lambda: trainer(
+            b, list(ours.mbart.parameters()) + list(ours.mapping.parameters()), ours_loss, [ours])[0]))
+        b.profile_jobs.append(("profile: stage 2 training step", "hf", lambda: (
+            b.mbart_hf.to(dev), mapping_hf.to(dev), trainer(b, list(b.mbart_hf.parameters()) +
+                                                            list(mapping_hf.parameters()), hf_loss,
+                                                            [b.mbart_hf, mapping_hf])[0])[-1]))
+    mfu = (lambda t: None if peak is None else flops / t / peak)  # noqa: E731
+    auto = runs.compile_mode("auto", env)  # what train.py's --compile auto chooses here
+    b.row("stage 2 training step (train.py default)", hf_t, ours_t, TB, "sentences", hf_peak_gib=hf_mem,
+          ours_peak_gib=ours_mem, hf_mfu=mfu(hf_t), ours_mfu=mfu(ours_t), model_tflop_per_step=flops / 1e12,
+          compile=auto, setup_s=setup_s, **agreement)
+    for hf_mode, (t, mem, setup) in hf_compiled.items():  # the same step of ours, against HF compiled
+        b.row(f"stage 2 training step (train.py default; HF torch.compile {hf_mode})", t, ours_t, TB,
+              "sentences", hf_peak_gib=mem, ours_peak_gib=ours_mem, hf_setup_s=setup)
+    b.save()
+    train_variants(b, inputs, params, make_train_py, auto, hf_t, mfu)
+
+
+def train_inputs(b):
+    """The training step's inputs (clip, src, src_mask, tgt): TB pairs of sentences `<lang> x </s>` and their
+    precomputed text embeddings; our labels for them; and a copy of our mapping network for Hugging Face's side."""
+    dev, ours, cfg = b.dev, b.ours, b.cfg
+    TB, TS, TT = b.train_shape
+    src = b.rand_ids(TB, TS)
+    src[:, 0], src[:, -1] = cfg.mbart.vocab_size - 51, 2
+    tgt = b.rand_ids(TB, TT)
+    tgt[:, 0], tgt[:, -1] = b.lang, 2
+    src, tgt = src.to(dev), tgt.to(dev)
+    src_mask = torch.ones_like(src)
+    clip = torch.randn(TB, cfg.text.embed_dim, generator=b.g).to(dev)
+    mapping_hf = type(ours.mapping)(cfg.mapping, cfg.text.embed_dim, cfg.mbart.d_model).to(dev)
+    mapping_hf.load_state_dict(ours.mapping.state_dict())
+
+    _, labels = ours.decoder_inputs(clip, tgt)  # the same layout for both
+    return (clip, src, src_mask, tgt), labels, mapping_hf
+
+
+def trainer(b, params, loss_fn, modules, attention=None):  # attention: the SDPA kernels allowed (None: all)
+    """A plain training step of loss_fn() under autocast, with a new fused AdamW over `params`, `modules` in training
+    mode. Returns the step and its optimizer."""
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0,
+                            fused=b.dev == "cuda")
+    for mod in modules:
+        mod.train()
+
+    def step():
+        with b.amp, sdpa_kernel(attention) if attention else nullcontext():
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, opt
+
+
+def hf_training(b, mapping_hf, hf_loss):
+    """Hugging Face's training step, alone on the GPU, eager and (--compile) compiled. Returns its time, its peak
+    memory, and {mode: (time, peak memory, setup time)} of the compiled ones. Ours back on the GPU after it."""
+    ours = b.ours
+    ours.mbart.cpu(), ours.mapping.cpu()  # one model on the GPU at a time: peak memory is its own
+    hf_step, hf_opt = trainer(b, list(b.mbart_hf.parameters()) + list(mapping_hf.parameters()), hf_loss,
+                              [b.mbart_hf, mapping_hf])
+    hf_mem = peak_memory(b.dev, lambda: [hf_step() for _ in range(2)])
+    hf_t = timed(hf_step, b.dev, b.iters)
+    del hf_opt, hf_step
+    hf_compiled = hf_compiled_training(b, mapping_hf, hf_loss) if b.opts.compile else {}
+    b.mbart_hf.cpu(), mapping_hf.cpu()
+    ours.mbart.to(b.dev), ours.mapping.to(b.dev)
+    return hf_t, hf_mem, hf_compiled
+
+
+def hf_compiled_training(b, mapping_hf, hf_loss):
+    """What a user of Hugging Face could do: torch.compile its model (--compile), in each mode the device has.
+    Returns {mode: (time, peak memory, setup time)}; a mode that fails is reported in the JSON."""
+    hf_compiled = {}
+    for hf_mode in ("default", "reduce-overhead") if b.dev == "cuda" else ("default",):
         torch._dynamo.reset()
-        t0 = time.perf_counter()
-        ours_step = train_py_step("auto")
-        ours_step()  # the first call compiles (and on CUDA records the graph)
-        setup_s = time.perf_counter() - t0
-        ours_mem = peak_memory(dev, lambda: [ours_step() for _ in range(2)])
-        ours_t = timed(ours_step, dev, iters)
-        if a.profile:  # new optimizers, made when the job runs
-            profile_jobs.append(("profile: stage 2 training step", "ours", lambda: trainer(
-                list(ours.mbart.parameters()) + list(ours.mapping.parameters()), ours_loss, [ours])[0]))
-            profile_jobs.append(("profile: stage 2 training step", "hf", lambda: (
-                mbart_hf.to(dev), mapping_hf.to(dev), trainer(list(mbart_hf.parameters()) +
-                                                              list(mapping_hf.parameters()), hf_loss,
-                                                              [mbart_hf, mapping_hf])[0])[-1]))
-        mfu = (lambda t: None if peak is None else flops / t / peak)
-        auto = runs.compile_mode("auto", env)  # what train.py's --compile auto chooses here
-        row("stage 2 training step (train.py default)", hf_t, ours_t, TB, "sentences", hf_peak_gib=hf_mem,
-            ours_peak_gib=ours_mem, hf_mfu=mfu(hf_t), ours_mfu=mfu(ours_t), model_tflop_per_step=flops / 1e12,
-            compile=auto, setup_s=setup_s, **agreement)
-        for hf_mode, (t, mem, setup) in hf_compiled.items():  # the same step of ours, against HF compiled
-            row(f"stage 2 training step (train.py default; HF torch.compile {hf_mode})", t, ours_t, TB,
-                "sentences", hf_peak_gib=mem, ours_peak_gib=ours_mem, hf_setup_s=setup)
-        save(results, a.out)
-        del ours_step
-        forward = lambda m: (lambda: m(clip, src, src_mask, tgt))  # noqa: E731
-        modes = [m for m in ("none", "default", "reduce-overhead") if m != auto and (m == "none" or a.compile)
-                 and (m != "reduce-overhead" or dev == "cuda")]
-        variants = [(f"train.py --compile {m}", lambda m=m: train_py_step(m)) for m in modes]
-        if dev == "cuda":  # PyTorch may choose cuDNN's attention kernels on recent GPUs: are they the fastest here?
-            variants.append(("no cuDNN attention", lambda: trainer(params, forward(ours), [ours], attention=[
-                SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])[0]))
-            variants.append(("Linear weights cast once per step", lambda: trainer(params, cast_once_forward(
-                ours, ("mbart", "mapping"), (clip, src, src_mask, tgt), torch.bfloat16), [ours])[0]))
-        if a.compile:  # each layer compiled on its own (last: it compiles in place)
-            variants.append(("torch.compile per layer", lambda: trainer(params, forward(compile_layers(ours)),
-                                                                        [ours])[0]))
-        for name, make in variants:
-            for p_ in params:
-                p_.grad = None
-            name = f"stage 2 training step ({name})"
-            torch._dynamo.reset()  # each variant compiles afresh, with its own mode
-            try:
-                t0 = time.perf_counter()
-                step = make()
-                step()
-                setup_s = time.perf_counter() - t0
-                mem = peak_memory(dev, lambda: [step() for _ in range(2)])
-                t = timed(step, dev, iters)
-                row(name, hf_t, t, TB, "sentences", ours_peak_gib=mem, ours_mfu=mfu(t), setup_s=setup_s)
-            except Exception as e:  # report and go on: the other figures stand
-                results[name] = {"error": repr(e)}
-                print(f"{name}: failed: {e!r}", flush=True)
-            save(results, a.out)
+        compiled_hf = torch.compile(b.mbart_hf, mode=hf_mode)
+        try:
+            t0 = time.perf_counter()
+            step = trainer(b, list(b.mbart_hf.parameters()) + list(mapping_hf.parameters()),
+                           lambda: hf_loss(compiled_hf), [b.mbart_hf, mapping_hf])[0]
+            step()
+            setup = time.perf_counter() - t0
+            hf_compiled[hf_mode] = (timed(step, b.dev, b.iters),
+                                    peak_memory(b.dev, lambda: [step() for _ in range(2)]), setup)
+        except Exception as e:  # noqa: BLE001  (reported; the other figures stand)
+            b.results[f"Hugging Face training step (torch.compile {hf_mode})"] = {"error": repr(e)}
+            print(f"Hugging Face torch.compile {hf_mode}: failed: {e!r}", flush=True)
+    return hf_compiled
 
-    # The profiles come last: once used, the profiler may stay attached to the GPU (pytorch/pytorch#144455)
-    # and slow every kernel launch after it, which would bias the timings of a launch-bound step.
-    for key, side, setup in profile_jobs:
-        results.setdefault(key, {})[side] = kernel_profile(setup(), dev)
-        save(results, a.out)
 
+def train_py_step(b, params, env, micro, mode):
+    """train.py's step (train.train_step) over `micro`, with its AdamW and GradScaler, and our model as train.py's
+    --compile `mode` runs it (runs.compiled takes the mode resolved: "auto" becomes this device's choice)."""
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0,
+                            fused=b.dev == "cuda")
+    scaler = torch.amp.GradScaler("cuda", enabled=env.dtype == "fp16")
+    model = runs.compiled(b.ours, runs.compile_mode(mode, env), env)
+    b.ours.train()
+    return lambda: recipe.train_step(model, opt, scaler, micro, env)
+
+
+def first_and_timed(b, make):
+    """The step that make() builds, measured: its first call (which compiles, and on CUDA records the graph: the
+    setup time), its peak memory over two more calls, then its time. Returns (time, peak memory, setup time)."""
+    torch._dynamo.reset()  # each step compiles afresh, with its own mode
+    t0 = time.perf_counter()
+    step = make()
+    step()  # the first call compiles (and on CUDA records the graph)
+    setup_s = time.perf_counter() - t0
+    mem = peak_memory(b.dev, lambda: [step() for _ in range(2)])
+    return timed(step, b.dev, b.iters), mem, setup_s
+
+
+def train_variants(b, inputs, params, make_train_py, auto, hf_t, mfu):
+    """Our training step with one thing changed at a time, each against Hugging Face's eager step (`hf_t`):
+    train.py's other --compile modes, and on CUDA the attention kernels and the casts of the weights. A variant
+    that fails is reported in the JSON, not fatal."""
+    ours, dev, TB = b.ours, b.dev, b.train_shape[0]
+    forward = lambda m: (lambda: m(*inputs))  # noqa: E731
+    modes = [m for m in ("none", "default", "reduce-overhead") if m != auto and (m == "none" or b.opts.compile)
+             and (m != "reduce-overhead" or dev == "cuda")]
+    variants = [(f"train.py --compile {m}", lambda m=m: make_train_py(m)) for m in modes]
+    if dev == "cuda":  # PyTorch may choose cuDNN's attention kernels on recent GPUs: are they the fastest here?
+        variants.append(("no cuDNN attention", lambda: trainer(b, params, forward(ours), [ours], attention=[
+            SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])[0]))
+        variants.append(("Linear weights cast once per step", lambda: trainer(b, params, cast_once_forward(
+            ours, ("mbart", "mapping"), inputs, torch.bfloat16), [ours])[0]))
+    if b.opts.compile:  # each layer compiled on its own (last: it compiles in place)
+        variants.append(("torch.compile per layer", lambda: trainer(b, params, forward(compile_layers(ours)),
+                                                                    [ours])[0]))
+    for name, make in variants:
+        for p_ in params:
+            p_.grad = None
+        name = f"stage 2 training step ({name})"
+        try:
+            t, mem, setup_s = first_and_timed(b, make)
+            b.row(name, hf_t, t, TB, "sentences", ours_peak_gib=mem, ours_mfu=mfu(t), setup_s=setup_s)
+        except Exception as e:  # report and go on: the other figures stand
+            b.results[name] = {"error": repr(e)}
+            print(f"{name}: failed: {e!r}", flush=True)
+        b.save()
+
+
+# ---------------------------------------------------------------- the profiles and the table
+
+def profiles(b):
+    """--profile: the calls the measurements queued, one kernel profile each, into the JSON."""
+    for key, side, setup in b.profile_jobs:
+        b.results.setdefault(key, {})[side] = kernel_profile(setup(), b.dev)
+        b.save()
+
+
+def print_table(b):
+    """The table (Hugging Face's time against ours, the speed-up), each profile's busiest kernel, and the other
+    figures of each row (differences between the two sides, memory, MFU, setup times)."""
+    results, dev = b.results, b.dev
     print(f"\n{results['device']}, torch {results['torch']}, transformers {results['transformers']}, "
-          f"preset {a.preset}, {'bf16 autocast' if dev == 'cuda' else 'fp32'}")
+          f"preset {b.opts.preset}, {'bf16 autocast' if dev == 'cuda' else 'fp32'}")
     print(f"{'':50s} {'HF ms':>9s} {'ours ms':>9s} {'HF /s':>9s} {'ours /s':>9s} {'speed-up':>9s}")
-    for name, hf_ms, ours_ms, hf_rate, ours_rate, ratio, unit in rows:
+    for name, hf_ms, ours_ms, hf_rate, ours_rate, ratio, unit in b.rows:
         print(f"{name:50s} {hf_ms:9.1f} {ours_ms:9.1f} {hf_rate:9.0f} {ours_rate:9.0f} {ratio:8.2f}x  ({unit})")
     for name, r in results.items():
         if name.startswith("profile: "):
@@ -428,8 +541,26 @@ def main():
                      if not k.startswith(in_table) and "per_s" not in k}
             if extra:
                 print(f"  {name}: {extra}")
-    save(results, a.out)
-    print(f"wrote {a.out}")
+
+
+def main():
+    """The measurements in the order they must run: the towers first, then off the GPU; beam search; the training
+    step (one model on the GPU at a time); the profiles last; then the table."""
+    b = setup_bench(parse_args())
+    only = set(b.opts.only.split(","))
+    if "towers" in only:
+        towers(b)
+    towers_off_gpu(b)
+    if "generate" in only:
+        generation(b)
+    if "train" in only:
+        training(b)
+    # The profiles come last: once used, the profiler may stay attached to the GPU (pytorch/pytorch#144455)
+    # and slow every kernel launch after it, which would bias the timings of a launch-bound step.
+    profiles(b)
+    print_table(b)
+    b.save()
+    print(f"wrote {b.opts.out}")
 
 
 def hf_decoder_mask(prefix_len, length, batch, dtype, attn_implementation):

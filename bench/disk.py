@@ -1,5 +1,5 @@
 """
-What a paper-size run keeps on disk: the folders train.py writes (weights.save_checkpoint, as runs.Run calls
+What a paper-size run keeps on disk: the folders train.py writes (weights.save, as runs.Run calls
 it), at the paper's sizes with random weights and a real AdamW state, in two layouts:
 
 - before: every checkpoint holds the whole model in one file and the optimizer state, `best` as `last`;
@@ -50,6 +50,12 @@ def adamw_state(params):
     return {"optimizer": opt.state_dict(), "step": 1}
 
 
+def checkpoint(folder, model, settings, state, tokenizers, towers_from=None):
+    """A checkpoint folder as runs.Run.save writes one: the model, its settings, the tokenizers and a state."""
+    files = {name: tokenizers / name for name in (weights.MBART_TOKENIZER, weights.TEXT_TOKENIZER)}
+    weights.save(model, folder, {"train": settings}, towers_from, files, state)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="an empty folder for the measurement (removed at the end)")
@@ -79,7 +85,7 @@ def main():
             root, seen = out / layout, set()
             # the converted folder
             conv = root / "weights"
-            weights.save_checkpoint(conv, model, {}, None, tok)
+            checkpoint(conv, model, {}, None, tok)
             if layout == "before":  # one file, the towers inside
                 state = {**load_file(conv / weights.WEIGHTS_FILE),
                          **load_file(conv / weights.TOWERS_FILE)}
@@ -88,11 +94,11 @@ def main():
                 del state
             size = {"converted weights": folder_size(conv, seen)}
             link = conv if layout == "now" else None
-            weights.save_checkpoint(root / "stage1" / "last", model, {"stage": 1}, state1, tok, link)
+            checkpoint(root / "stage1" / "last", model, {"stage": 1}, state1, tok, link)
             size["stage 1 run (last)"] = folder_size(root / "stage1", seen)
-            weights.save_checkpoint(root / "stage2" / "last", model, {"stage": 2}, state2, tok, link)
-            weights.save_checkpoint(root / "stage2" / "best", model, {"stage": 2},
-                                    state2 if layout == "before" else None, tok, link)
+            checkpoint(root / "stage2" / "last", model, {"stage": 2}, state2, tok, link)
+            checkpoint(root / "stage2" / "best", model, {"stage": 2}, state2 if layout == "before" else None, tok,
+                       link)
             size["stage 2 run (best + last)"] = folder_size(root / "stage2", seen)
             rows.append(size)
             shutil.rmtree(root)

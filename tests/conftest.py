@@ -122,6 +122,29 @@ def _fairseq_language_codes():
     return list(FAIRSEQ_LANGUAGE_CODES)  # 52 codes, ar_AR first, sl_SI last
 
 
+def _stable_pieces(trained, n_specials):
+    """The trained pieces [(piece, score)] in an order that every run writes alike, padded to the real models'."""
+    # The trainer finds the same pieces every run, but not in the same order: scores differ in the last
+    # bits, equal scores come in any order, and the characters it keeps without choosing them get made-up
+    # scores (lowest, 1e-4 apart) in hash-map order. Round, hand those scores out alphabetically, and sort,
+    # so that every run writes the same ids.
+    pieces = [(p, round(s, 6)) for p, s in trained]
+    low = min(s for _, s in pieces)
+    kept = sorted(p for p, s in pieces if s < low + 0.1)
+    kept_scores = sorted((s for _, s in pieces if s < low + 0.1), reverse=True)
+    pieces = [(p, s) for p, s in pieces if s >= low + 0.1] + list(zip(kept, kept_scores))
+    pieces = sorted(pieces, key=lambda v: (-v[1], v[0]))
+    # Pad to the real number of pieces with 2-character strings from the private-use area (U+E000..U+F8FF).
+    # Their score is the lowest trained one, so that the Unigram model's penalty for unknown characters (the
+    # lowest score minus 10) stays the same too.
+    num_real = MBART_LARGE_50["vocab_size"] - n_specials - 52 - 1
+    assert num_real == XLM_ROBERTA_LARGE["vocab_size"] - n_specials - 1 == 249997
+    private = [chr(c) for c in range(0xE000, 0xF900)]
+    pad = num_real - len(pieces)
+    pieces += [(private[i // len(private)] + private[i % len(private)], pieces[-1][1]) for i in range(pad)]
+    return pieces
+
+
 def build_tiny_tokenizer(path, layout="mbart", num_lines=300, num_pieces=300):
     """Train a SentencePiece-style Unigram tokenizer on Multi30k and save it as tokenizer.json at `path`.
 
@@ -158,25 +181,7 @@ def build_tiny_tokenizer(path, layout="mbart", num_lines=300, num_pieces=300):
     trainer_tok.train_from_iterator(lines, trainer)
     vocab = [tuple(v) for v in json.loads(trainer_tok.to_str())["model"]["vocab"]]
     assert [v[0] for v in vocab[:4]] == specials, vocab[:4]
-    # The trainer finds the same pieces every run, but not in the same order: scores differ in the last
-    # bits, equal scores come in any order, and the characters it keeps without choosing them get made-up
-    # scores (lowest, 1e-4 apart) in hash-map order. Round, hand those scores out alphabetically, and sort,
-    # so that every run writes the same ids.
-    pieces = [(p, round(s, 6)) for p, s in vocab[4:]]
-    low = min(s for _, s in pieces)
-    kept = sorted(p for p, s in pieces if s < low + 0.1)
-    kept_scores = sorted((s for _, s in pieces if s < low + 0.1), reverse=True)
-    pieces = [(p, s) for p, s in pieces if s >= low + 0.1] + list(zip(kept, kept_scores))
-    pieces = sorted(pieces, key=lambda v: (-v[1], v[0]))
-    # Pad to the real number of pieces with 2-character strings from the private-use area (U+E000..U+F8FF).
-    # Their score is the lowest trained one, so that the Unigram model's penalty for unknown characters (the
-    # lowest score minus 10) stays the same too.
-    num_real = MBART_LARGE_50["vocab_size"] - len(specials) - 52 - 1
-    assert num_real == XLM_ROBERTA_LARGE["vocab_size"] - len(specials) - 1 == 249997
-    private = [chr(c) for c in range(0xE000, 0xF900)]
-    pad = num_real - len(pieces)
-    pieces += [(private[i // len(private)] + private[i % len(private)], pieces[-1][1]) for i in range(pad)]
-    vocab = vocab[:4] + pieces
+    vocab = vocab[:4] + _stable_pieces(vocab[4:], len(specials))
 
     # language codes (mBART-50 only) and <mask> go after the pieces, in the Unigram vocab itself
     codes = _fairseq_language_codes() if layout == "mbart" else []

@@ -6,11 +6,8 @@ laid out like mBART-50's; transformers then reads the same file. Everything runs
 
 import functools
 import gzip
-import io
 import json
 import sys
-import time
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import runs  # noqa: E402  (the feature cache: runs.features)
 import tiny_world  # noqa: E402  (its build_tokenizer lays a trained tokenizer out as mBART-50's)
 from data import DataError, LengthBucketSampler  # noqa: E402
 
@@ -114,7 +112,7 @@ def test_mbart_tokenizer_matches_transformers(spm_json, src, tgt):
         input_ids, mask = ours.encode(sents[src], src, max_len=max_len)
         assert torch.equal(input_ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
         ref = hf(text_target=sents[tgt], **kw)
-        input_ids, mask = ours.encode_target(sents[tgt], tgt, max_len=max_len)
+        input_ids, mask = ours.encode(sents[tgt], tgt, max_len=max_len)
         assert torch.equal(input_ids, ref.input_ids) and torch.equal(mask, ref.attention_mask)
         # decode drops language codes, </s> and padding, and restores spacing as transformers does
         assert ours.decode(input_ids) == hf.batch_decode(input_ids, skip_special_tokens=True)
@@ -139,7 +137,7 @@ def test_text_tower_tokenizer_matches_transformers(xlmr_json):
 
 
 def test_tokenizer_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(DataError, match="tokenizer file .* not found"):
         data.MBartTokenizer(tmp_path / "missing.json")
     # a tokenizer without language codes: say which token is missing and what to use instead
     tok = Tokenizer(models.Unigram([(t, 0.0) for t in data.SPECIALS] + [("▁a", -1.0)], unk_id=3))
@@ -344,107 +342,22 @@ def test_read_split_damaged_gz(tmp_path):
         data.read_split(tmp_path, "val", ["en"])
 
 
-def test_download_offline_fails_at_once(tmp_path, monkeypatch):
-    calls = []
-
-    def offline(url, timeout=None):
-        calls.append((url, timeout))
-        raise urllib.error.URLError("no network")
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
-    t0 = time.time()
-    with pytest.raises(DataError) as e:
-        data.download_multi30k(tmp_path / "m")
-    assert time.time() - t0 < 5 and len(calls) == 1 and calls[0][1] <= 10
-    assert calls[0][0].startswith("https://raw.githubusercontent.com/multi30k/dataset/")
-    msg = str(e.value)
-    assert str(tmp_path / "m" / "raw") in msg and str(tmp_path / "m" / "image_splits") in msg
-    assert not list(tmp_path.rglob("*.gz"))
-    with pytest.raises(SystemExit):  # the command line prints the same message, without a traceback
-        data.main(["multi30k", "--out", str(tmp_path / "m")])
-
-
-def serve(monkeypatch, fail_after=None, error=urllib.error.URLError("connection reset")):
-    """urlopen answers every file with its own address as content; raises `error` after `fail_after` files."""
-    def urlopen(url, timeout=None):
-        if fail_after is not None and len(served) == fail_after:
-            raise error
-        served.append(url)
-        return io.BytesIO(url.encode())
-    served = []
-    monkeypatch.setattr(data.urllib.request, "urlopen", urlopen)
-    return served
-
-
-def folder_contents(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def test_download_multi30k_writes_aside(tmp_path, monkeypatch):
-    """The files are downloaded into a temporary folder renamed into place once all are there: a failure or a
-    Ctrl-C on the way leaves --out as it was (here: not there at all), and nothing beside it."""
-    out = tmp_path / "m"
-    for error in (urllib.error.URLError("connection reset"), KeyboardInterrupt()):
-        serve(monkeypatch, fail_after=3, error=error)
-        with pytest.raises((SystemExit, KeyboardInterrupt)):
-            data.main(["multi30k", "--out", str(out)])
-        assert list(tmp_path.iterdir()) == []
-    (tmp_path / ".m.tmp" / "raw").mkdir(parents=True)  # what a kill -9 leaves: cleared by the next run
-    (tmp_path / ".m.tmp" / "raw" / "junk.gz").write_bytes(b"half")
-    served = serve(monkeypatch)
-    data.main(["multi30k", "--out", str(out)])
-    assert len(served) == len(data.MULTI30K_FILES) and [p.name for p in tmp_path.iterdir()] == ["m"]
-    assert folder_contents(out) == {rel: (data.MULTI30K_URL + rel).encode() for rel in data.MULTI30K_FILES}
-
-
-def test_download_multi30k_refuses_a_non_empty_folder(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "m"
-    (out / "raw").mkdir(parents=True)
-    (out / "raw" / "train.en.gz").write_bytes(b"mine")
-    (out / "notes.txt").write_text("mine")
-    before = folder_contents(out)
-    served = serve(monkeypatch)
-    with pytest.raises(SystemExit):
-        data.main(["multi30k", "--out", str(out)])
-    err = capsys.readouterr().err
-    assert f"error: {out} is not empty (it holds notes.txt, raw/): expected a new or empty folder" in err
-    assert "--overwrite" in err and served == [] and folder_contents(out) == before
-    # --overwrite: a failed download still leaves the old folder as it was; a complete one replaces it
-    serve(monkeypatch, fail_after=5)
-    with pytest.raises(SystemExit):
-        data.main(["multi30k", "--out", str(out), "--overwrite"])
-    assert folder_contents(out) == before and [p.name for p in tmp_path.iterdir()] == ["m"]
-    serve(monkeypatch)
-    data.main(["multi30k", "--out", str(out), "--overwrite"])
-    assert sorted(folder_contents(out)) == sorted(data.MULTI30K_FILES)
-    assert [p.name for p in tmp_path.iterdir()] == ["m"]
-    # an empty folder is a new one
-    (tmp_path / "empty").mkdir()
-    serve(monkeypatch)
-    data.main(["multi30k", "--out", str(tmp_path / "empty")])
-    assert sorted(folder_contents(tmp_path / "empty")) == sorted(data.MULTI30K_FILES)
-    # a file is no folder, even with --overwrite
-    (tmp_path / "file").write_text("mine")
-    with pytest.raises(SystemExit):
-        data.main(["multi30k", "--out", str(tmp_path / "file"), "--overwrite"])
-    assert f"error: {tmp_path / 'file'} is a file: expected a folder" in capsys.readouterr().err
-
-
 # -----------------------------------------------------------------------------
 # Frozen-tower feature cache
 
 
 def test_fingerprint():
     net = torch.nn.Linear(4, 3)
-    key = data.fingerprint(net, "size=224")
-    assert key == data.fingerprint(net.state_dict(), "size=224") and len(key) == 64
-    assert key != data.fingerprint(net, "size=32")
-    assert data.fingerprint({"w": torch.zeros(2)}) != data.fingerprint({"w": torch.zeros(2, dtype=torch.float64)})
-    assert data.fingerprint({"w": torch.zeros(2)}) != data.fingerprint({"w": torch.zeros(1, 2)})
+    key = runs.fingerprint(net, "size=224")
+    assert key == runs.fingerprint(net.state_dict(), "size=224") and len(key) == 64
+    assert key != runs.fingerprint(net, "size=32")
+    assert runs.fingerprint({"w": torch.zeros(2)}) != runs.fingerprint({"w": torch.zeros(2, dtype=torch.float64)})
+    assert runs.fingerprint({"w": torch.zeros(2)}) != runs.fingerprint({"w": torch.zeros(1, 2)})
     with torch.no_grad():
         net.weight[0, 0] += 1e-6
-    assert data.fingerprint(net, "size=224") != key
+    assert runs.fingerprint(net, "size=224") != key
     big = torch.randn(100, 50)
-    assert data.fingerprint({"w": big[:, 10:20]}) == data.fingerprint({"w": big[:, 10:20].clone()})
+    assert runs.fingerprint({"w": big[:, 10:20]}) == runs.fingerprint({"w": big[:, 10:20].clone()})
 
 
 def test_cached_embeddings(tmp_path, monkeypatch):
@@ -453,23 +366,23 @@ def test_cached_embeddings(tmp_path, monkeypatch):
     def compute(value=1.0):
         calls.append(value)
         return torch.full((5, 3), value)
-    first = data.cached_embeddings(tmp_path, "val.text", "a" * 64, compute)
+    first = runs.cached_embeddings(tmp_path, "val.text", "a" * 64, compute)
     path = tmp_path / f"val.text.{'a' * 16}.safetensors"
     assert path.is_file() and calls == [1.0]
-    hit = data.cached_embeddings(tmp_path, "val.text", "a" * 64, lambda: pytest.fail("cache hit recomputed"))
+    hit = runs.cached_embeddings(tmp_path, "val.text", "a" * 64, lambda: pytest.fail("cache hit recomputed"))
     assert torch.equal(hit, first)
     # the same 16-character prefix but another key: recomputed and replaced
-    data.cached_embeddings(tmp_path, "val.text", "a" * 63 + "b", lambda: compute(2.0))
-    assert calls == [1.0, 2.0] and data.cached_embeddings(tmp_path, "val.text", "a" * 63 + "b", None)[0, 0] == 2.0
+    runs.cached_embeddings(tmp_path, "val.text", "a" * 63 + "b", lambda: compute(2.0))
+    assert calls == [1.0, 2.0] and runs.cached_embeddings(tmp_path, "val.text", "a" * 63 + "b", None)[0, 0] == 2.0
 
     # a crash while computing or while writing leaves neither the final file nor a temporary one
     def crash():
         raise RuntimeError("killed")
     with pytest.raises(RuntimeError):
-        data.cached_embeddings(tmp_path, "test.text", "c" * 64, crash)
+        runs.cached_embeddings(tmp_path, "test.text", "c" * 64, crash)
     monkeypatch.setattr(data.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(DataError, match=r"cannot write the feature cache .*test\.text.* \(disk full\).*--features"):
-        data.cached_embeddings(tmp_path, "test.text", "c" * 64, compute)
+        runs.cached_embeddings(tmp_path, "test.text", "c" * 64, compute)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 

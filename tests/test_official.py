@@ -1,7 +1,7 @@
-"""The authors' trained models (`weights.py --official`): files laid out as their code saves them, converted,
+"""The authors' trained models (`official.py`): files laid out as their code saves them, converted,
 then decoded as their code decodes (`--prompt official`).
 
-No released file can be downloaded here: tests/official.py re-types their modules (the adapters, the saved
+No released file can be downloaded here: tests/their_code.py re-types their modules (the adapters, the saved
 module, the training dict and the shards) and their decoding (their prompt `P1..Pp </s>` and the decoder mask of
 their patched mBART, run through Hugging Face's MBartForConditionalGeneration). The mBART is the parity tests'
 tiny one with large weights (`peaked_pair`), so that the tokens depend on the prefix and on the mask; the towers'
@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import cliptrans
 import data
 import official
+import their_code
 import translate
 import weights
 from cliptrans import PROMPTS, MappingConfig
@@ -38,11 +39,11 @@ def sizes(converted):
 
 def their_model(kind, P, converted, hf, seed=0):
     D, d, _ = sizes(converted)
-    return official.CLIPTransModule(official.random_adapter(kind, D, d, P, seed).to(hf.device), hf)
+    return their_code.CLIPTransModule(their_code.random_adapter(kind, D, d, P, seed).to(hf.device), hf)
 
 
 def convert(files, converted, out, **kw):
-    return weights.convert_official(files, converted, "en", "de", out, **kw)
+    return official.convert_official(files, converted, "en", "de", out, **kw)
 
 
 def inputs(converted, device, B=4, seed=3):
@@ -61,7 +62,7 @@ def test_the_mapping_network_equals_their_adapter(kind, converted, hf, tmp_path,
     """Each adapter of theirs, 4 prefix vectors (read from the shapes, not assumed), in a training dict: the
     converted mapping network makes the same prefix."""
     module = their_model(kind, 4, converted, hf)
-    path = official.save_training_dict(module, tmp_path / "model_pretrained.pth")
+    path = their_code.save_training_dict(module, tmp_path / "model_pretrained.pth")
     model = weights.load(convert([path], converted, tmp_path / "out", stage=1), device=device)
     assert model.config.mapping == MappingConfig(kind, 4) and model.config.prompt == "official"
     x = inputs(converted, device, B=6)[2]
@@ -79,12 +80,12 @@ def test_every_layout_of_their_files_converts_to_the_same_model(converted, hf, t
     for name in "abcd":
         (tmp_path / name).mkdir()
     layouts = {
-        "training dict": [official.save_training_dict(module, tmp_path / "a" / "model_best_test.pth")],
-        "training dict, DDP": [official.save_training_dict(module, tmp_path / "b" / "m.pth", ddp=True)],
+        "training dict": [their_code.save_training_dict(module, tmp_path / "a" / "model_best_test.pth")],
+        "training dict, DDP": [their_code.save_training_dict(module, tmp_path / "b" / "m.pth", ddp=True)],
         "shards by name": [tmp_path / "c" / "model_best_test.pth"],
-        "shards given": list(reversed(official.save_shards(module, tmp_path / "d", ddp=False))),
+        "shards given": list(reversed(their_code.save_shards(module, tmp_path / "d", ddp=False))),
     }
-    official.save_shards(module, tmp_path / "c", shards=3)
+    their_code.save_shards(module, tmp_path / "c", shards=3)
     tensors = {}
     for layout, files in layouts.items():
         out = convert(files, converted, tmp_path / f"out {layout}")
@@ -111,8 +112,8 @@ def test_a_model_trained_with_unfreeze_clip_brings_its_own_towers(converted, hf,
         for p in list(text.parameters()) + list(image.parameters()):
             p.add_(torch.randn_like(p) * 0.05)
     module = their_model("mlp", 10, converted, hf)
-    module.clip = official.MClip(text, image)
-    path = official.save_training_dict(module, tmp_path / "model_best_test.pth", ddp=True)
+    module.clip = their_code.MClip(text, image)
+    path = their_code.save_training_dict(module, tmp_path / "model_best_test.pth", ddp=True)
     out = convert([path], converted, tmp_path / "out")
     assert not os.path.samefile(out / weights.TOWERS_FILE, converted / weights.TOWERS_FILE)
     assert weights.read_config(out)[1]["official"]["unfreeze_clip"] is True
@@ -136,13 +137,13 @@ def test_official_prompt_logits_equal_theirs(P, converted, hf, tmp_path, device)
     the same decoder_inputs_embeds and the 4D mask of their patch: the logits at every position. P = 4 and 12:
     the hard-coded columns 1..10 hold another part of the prompt."""
     module = their_model("mlp", P, converted, hf)
-    model = weights.load(convert([official.save_training_dict(module, tmp_path / "m.pth")], converted,
+    model = weights.load(convert([their_code.save_training_dict(module, tmp_path / "m.pth")], converted,
                                  tmp_path / "out"), device=device)
     ids, mask, clip, _ = inputs(converted, device)
     with torch.no_grad():
-        theirs = official.prompt(module.adapter, hf, clip)  # (B, P + 1, d)
+        theirs = their_code.prompt(module.adapter, hf, clip)  # (B, P + 1, d)
         ref = hf(input_ids=ids, attention_mask=mask, decoder_inputs_embeds=theirs,
-                 decoder_attention_mask=official.decoder_mask(len(ids), P + 1, theirs.dtype).to(device)).logits
+                 decoder_attention_mask=their_code.decoder_mask(len(ids), P + 1, theirs.dtype).to(device)).logits
         layout, make_mask = PROMPTS["official"]
         eos = model.mbart.embed_tokens(torch.full((len(ids), 1), 2, device=device))
         embeds = layout(eos, model.mapping(clip))
@@ -158,18 +159,18 @@ def test_official_decoding_equals_theirs(num_beams, P, converted, hf, tmp_path, 
     same tokens. The tokens depend on what is tested: their causal-only mask, another sentence's prefix and our
     training layout each give other tokens."""
     module = their_model("transformer", P, converted, hf, seed=1)
-    model = weights.load(convert([official.save_training_dict(module, tmp_path / "m.pth")], converted,
+    model = weights.load(convert([their_code.save_training_dict(module, tmp_path / "m.pth")], converted,
                                  tmp_path / "out"), device=device)
-    patched = official.patched(hf)
+    patched = their_code.patched(hf)
     ids, mask, clip, lang = inputs(converted, device, B=6)
     args = dict(num_beams=num_beams, max_new_tokens=16)
-    theirs = official.generate(module.adapter, patched, clip, ids, mask, lang, **args)
+    theirs = their_code.generate(module.adapter, patched, clip, ids, mask, lang, **args)
     ours = model.generate(clip, ids, mask, lang, **args)  # the converted model's prompt: official
     assert ours[:, 0].eq(lang).all()
     assert torch.equal(ours, theirs), f"\nours:\n{ours}\ntheirs:\n{theirs}"
     differ = lambda a, b: a.shape != b.shape or not torch.equal(a, b)  # noqa: E731
-    assert differ(theirs, official.generate(module.adapter, patched, clip, ids, mask, lang, patched=False, **args))
-    assert differ(theirs, official.generate(module.adapter, patched, clip.roll(1, 0), ids, mask, lang, **args))
+    assert differ(theirs, their_code.generate(module.adapter, patched, clip, ids, mask, lang, patched=False, **args))
+    assert differ(theirs, their_code.generate(module.adapter, patched, clip.roll(1, 0), ids, mask, lang, **args))
     assert differ(ours, model.generate(clip, ids, mask, lang, prompt="train", **args))
 
 
@@ -193,7 +194,7 @@ def broken(case, module, tmp_path):
     if case == "no file":
         return [path]
     if case == "shard missing":
-        files = official.save_shards(module, tmp_path, shards=3)
+        files = their_code.save_shards(module, tmp_path, shards=3)
         files[1].unlink()
         return [path]
     if case == "lfs pointer":  # `git clone` without git lfs: a small text file where the model should be
@@ -212,7 +213,7 @@ def broken(case, module, tmp_path):
         "unknown key": lambda: {**state, "mbart.model.extra.weight": torch.zeros(2)},
         "other vocabulary": lambda: {**state, **{"mbart." + k: v for k, v in transformers.MBartForConditionalGeneration(
             tiny_mbart_config(300)).state_dict().items()}},
-        "other clip width": lambda: official.CLIPTransModule(official.MLPAdapter(8, 32, 10), module.mbart).state_dict(),
+        "other clip width": lambda: their_code.CLIPTransModule(their_code.MLPAdapter(8, 32, 10), module.mbart).state_dict(),
     }
     torch.save(edits[case](), path)
     return [path]
@@ -238,7 +239,7 @@ def test_bad_files_get_a_message_and_write_nothing(case, message, converted, hf,
     files = broken(case, module, tmp_path)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
-        weights.main(["--official", *map(str, files), "--towers", str(converted), "--src", "en", "--tgt", "de",
+        official.main([*map(str, files), "--towers", str(converted), "--src", "en", "--tgt", "de",
                       "--out", str(out)])
     assert str(e.value.code).startswith("error: ") and message in str(e.value.code), e.value.code
     assert not out.exists() and not (tmp_path / "code ran").exists()
@@ -254,19 +255,19 @@ def test_a_missing_transformer_part_is_named(converted, hf, tmp_path):
 
 
 @pytest.mark.parametrize("cli, message", [
-    (["--towers", "T", "--src", "en", "--tgt", "de"], "--official FILE"),  # (then --mbart ... are required)
-    (["--official", "m.pth", "--src", "en", "--tgt", "de"], "--towers is required with --official"),
+    (["--towers", "T", "--src", "en", "--tgt", "de"], "the following arguments are required: FILE"),
+    (["m.pth", "--src", "en", "--tgt", "de"], "the following arguments are required: --towers"),
 ])
 def test_command_line_asks_for_what_is_missing(cli, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        weights.main([*cli, "--out", str(tmp_path / "out")])
+        official.main([*cli, "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_unknown_language_and_used_folder_are_refused(converted, hf, tmp_path):
-    path = official.save_training_dict(their_model("mlp", 10, converted, hf), tmp_path / "m.pth")
+    path = their_code.save_training_dict(their_model("mlp", 10, converted, hf), tmp_path / "m.pth")
     with pytest.raises(weights.ConversionError, match="unknown language 'xx'"):
-        weights.convert_official([path], converted, "xx", "de", tmp_path / "out")
+        official.convert_official([path], converted, "xx", "de", tmp_path / "out")
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
     with pytest.raises(weights.ConversionError, match="is not empty"):
@@ -277,55 +278,54 @@ def test_unknown_language_and_used_folder_are_refused(converted, hf, tmp_path):
 
 
 def test_a_tensor_of_the_wrong_shape_is_named_in_one_line(converted, hf, tmp_path):
-    """`python weights.py --official m.pth ...` whose decoder q_proj weight is twice its size: one line names the
+    """`python official.py m.pth ...` whose decoder q_proj weight is twice its size: one line names the
     key, the shape expected and the one found, before q, k and v are joined (which failed with a traceback)."""
     state = their_model("mlp", 10, converted, hf).state_dict()
     key, d = "mbart.model.decoder.layers.0.self_attn.q_proj.weight", sizes(converted)[1]
     state[key] = torch.zeros(2 * d, d)
     torch.save(state, tmp_path / "m.pth")
     with pytest.raises(SystemExit) as e:
-        weights.main(["--official", str(tmp_path / "m.pth"), "--towers", str(converted), "--src", "en", "--tgt",
-                      "de", "--out", str(tmp_path / "out")])
+        official.main([str(tmp_path / "m.pth"), "--towers", str(converted), "--src", "en", "--tgt", "de", "--out",
+                       str(tmp_path / "out")])
     assert f"{key} has shape {(2 * d, d)}, expected {(d, d)}" in str(e.value.code), e.value.code
     assert len(str(e.value.code).splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_a_file_named_like_a_shard_converts_as_itself(converted, hf, tmp_path):
-    """`weights.py --official en_de_2016.pth ...`, a whole model under a name that ends in a number: the file itself,
-    not shard 2016 of a set; `--official ckpt[v2].pth` finds ckpt[v2]_1.pth and ckpt[v2]_2.pth (names matched
+    """`official.py en_de_2016.pth ...`, a whole model under a name that ends in a number: the file itself, not
+    shard 2016 of a set; `official.py ckpt[v2].pth` finds ckpt[v2]_1.pth and ckpt[v2]_2.pth (names matched
     literally, not as a pattern); a set missing most of its shards is named in a few words."""
     module = their_model("mlp", 10, converted, hf)
-    whole = official.save_training_dict(module, tmp_path / "en_de_2016.pth")
-    assert weights.official_files([whole]) == [whole]
+    whole = their_code.save_training_dict(module, tmp_path / "en_de_2016.pth")
+    assert official.files_of([whole]) == [whole]
     reference = load_file(convert([whole], converted, tmp_path / "whole") / weights.WEIGHTS_FILE)
     (tmp_path / "v2").mkdir()
-    shards = official.save_shards(module, tmp_path / "v2", name="ckpt[v2]")
-    assert weights.official_files([tmp_path / "v2" / "ckpt[v2].pth"]) == shards
+    shards = their_code.save_shards(module, tmp_path / "v2", name="ckpt[v2]")
+    assert official.files_of([tmp_path / "v2" / "ckpt[v2].pth"]) == shards
     got = load_file(convert([tmp_path / "v2" / "ckpt[v2].pth"], converted, tmp_path / "sharded") / weights.WEIGHTS_FILE)
     assert got.keys() == reference.keys() and all(torch.equal(got[k], reference[k]) for k in got)
     (tmp_path / "many").mkdir()
     torch.save({}, tmp_path / "many" / "m_1.pth")
     torch.save({}, tmp_path / "many" / "m_500.pth")
     with pytest.raises(weights.ConversionError) as e:
-        weights.official_files([tmp_path / "many" / "m.pth"])
+        official.files_of([tmp_path / "many" / "m.pth"])
     assert "but not 498: m_2.pth, m_3.pth, m_4.pth ..." in str(e.value) and len(str(e.value)) < 300, str(e.value)
 
 
 @pytest.mark.parametrize("flags", [["--mapping", "transformer"], ["--prefix_len", "4"], ["--mbart", "x"]])
 def test_official_refuses_what_the_file_decides(flags, tmp_path, capsys):
-    """`weights.py --official m.pth --mapping transformer ...`: the file decides its mapping network, so the flag
-    is refused, not ignored (it was: exit 0, an mlp of 10 vectors whatever was asked)."""
+    """`official.py m.pth --mapping transformer ...`: the file decides its mapping network, so the flag is
+    refused, not ignored (`official.py` took it: exit 0, an mlp of 10 vectors whatever was asked)."""
     with pytest.raises(SystemExit) as e:
-        weights.main(["--official", "m.pth", "--towers", "T", "--src", "en", "--tgt", "de", *flags,
-                      "--out", str(tmp_path / "out")])
-    assert e.value.code == 2 and f"{flags[0]}: not for --official" in capsys.readouterr().err
+        official.main(["m.pth", "--towers", "T", "--src", "en", "--tgt", "de", *flags, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and f"unrecognized arguments: {' '.join(flags)}" in capsys.readouterr().err
 
 
 def test_a_stage1_model_of_a_pair_into_english_captions_in_english(converted, hf, tmp_path, monkeypatch, capsys):
-    """`weights.py --official model_pretrained.pth --src de --tgt en --stage 1`: their captions are in English when
+    """`official.py model_pretrained.pth --src de --tgt en --stage 1`: their captions are in English when
     the pair has English on either side (Spanish only without it), and translate.py --image captions in it."""
-    path = official.save_training_dict(their_model("mlp", 10, converted, hf), tmp_path / "model_pretrained.pth")
-    out = weights.convert_official([path], converted, "de", "en", tmp_path / "out", stage=1)
+    path = their_code.save_training_dict(their_model("mlp", 10, converted, hf), tmp_path / "model_pretrained.pth")
+    out = official.convert_official([path], converted, "de", "en", tmp_path / "out", stage=1)
     assert weights.read_config(out)[1]["train"]["caption_lang"] == "en"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
     forced = []

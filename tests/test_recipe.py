@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import folders
 import runs
 import stage0
 import tiny_world
@@ -31,6 +32,7 @@ import weights
 from bench import bench  # bench/bench.py: Hugging Face's models on the same weights, its stage 2 step
 from cliptrans import CLIPTrans, CLIPTransConfig
 from conftest import MULTI30K, assert_close, bench_models
+from settings import Config, defaults
 
 
 # ----------------------------------------------------------------------------- stage 0
@@ -74,8 +76,8 @@ def test_stage0_contrastive_loss_is_symmetric_infonce(tmp_path, monkeypatch):
     monkeypatch.setattr(CLIPTrans, "encode_image", lambda m, x: seen["pixels"].append(x) or encode_image(m, x))
     monkeypatch.setattr(data.TextTowerTokenizer, "encode", lambda t, texts, *a, **k: seen["texts"].append(texts)
                         or encode(t, texts, *a, **k))
-    settings = stage0.Stage0Config(data=str(world), out=str(tmp_path / "stage0"), batch_size=8, epochs=1,
-                                   lr=1e-3, seed=0, log_every=1)
+    settings = defaults(Config(stage=0, data=str(world), out=str(tmp_path / "stage0"), batch_size=8, epochs=1,
+                               lr=1e-3, seed=0, log_every=1))
     with pytest.raises(Stop):
         stage0.stage0(settings, "cpu")
     image, text = seen["normalized"][:2]  # (B, D) each, in the order stage 0 embeds them
@@ -164,7 +166,7 @@ def test_infill_equals_a_reference_and_masks_spans():
 def test_learning_rate_schedule():
     """train.lr_at at the steps where the schedule turns, against values worked out by hand (steps count from 0;
     `total` steps in all)."""
-    lr = lambda step, total=110, **kw: train.lr_at(step, train.Config(lr=1e-3, **kw), total)  # noqa: E731
+    lr = lambda step, total=110, **kw: train.lr_at(step, Config(lr=1e-3, **kw), total)  # noqa: E731
     approx = lambda x: pytest.approx(x, rel=1e-12, abs=0)  # noqa: E731
     # constant (the paper): the same rate at every step
     assert [lr(s) for s in (0, 1, 55, 109)] == [1e-3] * 4
@@ -202,12 +204,12 @@ def test_grad_scaler_state_survives_a_resume(tmp_path):
     resumed run's fresh scaler has the same scale and tracker, and the next clean step doubles both scales alike.
     The optimizer's state comes back too (AdamW's step count and moments)."""
     env = runs.Env(0, 1, torch.device("cpu"), "fp16", nullcontext())
-    tokenizers = tmp_path / "tokenizers"  # a checkpoint carries its tokenizers: any files do here
-    tokenizers.mkdir()
-    for name in (weights.MBART_TOKENIZER, weights.TEXT_TOKENIZER):
-        (tokenizers / name).write_text("{}")
     cfg = CLIPTransConfig.preset("tiny")
     cfg.mbart.vocab_size = cfg.text.vocab_size = 128
+    (tmp_path / "any.json").write_text("{}")  # a checkpoint carries its start's tokenizers: any files do here
+    tokenizers = tmp_path / "start"  # and shares its towers file
+    weights.save(CLIPTrans(cfg), tokenizers, files=dict.fromkeys((weights.MBART_TOKENIZER, weights.TEXT_TOKENIZER),
+                                                                 tmp_path / "any.json"))
 
     def new_run(resume, start):
         torch.manual_seed(0)
@@ -224,7 +226,7 @@ def test_grad_scaler_state_survives_a_resume(tmp_path):
     assert run.scaler.get_scale() == 512.0 and run.scaler.state_dict()["_growth_tracker"] == 2
     run.step = 3
     run.save("last")
-    runs.release(run.out)
+    folders.release(run.out)
     resumed, param2 = new_run(True, tmp_path / "run" / "last")
     assert resumed.step == 3
     assert resumed.scaler.state_dict() == run.scaler.state_dict()
@@ -234,7 +236,7 @@ def test_grad_scaler_state_survives_a_resume(tmp_path):
     scaler_steps(run.scaler, run.opt, param, [1.0])
     scaler_steps(resumed.scaler, resumed.opt, param2, [1.0])
     assert run.scaler.get_scale() == resumed.scaler.get_scale() == 1024.0  # grown after 3 clean steps
-    runs.release(resumed.out)
+    folders.release(resumed.out)
 
 
 # ----------------------------------------------------------------------------- training mode
@@ -310,6 +312,27 @@ def openai_clip_processor(size):
                image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True)
 
 
+def write_split(root, pairs):
+    """A val split in the Multi30k layout at `root`: the pairs' en and de lines, and six images of several sizes,
+    modes and formats (PNG, JPEG) of seeded noise, listed in image_splits/val.txt."""
+    (root / "raw").mkdir(parents=True)
+    (root / "images").mkdir()
+    (root / "raw" / "val.en").write_text("".join(en + "\n" for en, _ in pairs), "utf-8")
+    (root / "raw" / "val.de").write_text("".join(de + "\n" for _, de in pairs), "utf-8")
+    g = torch.Generator().manual_seed(80)
+    names = []
+    for i, (mode, w, h, ext) in enumerate([("RGB", 45, 37, "png"), ("RGB", 50, 70, "jpg"), ("RGBA", 33, 33, "png"),
+                                           ("L", 64, 40, "png"), ("RGB", 31, 90, "jpg"), ("P", 40, 41, "png")]):
+        raw = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
+        image = Image.fromarray(raw.numpy(), "RGB")
+        image = image.quantize(16) if mode == "P" else image.convert(mode)
+        names.append(f"{i}.{ext}")
+        image.save(root / "images" / names[-1])
+    (root / "image_splits").mkdir()
+    (root / "image_splits" / "val.txt").write_text("".join(n + "\n" for n in names))
+    return root
+
+
 def test_text_and_image_files_to_the_towers_equal_hf(tmp_path, converted, model, hf_mbart, hf_mclip,  # noqa: F811
                                                      hf_clip_dir, hf_mbart_dir, hf_xlmr_dir):
     """A split written as files (raw/val.{en,de}, image_splits/val.txt, PNG and JPEG images of several sizes and
@@ -327,26 +350,10 @@ def test_text_and_image_files_to_the_towers_equal_hf(tmp_path, converted, model,
         pairs = [(en.strip(), de.strip()) for en, de, _ in zip(f_en, f_de, range(40))]
     text_tok = data.TextTowerTokenizer(converted / weights.TEXT_TOKENIZER)
     mbart_tok = data.MBartTokenizer(converted / weights.MBART_TOKENIZER)
-    pairs = [(en, de) for en, de in pairs if text_tok.lengths([en])[0] <= model.text.max_tokens
-             and mbart_tok.lengths([de])[0] <= model.config.mbart.max_positions][:6]  # what the tiny models take
+    pairs = [(en, de) for en, de in pairs if len(text_tok.rows([en], None)[0]) <= model.text.max_tokens
+             and len(mbart_tok.rows([de], "de")[0]) <= model.config.mbart.max_positions][:6]  # what the tiny models take
     assert len(pairs) == 6
-    root = tmp_path / "split"
-    (root / "raw").mkdir(parents=True)
-    (root / "images").mkdir()
-    (root / "raw" / "val.en").write_text("".join(en + "\n" for en, _ in pairs), "utf-8")
-    (root / "raw" / "val.de").write_text("".join(de + "\n" for _, de in pairs), "utf-8")
-    g = torch.Generator().manual_seed(80)
-    names = []
-    for i, (mode, w, h, ext) in enumerate([("RGB", 45, 37, "png"), ("RGB", 50, 70, "jpg"), ("RGBA", 33, 33, "png"),
-                                           ("L", 64, 40, "png"), ("RGB", 31, 90, "jpg"), ("P", 40, 41, "png")]):
-        raw = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
-        image = Image.fromarray(raw.numpy(), "RGB")
-        image = image.quantize(16) if mode == "P" else image.convert(mode)
-        names.append(f"{i}.{ext}")
-        image.save(root / "images" / names[-1])
-    (root / "image_splits").mkdir()
-    (root / "image_splits" / "val.txt").write_text("".join(n + "\n" for n in names))
-
+    root = write_split(tmp_path / "split", pairs)
     split = data.read_split(root, "val", ["en", "de"], images=root / "images")
     assert [s for s in split.sentences["en"]] == [en for en, _ in pairs]
     size = model.config.vision.image_size

@@ -22,6 +22,7 @@ import sentencepiece  # a test dependency (requirements.txt): trains the models 
 import torch
 
 import data
+import hub
 import weights
 from conftest import MBART_LARGE_50, XLM_ROBERTA_LARGE
 from test_data import LANGS, gz_lines, tokenizer_sentences
@@ -65,7 +66,7 @@ def hub_folder(folder, spm_model, kind):
     tokenizer, without tokenizer.json: config.json (the real one, with this vocabulary's size),
     sentencepiece.bpe.model, and for mBART-50 tokenizer_config.json and special_tokens_map.json."""
     folder.mkdir(parents=True)
-    shutil.copy(spm_model, folder / weights.SENTENCEPIECE_MODEL)
+    shutil.copy(spm_model, folder / hub.SENTENCEPIECE_MODEL)
     n = sentencepiece.SentencePieceProcessor(model_file=str(spm_model)).get_piece_size()
     if kind == "mbart":
         config = {**MBART_LARGE_50, "vocab_size": n + 1 + 52 + 1}  # fairseq's <pad>, the codes, <mask>
@@ -79,7 +80,7 @@ def hub_folder(folder, spm_model, kind):
 
 def convert(folder, kind, config, out):
     """The converter's tokenizer step, written where data.py's tokenizers read it."""
-    out.write_bytes(weights.read_tokenizer(folder, kind, config, f"{folder}/config.json"))
+    out.write_bytes(hub.tokenizer_json(folder, kind, config, f"{folder}/config.json"))
     return out
 
 
@@ -126,7 +127,7 @@ def test_mbart50_sentencepiece_folder_gives_the_slow_tokenizers_ids(tmp_path, un
         sents = tokenizer_sentences()[lang] + ODD
         code = ours.lang_id(lang)
         ref = padded([[code] + fairseq_ids(sp, s) + [2] for s in sents])
-        ids, mask = (ours.encode if mode == "source" else ours.encode_target)(sents, lang)
+        ids, mask = ours.encode(sents, lang)  # (mBART-50 writes a target as it writes a source)
         assert torch.equal(ids, ref[0]) and torch.equal(mask, ref[1]), f"{lang} ({mode})"
         assert ids[:, 0].eq(code).all() and ids.gather(1, mask.sum(1, keepdim=True) - 1).eq(2).all()
         assert_same_as_sentencepiece(ours, sp, sents, ids)
@@ -150,7 +151,7 @@ def test_xlmr_sentencepiece_folder_gives_the_slow_tokenizers_ids(tmp_path, unigr
 
 def test_sentencepiece_model_is_read_as_sentencepiece_reads_it(unigram_model):
     sp = sentencepiece.SentencePieceProcessor(model_file=str(unigram_model))
-    pieces, trainer, norm = weights.read_sentencepiece(unigram_model)
+    pieces, trainer, norm = hub.read_sentencepiece(unigram_model)
     assert [p for p, _, _ in pieces] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     assert [s for _, s, _ in pieces] == [sp.get_score(i) for i in range(sp.get_piece_size())]  # float32, exactly
     kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 1 for i in range(sp.get_piece_size())]
@@ -162,10 +163,10 @@ def test_conversion_needs_neither_sentencepiece_nor_protobuf(tmp_path, unigram_m
     """The converter reads the model file itself: sentencepiece's generated protobuf code refuses a protobuf
     older than the one it was generated with, so depending on it would break conversions on many machines."""
     folder, config = hub_folder(tmp_path / "mbart", unigram_model, "mbart")
-    expected = weights.read_tokenizer(folder, "mbart", config, "config.json")
+    expected = hub.tokenizer_json(folder, "mbart", config, "config.json")
     for name in ("sentencepiece", "google.protobuf", "transformers"):
         monkeypatch.setitem(sys.modules, name, None)  # `import name` now raises ImportError
-    assert weights.read_tokenizer(folder, "mbart", config, "config.json") == expected
+    assert hub.tokenizer_json(folder, "mbart", config, "config.json") == expected
 
 
 def test_bpe_sentencepiece_model_is_refused(tmp_path):
@@ -176,25 +177,25 @@ def test_bpe_sentencepiece_model_is_refused(tmp_path):
     with pytest.raises(weights.ConversionError, match=r"is not a sentencepiece model like facebook/mbart-large-50's, "
                                                       r"which has the unigram algorithm \(not BPE, word or char\)\. "
                                                       r"Put the tokenizer files of facebook/mbart-large-50"):
-        weights.read_tokenizer(folder, "mbart", config, "config.json")
+        hub.tokenizer_json(folder, "mbart", config, "config.json")
 
 
 def test_missing_or_damaged_tokenizer_files_fail_clearly(tmp_path, unigram_model):
     folder, config = hub_folder(tmp_path / "xlmr", unigram_model, "xlmr")
-    (folder / weights.SENTENCEPIECE_MODEL).unlink()
+    (folder / hub.SENTENCEPIECE_MODEL).unlink()
     with pytest.raises(weights.ConversionError, match=r"has no XLM-R \(M-CLIP's text tower\) tokenizer: expected "
                                                       r"tokenizer.json or sentencepiece.bpe.model, as in the hub "
                                                       r"repository xlm-roberta-large: download them into it"):
-        weights.read_tokenizer(folder, "text", config, "config.json")
+        hub.tokenizer_json(folder, "text", config, "config.json")
     data_bytes = unigram_model.read_bytes()
-    (folder / weights.SENTENCEPIECE_MODEL).write_bytes(data_bytes[:len(data_bytes) // 2])
+    (folder / hub.SENTENCEPIECE_MODEL).write_bytes(data_bytes[:len(data_bytes) // 2])
     with pytest.raises(weights.ConversionError, match="cannot read .*sentencepiece.bpe.model .*damaged or not a "
                                                       "sentencepiece model; download it again"):
-        weights.read_tokenizer(folder, "text", config, "config.json")
-    (folder / weights.SENTENCEPIECE_MODEL).unlink()
+        hub.tokenizer_json(folder, "text", config, "config.json")
+    (folder / hub.SENTENCEPIECE_MODEL).unlink()
     (folder / "tokenizer.json").write_text("{not json")
     with pytest.raises(weights.ConversionError, match="cannot read .*tokenizer.json .*download it again"):
-        weights.read_tokenizer(folder, "text", config, "config.json")
+        hub.tokenizer_json(folder, "text", config, "config.json")
 
 
 # ----------------------------------------------------------------------------- 2. the vocabulary check
@@ -205,9 +206,9 @@ def test_sentencepiece_model_of_another_size_fails(tmp_path, unigram_model):
     mbart-large-50's 250054)."""
     folder, _ = hub_folder(tmp_path / "mbart", unigram_model, "mbart")
     with pytest.raises(weights.ConversionError) as e:
-        weights.read_tokenizer(folder, "mbart", MBART_LARGE_50, f"{folder}/config.json")
+        hub.tokenizer_json(folder, "mbart", MBART_LARGE_50, f"{folder}/config.json")
     message = str(e.value)
-    assert f"{folder / weights.SENTENCEPIECE_MODEL} has 1054 ids but the mBART-50 model has 250054 " \
+    assert f"{folder / hub.SENTENCEPIECE_MODEL} has 1054 ids but the mBART-50 model has 250054 " \
            f"(vocab_size in {folder}/config.json)" in message
     assert f"Put the tokenizer files of the repository the weights come from (facebook/mbart-large-50) in " \
            f"{folder}" in message

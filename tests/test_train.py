@@ -17,6 +17,7 @@ import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,10 +32,12 @@ from safetensors.torch import load_file, save_file
 
 import data
 import experiment
+import runs as runs_module
+import settings
 import folders
-import official  # tests/official.py: the official code's files, re-typed
+import official
+import their_code  # tests/their_code.py: the official code's files, re-typed
 import stage0 as stage0_module
-from stage0 import Stage0Config
 import tiny_world
 import train
 import translate
@@ -319,7 +322,7 @@ def test_text_only_baseline_trains_mbart_alone(world, stage0, tmp_path, capsys, 
     """--prefix_len 0: stage 2 from --weights with no mapping network and no M-CLIP features; it trains all of
     mBART, leaves the towers, and scores with `</s> <lang>` as its only decoder prompt."""
     out = tmp_path / "text_only"
-    monkeypatch.setattr(train, "features", lambda *a: pytest.fail("the baseline computes no M-CLIP features"))
+    monkeypatch.setattr(runs_module, "features", lambda *a: pytest.fail("the baseline computes no M-CLIP features"))
     train.main(args("--stage", 2, "--data", world, "--weights", stage0, "--prefix_len", 0, "--out", out,
                     "--max_steps", 4, "--batch_size", 16, *FAST))
     s0, s2 = tensors(stage0), tensors(out / "best")
@@ -496,7 +499,7 @@ def test_resume_into_a_new_folder_keeps_its_own_best(world, stage1, uninterrupte
     assert (state["step"], state["epoch"]) == (12, 0)
     tok = data.MBartTokenizer(stage1 / "last" / weights.MBART_TOKENIZER)
     lengths = [int(n) for n in tok.encode(data.read_split(world, "train", ["de"]).sentences["de"], "de")[1].sum(1)]
-    sampler = data.LengthBucketSampler(lengths, 8, seed=train.Config().seed, bucket_size=100 * 8)  # train.py's
+    sampler = data.LengthBucketSampler(lengths, 8, seed=settings.Config().seed, bucket_size=100 * 8)  # train.py's
     sampler.set_epoch(state["epoch"])
     batches = list(sampler)[state["batch_in_epoch"]:state["batch_in_epoch"] + 2]
     assert counted["tokens"] == sum(lengths[i] for batch in batches for i in batch)
@@ -569,7 +572,7 @@ def test_padding_to_a_multiple_changes_no_loss_and_no_gradient():
     model = CLIPTrans(cfg)
     ex = train.Examples({}, torch.randn(3, cfg.vision.embed_dim), [[59, 5, 6, 7, 2], [59, 8, 2], [59] + [9] * 8 + [2]],
                         [[60, 4, 5, 2], [60, 6, 7, 8, 9, 2], [60, 2]], "de", [])
-    (feats, ids, mask, tgt), n_tok = train.micro_batch(ex, [0, 1, 2], 1, cfg, "cpu", train.PAD_MULTIPLE)
+    (feats, ids, mask, tgt), n_tok = train.micro_batch(ex, [0, 1, 2], 1, cfg, "cpu", runs_module.pad_multiple("default"))
     assert (ids.shape[1], tgt.shape[1], n_tok) == (16, 8, 12)
     (_, tight_ids, tight_mask, tight_tgt), _ = train.micro_batch(ex, [0, 1, 2], 1, cfg, "cpu")
     assert (tight_ids.shape[1], tight_tgt.shape[1]) == (10, 6)
@@ -594,14 +597,14 @@ def test_batch_shapes_of_an_epoch():
     cfg = CLIPTransConfig.preset("tiny")
     batches = [[0, 2], [1, 3], [4], [0, 1], [2, 0]]
     # (B, S, T) in multiples of 8: [0, 2] -> (2, 8, 8); [1, 3] -> (2, 24, 8); [4] -> (1, 8, 16); [0, 1] -> (2, 16, 8)
-    assert train.batch_shapes(ex, batches, cfg) == {(2, 8, 8), (2, 24, 8), (1, 8, 16), (2, 16, 8)}
+    shapes = lambda multiple: runs_module.batch_shapes(ex.src_ids, ex.tgt_ids, batches, cfg, multiple)  # noqa: E731
+    assert shapes(8) == {(2, 8, 8), (2, 24, 8), (1, 8, 16), (2, 16, 8)}
     # unrounded: [0, 2] -> (2, 4, 8); [1, 3] -> (2, 17, 3); [4] -> (1, 5, 9); [0, 1] -> (2, 9, 8)
-    assert train.batch_shapes(ex, batches, cfg, 1) == {(2, 4, 8), (2, 17, 3), (1, 5, 9), (2, 9, 8)}
+    assert shapes(1) == {(2, 4, 8), (2, 17, 3), (1, 5, 9), (2, 9, 8)}
     # and they are the shapes micro_batch gives
     for multiple in (1, 8):
         made = [train.micro_batch(ex, b, 0, cfg, "cpu", multiple)[0] for b in batches]
-        assert {(len(ids), ids.shape[1], tgt.shape[1]) for _, ids, _, tgt in made} == train.batch_shapes(
-            ex, batches, cfg, multiple)
+        assert {(len(ids), ids.shape[1], tgt.shape[1]) for _, ids, _, tgt in made} == shapes(multiple)
 
 
 # ----------------------------------------------------------------------------- 6. the default commands
@@ -669,25 +672,6 @@ def test_checkpoints_share_the_frozen_towers_and_only_last_keeps_the_optimizer(s
     assert folder_size(stage2) == every - tw
     seen = set()
     assert folder_size(stage0, seen) >= tw and folder_size(stage2, seen) == every - 2 * tw
-
-
-def test_a_folder_of_the_single_file_layout_loads_and_trains(world, stage0, tmp_path, capsys):
-    """Folders written before the towers had their own file hold every tensor in cliptrans.safetensors: they
-    load the same, and a run from one writes the towers once, then links them."""
-    old = tmp_path / "old"
-    shutil.copytree(stage0, old)
-    save_file(tensors(stage0), old / weights.WEIGHTS_FILE)
-    (old / weights.TOWERS_FILE).unlink()
-    a, b = weights.load(old).state_dict(), weights.load(stage0).state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    out = tmp_path / "run"
-    train.main(args("--stage", 1, "--data", world, "--weights", old, "--out", out, "--max_steps", 2,
-                    "--save_every", 1, "--batch_size", 16, *FAST))
-    said = [line for line in capsys.readouterr().out.splitlines() if "frozen towers" in line]
-    assert said == [f"{out / 'last'}: the frozen towers written, not linked to {old}'s (it has no "
-                    f"{weights.TOWERS_FILE}); the next checkpoints link to these"]
-    assert (out / "last" / weights.TOWERS_FILE).stat().st_nlink == 1  # the first copy, replaced twice since
-    assert tensors(out / "last").keys() == tensors(stage0).keys()
 
 
 def test_a_run_says_what_it_will_write_and_refuses_a_disk_too_small(world, stage1, tmp_path, capsys, monkeypatch):
@@ -780,30 +764,31 @@ def test_unknown_flag_is_an_argparse_error(cache):
                                          ("mapping", "mlp2")])
 def test_flags_with_fixed_choices(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
-        train.parse_args(args(f"--{flag}", value))
+        settings.parse_args(args(f"--{flag}", value))
     assert e.value.code == 2
     assert f"argument --{flag}: invalid choice: " in capsys.readouterr().err
 
 
 def test_every_flag_is_honoured_or_refused_in_every_stage(tmp_path, monkeypatch):
-    """Each flag of train.Config given in each stage: parsed for the run where its row names the stage, refused
-    with a message that names the flag and the stage everywhere else, never dropped. Stage 0 is handed exactly
-    the flags that name it (Stage0Config), and parsing writes nothing (not the default tiny world)."""
+    """Each flag of settings.Config given in each stage: parsed for the run where its row names the stage, refused
+    with a message that names the flag and the stage everywhere else, never dropped. Stage 0 reads exactly the
+    flags that name it (the settings stage0.py reads, `c.name`), and parsing writes nothing (not the default tiny
+    world)."""
     monkeypatch.setenv("CLIPTRANS_CACHE", str(tmp_path))
-    for f in train.FLAGS:
-        value = train.CHOICES.get(f.name, [{bool: True, int: 3, float: 0.5, str: "x"}[type(f.default)]])[-1]
+    for f in settings.FLAGS:
+        value = settings.CHOICES.get(f.name, [{bool: True, int: 3, float: 0.5, str: "x"}[type(f.default)]])[-1]
         for stage in (0, 1, 2):
             cli = ["--stage", stage] + ([f"--{f.name}"] if value is True else [f"--{f.name}", value])
             try:
-                c = train.parse_args(args(*cli))
+                c = settings.parse_args(args(*cli))
             except SystemExit as e:  # refused: for this flag's stages, or for another reason
                 refused = f"--{f.name} has no effect in stage {stage}" in str(e.code)
                 assert refused == (stage not in f.metadata["stages"]), (f.name, stage, e.code)
                 continue
             assert stage in f.metadata["stages"] and getattr(c, f.name) == value, (f.name, stage)
-    stage0_flags = {f.name for f in train.FLAGS if 0 in f.metadata["stages"]}
-    assert stage0_flags - {"stage", "preset", "device", "allow_large_images"} == \
-        {f.name for f in dataclasses.fields(Stage0Config)}
+    stage0_flags = {f.name for f in settings.FLAGS if 0 in f.metadata["stages"]}
+    read = set(re.findall(r"\bc\.(\w+)", (ROOT / "stage0.py").read_text()))
+    assert stage0_flags - {"stage", "preset", "device", "allow_large_images"} == read
     assert list(tmp_path.iterdir()) == []
 
 
@@ -873,9 +858,9 @@ def test_more_bad_input_in_process(case, world, stage0, stage1, tmp_path):
         "features_unwritable": (["--stage", 1, "--weights", stage0, "--features", tmp_path / "a_file" / "cache"],
                                 "cannot write the feature cache"),
         "prefix0_stage1": (["--stage", 1, "--weights", stage0, "--prefix_len", 0],
-                           "--prefix_len 0 with --stage 1: captioning needs the prefix"),
-        "prefix0_with_image": (["--stage", 2, "--prefix_len", 0, "--eval_only", "--test_prefix", "image"],
-                               "--prefix_len 0 has no prefix to embed"),
+                           "--prefix_len 0 with --task caption: the task learns through the prefix"),
+        "prefix0_with_image": (["--stage", 2, "--weights", stage0, "--prefix_len", 0, "--test_prefix", "image"],
+                               "no prefix to embed: "),
         "prefix_len_of_a_trained_mapping": (["--stage", 2, "--init", stage1 / "last", "--prefix_len", 4],
                                             "has a trained mapping network (mlp, 10 prefix vectors)"),
         "mapping_of_a_trained_mapping": (["--stage", 2, "--init", stage1 / "last", "--mapping", "transformer"],
@@ -935,16 +920,16 @@ def test_eval_only_scores_the_best_stage2_checkpoint(world, stage2, scrambled, t
 
 
 def test_eval_only_and_translate_read_an_authors_model(world, scrambled, tmp_path, capsys):
-    """`scrambled` as the official code would have saved it (tests/official.py: DDP shards), converted with
-    weights.py --official and its towers: train.py --eval_only and translate.py read it, and decode as the
+    """`scrambled` as the official code would have saved it (tests/their_code.py: DDP shards), converted with
+    official.py and its towers: train.py --eval_only and translate.py read it, and decode as the
     official code does (--prompt official, the converted folder's default); with --prompt train, exactly as
     `scrambled` itself (the conversion loses nothing). A converted stage 1 model starts a stage 2 run, whose
     checkpoints record the prompt they were scored with."""
-    official.save_shards(official.from_ours(weights.load(scrambled), "mlp"), tmp_path)
+    their_code.save_shards(their_code.from_ours(weights.load(scrambled), "mlp"), tmp_path)
     converted = {}
     for stage in (1, 2):
         converted[stage] = tmp_path / f"official{stage}"
-        weights.main(args("--official", tmp_path / "model_best_test.pth", "--towers", scrambled, "--src", "en",
+        official.main(args(tmp_path / "model_best_test.pth", "--towers", scrambled, "--src", "en",
                           "--tgt", "de", "--out", converted[stage], "--stage", stage))
 
     def hyps(checkpoint, *more):
@@ -980,39 +965,41 @@ def test_eval_only_stage1_any_split(world, stage1, tmp_path, capsys):
     assert result["bleu"] == val[-1]["bleu"]
 
 
+def spy_features(monkeypatch):
+    """runs.features, recording what each call asks a frozen tower to embed: [("image" or "text", the texts)]."""
+    asked, features = [], runs_module.features
+
+    def spy(model, c, env, name, images=None, texts=None, tok=None):
+        asked.append(("image" if images is not None else "text", texts))
+        return features(model, c, env, name, images, texts, tok)
+    monkeypatch.setattr(runs_module, "features", spy)
+    return asked
+
+
 def test_eval_only_test_prefix_image(world, stage2, tmp_path, capsys, monkeypatch):
-    kinds = []
-    features = train.features
-
-    def spy(model, c, split, kind, *rest):
-        kinds.append((split.name, kind))
-        return features(model, c, split, kind, *rest)
-
-    monkeypatch.setattr(train, "features", spy)
+    asked = spy_features(monkeypatch)
     result = eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", stage2 / "best", "--out", tmp_path,
                        "--test_prefix", "image")
-    assert kinds == [("test", "image")]  # the image embedding, not the source sentence's
+    assert [kind for kind, _ in asked] == ["image"]  # the image embedding, not the source sentence's
     import sacrebleu
     hyps = Path(result["hypotheses"]).read_text().splitlines()
     refs = (world / "raw" / "test.de").read_text().splitlines()[:8]  # --max_eval 8
     assert len(hyps) == 8 and result["bleu"] == round(sacrebleu.corpus_bleu(hyps, [refs]).score, 2)
-    kinds.clear()
+    asked.clear()
     eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", stage2 / "best", "--out", tmp_path)
-    assert kinds == [("test", "text")]
+    assert asked == [("text", (world / "raw" / "test.en").read_text().splitlines()[:8])]
 
 
 def test_eval_only_ablate_takes_away_one_input(world, stage2, tmp_path, capsys, monkeypatch):
     """--ablate prefix: each sentence is scored with the previous sentence's embedding; --ablate source: the
     encoder gets only `<src_lang> </s>`. Everything else is the normal evaluation."""
-    seen = {}
-    ablated = train.ablated
+    seen, score = {}, train.score
 
-    def spy(ablate, ex, tok):  # what train.score generates from
-        clip, src_ids = ablated(ablate, ex, tok)
-        seen[ablate] = (clip.clone(), [list(ids) for ids in src_ids], tok)
-        return clip, src_ids
+    def spy(model, c, ex, tok, *rest):  # what train.score generates from
+        seen[c.ablate] = (ex.feats.clone(), [list(ids) for ids in ex.src_ids], tok)
+        return score(model, c, ex, tok, *rest)
 
-    monkeypatch.setattr(train, "ablated", spy)
+    monkeypatch.setattr(train, "score", spy)
     results = {ablate: eval_only(capsys, "--stage", 2, "--data", world, "--checkpoint", stage2 / "best",
                                  "--out", tmp_path, *(["--ablate", ablate] if ablate else []))
                for ablate in ("", "prefix", "source")}
@@ -1109,7 +1096,7 @@ def test_experiment_continues_an_interrupted_experiment(tmp_path, monkeypatch):
     assert experiment.train("--stage", 1, "--out", killed, out=killed) == {"test_bleu": 12.5}
     assert experiment.train("--stage", 1, "--out", new, out=new) == {"test_bleu": 12.5}
     assert calls == [["--stage", "1", "--out", str(killed), "--resume"], ["--stage", "1", "--out", str(new)]]
-    # a crash between the two renames of weights.save_checkpoint leaves only OUT/.last.old: resumed too
+    # a crash between the two renames of weights.save leaves only OUT/.last.old: resumed too
     (tmp_path / "crashed" / ".last.old").mkdir(parents=True)
     crashed = tmp_path / "crashed"
     assert folders.find_checkpoint(crashed / "last") == crashed / ".last.old"
@@ -1241,7 +1228,7 @@ def test_dropout_flag_reaches_every_dropout(tmp_path):
     cfg = CLIPTransConfig.preset("tiny")
     cfg.mapping = MappingConfig(kind="transformer")
     weights.save(CLIPTrans(cfg), tmp_path / "w")
-    model, _ = train.load_model(tmp_path / "w", train.Config(dropout=0.0), "cpu", train.Start.WEIGHTS)
+    model, _ = runs_module.load_model(tmp_path / "w", settings.Config(dropout=0.0), "cpu", runs_module.Start.WEIGHTS)
     trained = [(name, m) for name, m in model.named_modules() if name.startswith(("mapping", "mbart"))]
     rates = {name: m.p for name, m in trained if isinstance(m, torch.nn.Dropout)}
     rates.update({name: m.dropout for name, m in trained if hasattr(m, "qkv")})  # cliptrans.Attention
@@ -1257,11 +1244,11 @@ def test_grad_accum_of_the_given_argv(tmp_path, monkeypatch):
     main() / parse_args(), in whichever form argparse accepts."""
     base = ["--stage", "1", "--preset", "paper", "--weights", str(tmp_path), "--data", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", ["pytest"])
-    assert train.parse_args(base).grad_accum == 4
-    assert train.parse_args(base + ["--grad_accum", "2"]).grad_accum == 2
-    assert train.parse_args(base + ["--grad_accum", "1"]).grad_accum == 1  # asked for: no accumulation
+    assert settings.parse_args(base).grad_accum == 4
+    assert settings.parse_args(base + ["--grad_accum", "2"]).grad_accum == 2
+    assert settings.parse_args(base + ["--grad_accum", "1"]).grad_accum == 1  # asked for: no accumulation
     monkeypatch.setattr(sys, "argv", ["train.py", *base, "--grad_accum=1"])
-    assert train.parse_args().grad_accum == 1
+    assert settings.parse_args().grad_accum == 1
 
 
 def test_missing_weights_folder_not_named_last_fails_clearly(world, stage1, cache, tmp_path):
@@ -1287,7 +1274,7 @@ def test_grad_accum_loss_is_the_token_mean_of_the_whole_step(world, stage1, tmp_
     micro = step_losses(records(tmp_path / "micro"))
     tok = data.MBartTokenizer(stage1 / "last" / weights.MBART_TOKENIZER)
     lengths = [int(n) for n in tok.encode(data.read_split(world, "train", ["de"]).sentences["de"], "de")[1].sum(1)]
-    sampler = data.LengthBucketSampler(lengths, 8, seed=train.Config().seed, bucket_size=100 * 8)  # train.py's
+    sampler = data.LengthBucketSampler(lengths, 8, seed=settings.Config().seed, bucket_size=100 * 8)  # train.py's
     n = [sum(lengths[i] for i in batch) for batch in list(sampler)[:2]]
     assert n[0] != n[1], n  # else the two means agree and the test proves nothing
     token_mean = (micro[1] * n[0] + micro[2] * n[1]) / (n[0] + n[1])
@@ -1386,15 +1373,15 @@ def test_the_image_features_follow_the_images_not_their_names(world, stage0, tmp
     """Images replaced in place (the same file names) are embedded again: the cache is keyed on their bytes."""
     data_dir = tmp_path / "world"
     shutil.copytree(world, data_dir, ignore=shutil.ignore_patterns("features"))
-    c = train.parse_args(args("--stage", 1, "--data", data_dir, "--weights", stage0, "--out", tmp_path / "o"))
-    env = train.setup("cpu", "fp32")
+    c = settings.parse_args(args("--stage", 1, "--data", data_dir, "--weights", stage0, "--out", tmp_path / "o"))
+    env = runs_module.setup("cpu", "fp32")
     model = weights.load(stage0)
     split = data.read_split(data_dir, "val", ["en"], images=data_dir / "images")
-    first = train.features(model, c, split, "image", "en", stage0, env)
+    first = runs_module.features(model, c, env, "val.image", images=split.images)
     a, b = split.images[0], split.images[1]
     a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
     a.write_bytes(b_bytes), b.write_bytes(a_bytes)  # the two images swapped, the names kept
-    second = train.features(model, c, split, "image", "en", stage0, env)
+    second = runs_module.features(model, c, env, "val.image", images=split.images)
     assert torch.equal(second[0], first[1]) and torch.equal(second[1], first[0])
     assert torch.equal(second[2:], first[2:])
 
@@ -1475,23 +1462,20 @@ def test_more_beams_than_the_vocabulary_allows_are_refused_before_training(world
 
 def prepared(world, stage0, *cli):
     """train.prepare for the training and test splits under the flags `cli`, and what each asked the frozen
-    towers: {split: (Examples, [(kind, language)], [the sentences embedded])}. Trains nothing."""
-    c = train.parse_args(args("--data", world, "--out", "unused", *cli))
-    model, tok = weights.load(stage0), data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
-    env, out = train.setup("cpu", "fp32"), {}
+    towers: {split: (Examples, [(kind, the language of the sentences embedded; None: images)], [the sentences
+    embedded])}. Trains nothing."""
+    c = settings.parse_args(args("--data", world, "--out", "unused", *cli))
+    model, stage0 = weights.load(stage0), Path(stage0)
+    toks = data.MBartTokenizer(stage0 / weights.MBART_TOKENIZER), data.TextTowerTokenizer(stage0 / weights.TEXT_TOKENIZER)
+    env, out = runs_module.setup("cpu", "fp32"), {}
     for split in (c.train_split, c.test_split):
-        asked, texts = [], []
-
-        def spy(model, c, split_, kind, lang, *rest):
-            asked.append((kind, lang))
-            texts.append(split_.sentences[lang])
-            return features(model, c, split_, kind, lang, *rest)
-        features = train.features
-        train.features = spy
-        try:
-            out[split] = (train.prepare(c, split, model, tok, stage0, env), asked, texts)
-        finally:
-            train.features = features
+        with pytest.MonkeyPatch.context() as mp:
+            asked = spy_features(mp)
+            ex = train.prepare(c, split, model, toks, env)
+        lines = {lang: (world / "raw" / f"{split}.{lang}").read_text().splitlines() for lang in tiny_world.LANGS}
+        language = lambda texts: next((lang for lang in lines if lines[lang][:len(texts)] == texts), "?")  # noqa: E731
+        out[split] = (ex, [(kind, texts and language(texts)) for kind, texts in asked],
+                      [texts for kind, texts in asked if texts])
     return out
 
 
@@ -1511,21 +1495,22 @@ def test_each_task_reads_what_its_row_says(task, prefix, test_prefix, trivial, t
     encoder reads, what the decoder writes; and the stage each task belongs to."""
     (train_set, train_asked, _), (test_set, test_asked, _) = prepared(world, stage0, "--task", task).values()
     tok = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
-    assert train_asked == [(prefix, "en")] and test_asked == [(test_prefix, "en")]
+    said = lambda kind: (kind, "en" if kind == "text" else None)  # noqa: E731  (images have no language)
+    assert train_asked == [said(prefix)] and test_asked == [said(test_prefix)]
     for split, ex in (("train", train_set), ("test", test_set)):
         source, seen = rows(world, tok, split, "en"), train.noised_for(ex, 29, 0).src_ids  # (epoch 0's)
         assert seen == ([[r[0], r[-1]] for r in source] if trivial else source), (task, split)
         assert ex.tgt_ids == rows(world, tok, split, target) and ex.tgt_lang == target
         assert ex.noise == (1.0 if trivial and split == "train" else 0.0)
-    c = train.parse_args(args("--task", task, "--data", world))
-    assert c.stage == train.TASKS[task].stage and c.task == task
+    c = settings.parse_args(args("--task", task, "--data", world))
+    assert task in settings.TASKS[c.stage] and c.task == task
 
 
 def test_use_all_langs_trains_on_each_language_of_the_pair(world, stage0):
     """--use_all_langs: the training split once in English and once in German (its captions from the same
     images; text_recon: each sentence from its own embedding); validation and test stay in --caption_lang."""
     tok = data.MBartTokenizer(Path(stage0) / weights.MBART_TOKENIZER)
-    for task, asked in (("caption", [("image", "en"), ("image", "de")]), ("text_recon", [("text", "en"),
+    for task, asked in (("caption", [("image", None), ("image", None)]), ("text_recon", [("text", "en"),
                                                                                           ("text", "de")])):
         (ex, train_asked, _), (test, _, _) = prepared(world, stage0, "--task", task, "--use_all_langs").values()
         assert train_asked == asked
@@ -1558,7 +1543,7 @@ def test_noise_train_and_noise_test_mask_the_source(world, stage0):
     assert ex.src_ids == source and ex.noise == 0.5
     epochs = [train.noised_for(ex, 29, e).src_ids for e in (0, 1)]
     assert epochs[0] != epochs[1] and all(len(a) < len(b) for a, b in zip(epochs[0][:50], source) if len(b) > 8)
-    assert test_asked == [("image", "en")]
+    assert test_asked == [("image", None)]
     assert test.src_ids == data.drop_tokens(rows(world, tok, "test", "en"), 0.5, 29)
     (stage1_ex, _, _), _ = prepared(world, stage0, "--stage", 1, "--mask_prob", 0.5).values()
     seen = train.noised_for(stage1_ex, 29, 0).src_ids
@@ -1567,7 +1552,7 @@ def test_noise_train_and_noise_test_mask_the_source(world, stage0):
     # --test_prefix text: the prefix from the source as the encoder reads it, its dropped tokens dropped there too
     _, (test, asked, texts) = prepared(world, stage0, "--stage", 2, "--noise_test", "--mask_prob", 0.5,
                                        "--test_prefix", "text").values()
-    assert asked == [("text", "en")] and texts == [tok.decode(test.src_ids)]
+    assert [kind for kind, _ in asked] == ["text"] and texts == [tok.decode(test.src_ids)]
     assert texts[0] != (world / "raw" / "test.en").read_text().splitlines() and all(texts[0])
 
 
@@ -1589,7 +1574,7 @@ def test_noise_train_and_noise_test_mask_the_source(world, stage0):
 ])
 def test_task_flags_refused_where_they_mean_nothing(cli, message, world):
     with pytest.raises(SystemExit) as e:
-        train.parse_args(args("--data", world, *cli))
+        settings.parse_args(args("--data", world, *cli))
     assert message in str(e.value.code), e.value.code
 
 
@@ -1735,8 +1720,8 @@ def test_noise_train_draws_new_masks_every_epoch_in_the_loop(world, stage1, tmp_
     seen = []
     micro_batch = train.micro_batch
 
-    def spy(ex, *a, **k):
-        if not seen or seen[-1] is not ex.src_ids:
+    def spy(ex, *a, **k):  # (the training split's batches: it alone carries the noise; scoring reads the others)
+        if ex.noise and (not seen or seen[-1] is not ex.src_ids):
             seen.append(ex.src_ids)
         return micro_batch(ex, *a, **k)
     monkeypatch.setattr(train, "micro_batch", spy)
@@ -1756,7 +1741,7 @@ def test_each_noise_switch_alone_leaves_the_other_side_whole(world, stage0):
     assert ex.noise == 0.5 and test.src_ids == rows(world, tok, "test", "en") and asked == [("text", "en")]
     (ex, _, _), (test, asked, _) = prepared(world, stage0, "--stage", 2, "--noise_test", "--mask_prob", 0.5).values()
     assert ex.noise == 0.0 and train.noised_for(ex, 29, 0).src_ids == rows(world, tok, "train", "en")
-    assert test.src_ids != rows(world, tok, "test", "en") and asked == [("image", "en")]
+    assert test.src_ids != rows(world, tok, "test", "en") and asked == [("image", None)]
 
 
 def test_use_all_langs_with_the_target_as_caption_language_trains_on_both(world, stage0):

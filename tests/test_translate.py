@@ -35,14 +35,12 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage2(world, tmp_path_factory):
     """A random tiny CLIPTrans, in a checkpoint folder as stage 2 (en -> de) writes one."""
-    tokenizers = tmp_path_factory.mktemp("tokenizers")
-    for name in (weights.MBART_TOKENIZER, weights.TEXT_TOKENIZER):
-        shutil.copyfile(world / "tokenizer.json", tokenizers / name)
     cfg = CLIPTransConfig.preset("tiny")
     cfg.mbart.vocab_size = cfg.text.vocab_size = data.MBartTokenizer(world / "tokenizer.json").vocab_size
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("stage2") / "best"
-    weights.save_checkpoint(folder, CLIPTrans(cfg), TRAINED, {"step": 0}, tokenizers)
+    files = {name: world / "tokenizer.json" for name in (weights.MBART_TOKENIZER, weights.TEXT_TOKENIZER)}
+    weights.save(CLIPTrans(cfg), folder, {"train": TRAINED}, files=files, state={"step": 0})
     return folder
 
 

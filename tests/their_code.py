@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import transformers
 
+import official
 import weights
 
 # ----------------------------------------------------------------------------- src/models/adapters.py
@@ -132,7 +133,7 @@ def from_ours(model, kind):
     module = CLIPTransModule(ADAPTERS[kind](model.config.text.embed_dim, c.d_model, model.config.mapping.prefix_len),
                              hf)
     ours = model.state_dict()
-    rules = weights.OFFICIAL_ADAPTERS[kind][1] + weights.under("mbart.", weights.MBART_RULES)
+    rules = official.OFFICIAL_ADAPTERS[kind][1] + official.under("mbart.", weights.MBART_RULES)
     state = {}
     for key, value in module.state_dict().items():
         pattern, target = next((p, t) for p, t in rules if re.fullmatch(p, key))
