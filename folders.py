@@ -1,6 +1,6 @@
 """
 Writing folders so that nothing is lost: every folder this project writes (a checkpoint, converted weights, the
-tiny world, Multi30k's text) is written aside and renamed into place, so a reader, or a run killed at any moment,
+tiny world) is written aside and renamed into place, so a reader, or a run killed at any moment,
 sees the old folder or the complete new one, never a half-written one. A training run holds its folder
 (OUT/.lock): one run at a time. Nothing here knows what the folders hold.
 """
